@@ -1,0 +1,374 @@
+"""The `sage` command: a thin adapter over KnowledgeService, human output by default and --json for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+from pydantic import BaseModel
+
+from sage_server.config import LoadedSettings, Settings, describe, load_settings
+from sage_server.errors import ConfigError, SageError
+from sage_server.evaluate import EvalReport, load_queries, run_eval
+from sage_server.logs import setup_logging
+from sage_server.models import ContextResult, Document, DocumentList, History, ImportReport, Info, SearchResult
+from sage_server.resources import knowledge_dir
+from sage_server.service import KnowledgeService, open_service
+from sage_server.version import __version__
+
+T = TypeVar("T")
+EXIT_SKIPPED = 3
+EXIT_UNHEALTHY = 4
+
+
+def _settings(ctx: click.Context) -> Settings:
+    loaded: LoadedSettings = ctx.obj
+    return loaded.settings
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"sage: {message}", err=True)
+    sys.exit(code)
+
+
+def run(ctx: click.Context, action: Callable[[KnowledgeService], Awaitable[T]]) -> T:
+    """Open the service, run `action`, close; translate errors into a message and an exit code."""
+    settings = _settings(ctx)
+
+    async def main() -> T:
+        async with open_service(settings) as kb:
+            return await action(kb)
+
+    try:
+        return anyio.run(main)
+    except SageError as exc:
+        if settings.debug:
+            traceback.print_exc()
+        _fail(f"{exc.code}: {exc.message}", exc.exit_code)
+    except Exception as exc:  # the outermost layer: report once, never a bare traceback
+        if settings.debug:
+            traceback.print_exc()
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set SAGE_DEBUG=true for a traceback)", 1)
+    raise AssertionError("unreachable")
+
+
+def emit(model: BaseModel, as_json: bool, human: Callable[[], None]) -> None:
+    """Print a result as JSON or for a person."""
+    if as_json:
+        click.echo(model.model_dump_json(indent=2))
+    else:
+        human()
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+layer_option = click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
+tag_option = click.option("--tag", "tags", multiple=True, help="Only documents with this tag (repeatable).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sage")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Config file (SAGE_CONFIG_PATH).")
+@click.option("--db", "db_path", type=click.Path(path_type=Path), help="SQLite database file (SAGE_DB_PATH).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]),
+    help="Logging level (SAGE_LOG_LEVEL).",
+)
+@click.option("--debug/--no-debug", default=None, help="Tracebacks on errors (SAGE_DEBUG).")
+@click.option("--no-import", is_flag=True, default=False, help="Do not import knowledge folders on start.")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    config_path: Path | None,
+    db_path: Path | None,
+    log_level: str | None,
+    debug: bool | None,
+    no_import: bool,
+) -> None:
+    """SAGE: a team's knowledge in SQLite, served to AI assistants over MCP."""
+    overrides: dict[str, Any] = {
+        "config_path": config_path,
+        "db_path": db_path,
+        "log_level": log_level,
+        "debug": debug,
+        "import_on_start": False if no_import else None,
+    }
+    try:
+        ctx.obj = load_settings(overrides)
+    except ConfigError as exc:
+        _fail(f"config error: {exc.message}", 2)
+    setup_logging(ctx.obj.settings.log_level)
+
+
+@main.command()
+@click.argument("target")
+@json_option
+@click.pass_context
+def get(ctx: click.Context, target: str, as_json: bool) -> None:
+    """Print one document by ID, or every document of a LAYER (e.g. `sage get core`)."""
+    if target in _settings(ctx).layers:
+
+        async def whole_layer(kb: KnowledgeService) -> list[Document]:
+            listing = await kb.list(layer=target, limit=100)
+            return [await kb.get(item.id) for item in listing.items]
+
+        docs = run(ctx, whole_layer)
+        if as_json:
+            click.echo(json.dumps([d.model_dump(mode="json") for d in docs], indent=2, ensure_ascii=False))
+        else:
+            click.echo("\n\n---\n\n".join(d.body.rstrip() for d in docs))
+        return
+    doc = run(ctx, lambda kb: kb.get(target))
+    emit(doc, as_json, lambda: click.echo(doc.body.rstrip()))
+
+
+@main.command(name="search")
+@click.argument("query")
+@layer_option
+@tag_option
+@click.option("--limit", default=10, show_default=True, help="Hits per page (1-100).")
+@click.option("--cursor", default=None, help="next_cursor from the previous page.")
+@json_option
+@click.pass_context
+def search_command(
+    ctx: click.Context,
+    query: str,
+    layers: tuple[str, ...],
+    tags: tuple[str, ...],
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+) -> None:
+    """Full-text search (any text; "phrases" and prefix* work)."""
+    result: SearchResult = run(ctx, lambda kb: kb.search(query, list(layers), list(tags), limit, cursor))
+
+    def human() -> None:
+        if result.corrected_query:
+            click.echo(f"(showing results for: {result.corrected_query})")
+        if not result.hits:
+            click.echo("No matches.")
+        for hit in result.hits:
+            click.echo(f"{hit.score:8.2f}  {hit.id}  [{hit.layer}]  {hit.title}")
+            click.echo(f"          {hit.snippet}")
+        if result.next_cursor:
+            click.echo(f"more: --cursor {result.next_cursor}")
+
+    emit(result, as_json, human)
+
+
+@main.command(name="context")
+@click.argument("task")
+@click.option("--max-tokens", type=int, default=None, help="Token budget (default: context_max_tokens).")
+@layer_option
+@json_option
+@click.pass_context
+def context_command(
+    ctx: click.Context, task: str, max_tokens: int | None, layers: tuple[str, ...], as_json: bool
+) -> None:
+    """Print what to read before doing TASK, packed under a token budget, with citations."""
+    result: ContextResult = run(ctx, lambda kb: kb.context(task, max_tokens, list(layers)))
+
+    def human() -> None:
+        click.echo(result.text.rstrip())
+        note = f"\n[{result.tokens_used}/{result.max_tokens} tokens"
+        if result.omitted:
+            note += f"; {len(result.omitted)} relevant sections left out for budget"
+        click.echo(note + "]", err=True)
+
+    emit(result, as_json, human)
+
+
+@main.command(name="list")
+@click.option("--layer", default=None, help="Only this layer.")
+@tag_option
+@click.option("--limit", default=50, show_default=True, help="Documents per page (1-100).")
+@click.option("--cursor", default=None, help="next_cursor from the previous page.")
+@json_option
+@click.pass_context
+def list_command(
+    ctx: click.Context, layer: str | None, tags: tuple[str, ...], limit: int, cursor: str | None, as_json: bool
+) -> None:
+    """List documents by layer and id."""
+    result: DocumentList = run(ctx, lambda kb: kb.list(layer, list(tags), limit, cursor))
+
+    def human() -> None:
+        for item in result.items:
+            click.echo(f"{item.layer:<11} {item.id:<36} {item.title}")
+        click.echo(f"({len(result.items)} of {result.total})")
+        if result.next_cursor:
+            click.echo(f"more: --cursor {result.next_cursor}")
+
+    emit(result, as_json, human)
+
+
+@main.command()
+@json_option
+@click.pass_context
+def info(ctx: click.Context, as_json: bool) -> None:
+    """Show what the knowledge base holds."""
+    result: Info = run(ctx, lambda kb: kb.info())
+
+    def human() -> None:
+        click.echo(f"SAGE {result.version}  database {result.db_path}  generation {result.generation}")
+        for layer, count in result.layers.items():
+            click.echo(f"  {layer:<12} {count:>6} documents")
+        click.echo(f"  {'total':<12} {result.documents:>6} documents, ~{result.tokens} tokens")
+
+    emit(result, as_json, human)
+
+
+@main.command(name="import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+def import_command(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Import Markdown files and folders (incremental; exit code 3 if any file was skipped)."""
+    report: ImportReport = run(ctx, lambda kb: kb.import_paths(list(paths)))
+
+    def human() -> None:
+        click.echo(
+            f"scanned {report.scanned}: {report.created} created, {report.updated} updated, "
+            f"{report.unchanged} unchanged, {report.removed} removed, {len(report.skipped)} skipped "
+            f"({report.duration_ms:.0f} ms)"
+        )
+        for skipped in report.skipped:
+            click.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+
+    emit(report, as_json, human)
+    if report.skipped:
+        sys.exit(EXIT_SKIPPED)
+
+
+@main.command()
+@click.argument("doc_id")
+@json_option
+@click.pass_context
+def history(ctx: click.Context, doc_id: str, as_json: bool) -> None:
+    """Show every revision of a document."""
+    result: History = run(ctx, lambda kb: kb.history(doc_id))
+
+    def human() -> None:
+        state = " (deleted)" if result.deleted else ""
+        click.echo(f"{result.id}{state}")
+        for rev in result.revisions:
+            click.echo(f"  rev {rev.revision:<4} {rev.change:<8} {rev.created_at:%Y-%m-%d %H:%M:%S}  {rev.title}")
+
+    emit(result, as_json, human)
+
+
+@main.command()
+@click.argument("doc_id")
+@click.argument("revision", type=int)
+@json_option
+@click.pass_context
+def restore(ctx: click.Context, doc_id: str, revision: int, as_json: bool) -> None:
+    """Make REVISION of a document current again (also undeletes it)."""
+    doc = run(ctx, lambda kb: kb.restore(doc_id, revision))
+    emit(doc, as_json, lambda: click.echo(f"{doc.id}: revision {revision} restored as revision {doc.revision}"))
+
+
+@main.command()
+@click.argument("doc_id")
+@json_option
+@click.pass_context
+def delete(ctx: click.Context, doc_id: str, as_json: bool) -> None:
+    """Soft-delete a document (recoverable with `sage restore` until purged)."""
+    doc = run(ctx, lambda kb: kb.delete(doc_id))
+    emit(doc, as_json, lambda: click.echo(f"{doc.id}: deleted as revision {doc.revision}"))
+
+
+@main.command()
+@click.argument("doc_id")
+@click.pass_context
+def purge(ctx: click.Context, doc_id: str) -> None:
+    """Remove a deleted document and its whole history for good."""
+    run(ctx, lambda kb: kb.purge(doc_id))
+    click.echo(f"{doc_id}: purged")
+
+
+@main.command()
+@json_option
+@click.pass_context
+def health(ctx: click.Context, as_json: bool) -> None:
+    """Check the local knowledge base; exit 0 only when healthy."""
+    result = run(ctx, lambda kb: kb.health())
+    emit(result, as_json, lambda: click.echo(f"{result.status} " + json.dumps(result.components)))
+    if result.status != "healthy":
+        sys.exit(EXIT_UNHEALTHY)
+
+
+@main.group()
+def config() -> None:
+    """Inspect configuration."""
+
+
+@config.command(name="show")
+@json_option
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the effective settings and where each came from (secrets masked)."""
+    rows = describe(ctx.obj)
+    if as_json:
+        payload = {name: {"env": env, "value": value, "source": source} for name, env, value, source in rows}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    width = max(len(r[0]) for r in rows)
+    for name, env, value, source in rows:
+        click.echo(f"{name:<{width}}  {value}  [{source}; {env}]")
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Serve the knowledge base (MCP over stdio until the HTTP service lands)."""
+    ctx.invoke(mcp)
+
+
+@main.command()
+@click.pass_context
+def mcp(ctx: click.Context) -> None:
+    """Serve MCP over stdio for an assistant that launches SAGE itself."""
+    _fail("the MCP server is not built yet (see the MCP issue); use the CLI commands meanwhile", 2)
+
+
+@main.command(name="eval")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--k", default=5, show_default=True, help="Cut-off for recall@k and nDCG@k.")
+@click.option("--max-tokens", default=4000, show_default=True, help="Budget for context queries.")
+@click.option("--verbose", is_flag=True, help="Also list the queries that missed.")
+@json_option
+@click.pass_context
+def eval_command(
+    ctx: click.Context, files: tuple[Path, ...], k: int, max_tokens: int, verbose: bool, as_json: bool
+) -> None:
+    """Measure retrieval quality with judged queries (default: the bundled knowledge/eval.yaml)."""
+    paths = list(files) or [knowledge_dir() / "eval.yaml"]
+
+    async def action(kb: KnowledgeService) -> EvalReport:
+        return await run_eval(kb, load_queries(paths), k, max_tokens)
+
+    report = run(ctx, action)
+
+    def human() -> None:
+        click.echo(
+            f"search  ({report.search_queries} queries): recall@{k} {report.recall_at_k:.3f}  "
+            f"MRR {report.mrr:.3f}  nDCG@{k} {report.ndcg_at_k:.3f}"
+        )
+        click.echo(
+            f"context ({report.context_queries} tasks):   relevant found {report.context_hit_rate:.1%}  "
+            f"budget on relevant {report.context_relevant_share:.1%}"
+        )
+        for outcome in report.outcomes:
+            if verbose and (outcome.first_relevant_rank or 99) > 1:
+                click.echo(
+                    f"  rank {outcome.first_relevant_rank}  {outcome.mode:<7} {outcome.query!r} "
+                    f"want {outcome.relevant} got {outcome.returned[:5]}"
+                )
+
+    emit(report, as_json, human)

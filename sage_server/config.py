@@ -1,0 +1,192 @@
+"""Settings: read once, in layers, validated, and remembered with where each value came from."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from sage_server.errors import ConfigError
+
+DEFAULT_LAYERS = ["core", "guidelines", "frameworks", "practices", "scenarios", "templates"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+ENV_PREFIX = "SAGE_"
+
+
+def _home() -> Path:
+    return Path(os.path.expanduser("~"))
+
+
+class Settings(BaseModel):
+    """Every setting SAGE reads. The env var for a field is `SAGE_` + its name in upper case."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config_path: Path = Field(Path("sage.yaml"), description="Project config file (SAGE_CONFIG_PATH)")
+    log_level: LogLevel = Field("INFO", description="Logging level")
+    debug: bool = Field(False, description="Debug mode: tracebacks on errors")
+    cache_dir: Path = Field(default_factory=lambda: _home() / ".sage" / "cache", description="Cache directory")
+    db_path: Path = Field(default_factory=lambda: _home() / ".sage" / "sage.db", description="SQLite database file")
+    knowledge_dirs: list[Path] = Field(default_factory=list, description="Extra Markdown folders to import")
+    bundled_knowledge: bool = Field(True, description="Import the bundled knowledge/ on start")
+    import_on_start: bool = Field(True, description="Import knowledge folders when the service opens")
+    layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS), description="Known layers, in order")
+    default_layer: str = Field("practices", description="Layer for files outside a layer folder")
+    max_file_bytes: int = Field(1_000_000, ge=1024, description="Largest Markdown file imported")
+    context_max_tokens: int = Field(4000, ge=200, le=100_000, description="Default token budget for context")
+    host: str = Field("127.0.0.1", description="Address the HTTP listeners bind")
+    api_port: int = Field(8000, ge=0, le=65535, description="REST API port")
+    mcp_port: int = Field(8001, ge=0, le=65535, description="MCP HTTP port")
+    metrics_port: int = Field(9000, ge=0, le=65535, description="Prometheus metrics port")
+    api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
+    redis_url: str | None = Field(None, description="Redis URL for the shared cache tier")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_valid(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one layer is required")
+        for layer in value:
+            if not layer.isidentifier() or layer != layer.lower():
+                raise ValueError(f"layer {layer!r} must be a lower-case word")
+        if len(set(value)) != len(value):
+            raise ValueError("layers must be unique")
+        return value
+
+    @field_validator("cache_dir", "db_path", "config_path")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("knowledge_dirs")
+    @classmethod
+    def _expand_all(cls, value: list[Path]) -> list[Path]:
+        return [p.expanduser() for p in value]
+
+
+SECRET_FIELDS = {"api_key", "redis_url"}
+LIST_FIELDS = {"knowledge_dirs", "layers"}
+
+
+class LoadedSettings(BaseModel):
+    """Settings plus, for each field, the layer that set it (for `sage config show`)."""
+
+    settings: Settings
+    sources: dict[str, str]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return {str(k): v for k, v in data.items()}
+
+
+def _from_env_style(values: Mapping[str, str | None]) -> dict[str, Any]:
+    """Pick `SAGE_*` names out of an environment-like mapping and turn them into field values."""
+    out: dict[str, Any] = {}
+    for name, raw in values.items():
+        if not name.startswith(ENV_PREFIX) or raw is None:
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field not in Settings.model_fields:
+            continue
+        if field in LIST_FIELDS:
+            # Paths are separated like PATH (':' here); commas also work for layer names.
+            sep = os.pathsep if field == "knowledge_dirs" else ","
+            out[field] = [part.strip() for part in raw.split(sep) if part.strip()]
+        else:
+            out[field] = raw
+    return out
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    home: Path | None = None,
+) -> LoadedSettings:
+    """Merge defaults, ~/.sage/config.yaml, sage.yaml (or SAGE_CONFIG_PATH), .env, SAGE_* env and overrides.
+
+    Later layers win. A malformed file or a bad value raises ConfigError naming the file and key.
+    """
+    env = dict(os.environ if environ is None else environ)
+    cwd = cwd or Path.cwd()
+    home = home or _home()
+    dotenv_path = cwd / ".env"
+    dotenv = _from_env_style(dotenv_values(dotenv_path)) if dotenv_path.is_file() else {}
+    env_values = _from_env_style(env)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    # The project file's own location can come from any later layer.
+    config_path = Path(
+        flags.get("config_path") or env_values.get("config_path") or dotenv.get("config_path") or "sage.yaml"
+    ).expanduser()
+    if not config_path.is_absolute():
+        config_path = cwd / config_path
+    explicit = any("config_path" in layer for layer in (flags, env_values, dotenv))
+    if explicit and not config_path.is_file():
+        raise ConfigError(f"{config_path}: config file named by SAGE_CONFIG_PATH/--config does not exist")
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    user_file = home / ".sage" / "config.yaml"
+    if user_file.is_file():
+        layers.append((str(user_file), _read_yaml(user_file)))
+    if config_path.is_file():
+        layers.append((str(config_path), _read_yaml(config_path)))
+    layers += [(str(dotenv_path), dotenv), ("environment", env_values), ("command line", flags)]
+
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for source, values in layers:
+        for key, value in values.items():
+            if key not in Settings.model_fields:
+                raise ConfigError(f"{source}: unknown setting {key!r} (known: {', '.join(Settings.model_fields)})")
+            merged[key] = value
+            sources[key] = source
+    merged["config_path"] = config_path
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = str(first["loc"][0]) if first["loc"] else "?"
+        source = sources.get(key, "defaults")
+        where = f"SAGE_{key.upper()}" if source == "environment" else source
+        raise ConfigError(f"{where}: setting {key!r}: {first['msg']} (got {first.get('input')!r})") from exc
+    all_sources = {name: sources.get(name, "default") for name in Settings.model_fields}
+    return LoadedSettings(settings=settings, sources=all_sources)
+
+
+def describe(loaded: LoadedSettings) -> list[tuple[str, str, str, str]]:
+    """Rows of (setting, env var, effective value, source), secrets masked."""
+    rows = []
+    for name in Settings.model_fields:
+        value = getattr(loaded.settings, name)
+        if name in SECRET_FIELDS and value is not None:
+            shown = "********"
+        elif isinstance(value, list):
+            shown = ", ".join(str(v) for v in value) or "(none)"
+        else:
+            shown = "(none)" if value is None else str(value)
+        rows.append((name, f"SAGE_{name.upper()}", shown, loaded.sources[name]))
+    return rows

@@ -1,0 +1,186 @@
+"""Task context: the core essentials plus the best-matching sections, packed under a token budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiosqlite
+
+from sage_server.models import ContextResult, ContextSection, OmittedSection
+from sage_server.search import SECTION_WEIGHTS, ParsedQuery, Ranked, rank
+from sage_server.text import estimate_tokens
+
+TOP_DOCUMENTS = 4
+# A document whose score is below this share of the best one is not worth the budget.
+RELATIVE_SCORE_FLOOR = 0.3
+SECTIONS_PER_DOCUMENT = 3
+SECTION_DECAY = 0.6
+ESSENTIALS_SHARE = 0.2
+
+
+@dataclass
+class Candidate:
+    """A section that could go into the context."""
+
+    doc_rank: int
+    doc_id: str
+    title: str
+    layer: str
+    revision: int
+    ord: int
+    heading: str
+    text: str
+
+    def render(self) -> str:
+        label = f"{self.title} › {self.heading}" if self.heading and self.heading != self.title else self.title
+        return f"### {label}\n_Source: sage:{self.doc_id} (revision {self.revision})_\n\n{self.text.strip()}\n"
+
+
+def _strip_heading(text: str) -> str:
+    first, _, rest = text.partition("\n")
+    return rest if first.lstrip().startswith("#") else text
+
+
+async def essentials(conn: aiosqlite.Connection, layer: str) -> list[str]:
+    """One line per live document of the core layer: title, id and summary."""
+    async with conn.execute(
+        "SELECT id, title, summary FROM documents WHERE layer = ? AND deleted_at IS NULL ORDER BY id", (layer,)
+    ) as cursor:
+        return [f"- **{r['title']}** (`{r['id']}`): {r['summary']}".rstrip(": ") for r in await cursor.fetchall()]
+
+
+async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list[Ranked]) -> list[Candidate]:
+    docs = [r.row for r in ranked]
+    score = {r.row["key"]: r.score for r in ranked}
+    keys = [d["key"] for d in docs]
+    rank = {d["key"]: i for i, d in enumerate(docs)}
+    weights = ", ".join(str(w) for w in SECTION_WEIGHTS)
+    marks = ",".join("?" * len(keys))
+    async with conn.execute(
+        f"SELECT s.doc_key, s.ord, s.heading, substr(d.body, s.start + 1, s.length) AS text, "
+        f"bm25(sections_fts, {weights}) AS score "
+        f"FROM sections_fts JOIN sections s ON s.key = sections_fts.rowid JOIN documents d ON d.key = s.doc_key "
+        f"WHERE sections_fts MATCH ? AND s.doc_key IN ({marks}) ORDER BY score",
+        [query.fts(), *keys],
+    ) as cursor:
+        matched = list(await cursor.fetchall())
+    # A document found by its triggers or tags may have no matching section: offer its opening section.
+    found = {row["doc_key"] for row in matched}
+    missing = [k for k in keys if k not in found]
+    if missing:
+        async with conn.execute(
+            f"SELECT s.doc_key, s.ord, s.heading, substr(d.body, s.start + 1, s.length) AS text, 0.0 AS score "
+            f"FROM sections s JOIN documents d ON d.key = s.doc_key "
+            f"WHERE s.doc_key IN ({','.join('?' * len(missing))}) AND s.ord = 0",
+            missing,
+        ) as cursor:
+            matched += await cursor.fetchall()
+    by_key = {d["key"]: d for d in docs}
+    per_doc: dict[int, int] = {}
+    ordered: list[tuple[int, int, Candidate]] = []
+    for row in matched:
+        nth = per_doc.get(row["doc_key"], 0)
+        if nth >= SECTIONS_PER_DOCUMENT:
+            continue
+        per_doc[row["doc_key"]] = nth + 1
+        doc = by_key[row["doc_key"]]
+        candidate = Candidate(
+            doc_rank=rank[row["doc_key"]],
+            doc_id=doc["id"],
+            title=doc["title"],
+            layer=doc["layer"],
+            revision=doc["revision"],
+            ord=row["ord"],
+            heading=row["heading"],
+            text=_strip_heading(row["text"]),
+        )
+        # A document's n-th best section is worth its document's score times SECTION_DECAY**n: a strong
+        # document gives several sections before a weak one gives its first.
+        ordered.append((score[row["doc_key"]] * SECTION_DECAY**nth, candidate.doc_rank, candidate))
+    ordered.sort(key=lambda item: (-item[0], item[1]))
+    return [c for _, _, c in ordered]
+
+
+def _truncate(text: str, budget: int) -> str:
+    """Cut `text` at a paragraph (else a line) boundary so that it costs at most `budget` tokens."""
+    note = "\n\n_(section truncated to fit the token budget)_"
+    cut = text
+    while cut and estimate_tokens(cut + note) > budget:
+        boundary = max(cut.rfind("\n\n", 0, len(cut) - 1), cut.rfind("\n", 0, len(cut) - 1))
+        cut = cut[:boundary] if boundary > 0 else cut[: len(cut) * 3 // 4]
+    return cut.rstrip() + note if cut.strip() else ""
+
+
+async def pack(
+    conn: aiosqlite.Connection,
+    task: str,
+    query: ParsedQuery,
+    max_tokens: int,
+    core_layer: str,
+    layers: list[str] | None,
+) -> ContextResult:
+    """Build the context for `task` that fits in `max_tokens` (by the estimator in text.py)."""
+    header = f"# Context for: {task.strip()[:200]}\n\n"
+    lines = await essentials(conn, core_layer)
+    essentials_text = ""
+    if lines:
+        essentials_budget = int(max_tokens * ESSENTIALS_SHARE)
+        block = "## Core principles\n"
+        for line in lines:
+            if estimate_tokens(block + line + "\n") > essentials_budget:
+                break
+            block += line + "\n"
+        if block != "## Core principles\n":
+            essentials_text = block + "\n"
+    ranked = await rank(conn, query, layers, None, TOP_DOCUMENTS) if query.terms else []
+    ranked = [r for r in ranked if r.score >= ranked[0].score * RELATIVE_SCORE_FLOOR]
+    candidates = await _sections(conn, query, ranked) if ranked else []
+
+    chosen: list[Candidate] = []
+    omitted: list[OmittedSection] = []
+    text = header + essentials_text + "## Relevant knowledge\n\n"
+    used = estimate_tokens(text)
+    for candidate in candidates:
+        cost = estimate_tokens(candidate.render() + "\n")
+        if used + cost <= max_tokens:
+            chosen.append(candidate)
+            used += cost
+            continue
+        if not chosen:
+            # The best section alone is larger than the budget: give its beginning rather than nothing.
+            overhead = estimate_tokens(Candidate(**{**candidate.__dict__, "text": ""}).render() + "\n")
+            cut = _truncate(candidate.text, max_tokens - used - overhead)
+            if cut:
+                omitted.append(OmittedSection(id=candidate.doc_id, heading=candidate.heading, tokens=cost))
+                candidate.text = cut
+                chosen.append(candidate)
+                used += estimate_tokens(candidate.render() + "\n")
+                continue
+        omitted.append(OmittedSection(id=candidate.doc_id, heading=candidate.heading, tokens=cost))
+
+    chosen.sort(key=lambda c: (c.doc_rank, c.ord))
+    body = "".join(c.render() + "\n" for c in chosen) if chosen else "_No matching knowledge found._\n"
+    if not chosen and estimate_tokens(text + body) > max_tokens:
+        body = ""
+    text = (text + body).rstrip() + "\n"
+    sections = [
+        ContextSection(
+            id=c.doc_id,
+            title=c.title,
+            layer=c.layer,
+            heading=c.heading or c.title,
+            revision=c.revision,
+            tokens=estimate_tokens(c.render()),
+            text=c.text.strip(),
+        )
+        for c in chosen
+    ]
+    return ContextResult(
+        task=task,
+        max_tokens=max_tokens,
+        tokens_used=estimate_tokens(text),
+        essentials=essentials_text.strip(),
+        sections=sections,
+        omitted=omitted,
+        text=text,
+    )

@@ -1,0 +1,347 @@
+"""Full-text search: any user text becomes a safe FTS5 query, ranked by BM25 with field weights."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import sqlite3
+from dataclasses import dataclass, field
+
+import aiosqlite
+
+from sage_server.errors import InvalidInput
+from sage_server.models import SearchHit
+from sage_server.text import CJK_CLASS, bigrams, has_cjk
+
+# Column weights for bm25(), in docs_fts column order: title, tags, triggers, summary, headings, body, cjk.
+DOC_WEIGHTS = (10.0, 5.0, 6.0, 4.0, 3.0, 1.0, 4.0)
+# sections_fts: title, heading, body, cjk.
+SECTION_WEIGHTS = (3.0, 4.0, 1.0, 2.0)
+MAX_TERMS = 64
+# Re-scoring of the best BM25 candidates (see rank()).
+RERANK_WINDOW = 30
+COVERAGE_TERMS = 16
+COVERAGE_WEIGHT = 0.25
+META_WEIGHT = 1.0
+TRIGGER_WEIGHT = 1.0
+META_COLUMNS = "{title tags triggers summary}"
+MAX_QUERY_CHARS = 4000
+
+_PHRASE = re.compile(r'"([^"]*)"')
+_WORD = re.compile(rf"(?P<cjk>[{CJK_CLASS}]+)|(?P<word>[^\W_{CJK_CLASS}]+)(?P<star>\*)?")
+# English function words plus the filler of requests ("please help me make sure..."): they carry no topic.
+STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are aren't as at be because been before being
+    below between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during
+    each few for from further get got had hadn't has hasn't have haven't having he her here hers herself him
+    himself his how i if in into is isn't it it's its itself just let let's like me more most my myself need no
+    nor not now of off on once only or other ought our ours ourselves out over own please same she should
+    shouldn't so some such sure than that that's the their theirs them themselves then there there's these they
+    this those through to too under until up us very want was wasn't we were weren't what what's when where
+    which while who whom why will with won't would wouldn't you your yours yourself yourselves""".split()
+)
+
+
+@dataclass
+class Term:
+    """One piece of a parsed query: a word, a prefix, a phrase, or a run of CJK text."""
+
+    text: str
+    kind: str  # word | prefix | phrase | cjk
+
+    def fts(self) -> str:
+        if self.kind == "cjk":
+            grams = bigrams(self.text)
+            if len(self.text) == 1:
+                return f'cjk : "{grams[0]}"*'
+            # A CJK sentence has no spaces: match it whole, or any of its two-character words.
+            phrases = [" ".join(grams), *dict.fromkeys(grams)]
+            return "cjk : (" + " OR ".join(f'"{phrase}"' for phrase in phrases) + ")"
+        if self.kind == "prefix":
+            return f'"{self.text}"*'
+        return f'"{self.text}"'
+
+
+@dataclass
+class ParsedQuery:
+    """A user query as FTS5 terms joined with OR (BM25 ranks documents that match more terms higher)."""
+
+    terms: list[Term] = field(default_factory=list)
+    text: str = ""
+
+    def fts(self) -> str:
+        return " OR ".join(term.fts() for term in self.terms)
+
+
+def _words(text: str) -> list[Term]:
+    terms: list[Term] = []
+    for match in _WORD.finditer(text):
+        if match.group("cjk"):
+            terms.append(Term(match.group("cjk"), "cjk"))
+        else:
+            kind = "prefix" if match.group("star") else "word"
+            terms.append(Term(match.group("word").lower(), kind))
+    return terms
+
+
+def parse_query(text: str, phrases: bool = True) -> ParsedQuery:
+    """Turn any text into a query that cannot be an FTS5 syntax error.
+
+    Words are quoted (so AND, NOT, NEAR, '-' and parentheses are just text), `word*` is a prefix search,
+    "double quotes" make a phrase, and CJK runs search the bigram column. Stopwords are dropped unless
+    nothing else is left. Returns an empty query when the text has no words at all. With `phrases=False`
+    (a task description, where quotes are speech, not syntax) quoted words are plain words.
+    """
+    text = text[:MAX_QUERY_CHARS]
+    terms: list[Term] = []
+    last = 0
+    for match in _PHRASE.finditer(text) if phrases else ():
+        terms += _words(text[last : match.start()])
+        inner = _words(match.group(1))
+        plain = [t.text for t in inner if t.kind != "cjk"]
+        if len(plain) > 1:
+            terms.append(Term(" ".join(plain), "phrase"))
+        else:
+            terms += [t for t in inner if t.kind == "cjk" or len(plain) == 1]
+        last = match.end()
+    terms += _words(text[last:].replace('"', " "))
+    meaningful = [
+        t for t in terms if not (t.kind == "word" and (t.text in STOPWORDS or (len(t.text) == 1 and t.text.isalpha())))
+    ]
+    unique = list({(t.kind, t.text): t for t in (meaningful or terms)}.values())
+    return ParsedQuery(unique[:MAX_TERMS], text)
+
+
+def _normalized(text: str) -> str:
+    """Lower-case words with a plural 's' dropped, space-padded, for matching trigger phrases."""
+    words = [w[:-1] if len(w) > 3 and w.endswith("s") else w for w in re.findall(r"[^\W_]+", text.lower())]
+    return f" {' '.join(words)} "
+
+
+def trigger_matches(text: str, triggers: list[str]) -> int:
+    """How many of a document's trigger phrases occur in `text` (whole words; CJK as substrings)."""
+    plain = _normalized(text)
+    count = 0
+    for trigger in triggers:
+        if has_cjk(trigger):
+            count += trigger in text
+        elif _normalized(trigger).strip():
+            count += _normalized(trigger) in plain
+    return count
+
+
+def encode_cursor(offset: int, key: str) -> str:
+    """An opaque cursor for the next page of the query identified by `key`."""
+    raw = json.dumps({"o": offset, "k": key}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, key: str) -> int:
+    """The offset inside a cursor made by encode_cursor for the same query; 0 for no cursor."""
+    if not cursor:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        offset, owner = int(data["o"]), str(data["k"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput("cursor is not one this server issued", field="cursor") from exc
+    if owner != key or offset < 0:
+        raise InvalidInput("cursor belongs to a different query or filter; start again without it", field="cursor")
+    return offset
+
+
+def query_key(*parts: object) -> str:
+    """A short fingerprint of a query and its filters, carried by its cursors."""
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def filter_sql(layers: list[str] | None, tags: list[str] | None, alias: str = "d") -> tuple[str, list[object]]:
+    """SQL conditions (and parameters) for layer and tag filters; every given tag must be present."""
+    sql = ""
+    params: list[object] = []
+    if layers:
+        sql += f" AND {alias}.layer IN ({','.join('?' * len(layers))})"
+        params += layers
+    for tag in tags or []:
+        sql += f" AND EXISTS (SELECT 1 FROM json_each({alias}.tags) WHERE value = ?)"
+        params.append(tag)
+    return sql, params
+
+
+async def rank_documents(
+    conn: aiosqlite.Connection, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
+) -> list[sqlite3.Row]:
+    """Live documents matching `fts` by BM25 alone, best first (score: lower is better)."""
+    where, params = filter_sql(layers, tags)
+    weights = ", ".join(str(w) for w in DOC_WEIGHTS)
+    sql = (
+        f"SELECT d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.tokens, d.revision, d.summary, "
+        f"bm25(docs_fts, {weights}) AS score "
+        f"FROM docs_fts JOIN documents d ON d.key = docs_fts.rowid "
+        f"WHERE docs_fts MATCH ? AND d.deleted_at IS NULL{where} ORDER BY score LIMIT ? OFFSET ?"
+    )
+    async with conn.execute(sql, [fts, *params, limit, offset]) as cursor:
+        return list(await cursor.fetchall())
+
+
+@dataclass
+class Ranked:
+    """A ranked document row and its final score (higher is better)."""
+
+    row: sqlite3.Row
+    score: float
+
+
+async def _coverage(conn: aiosqlite.Connection, query: ParsedQuery, keys: list[int]) -> dict[tuple[str, int], int]:
+    """How many query terms each document matches anywhere ('all') and in its title/tags/triggers/summary
+    ('meta'), in one statement."""
+    marks = ",".join("?" * len(keys))
+    parts: list[str] = []
+    params: list[object] = []
+    for term in query.terms[:COVERAGE_TERMS]:
+        variants = [("all", term.fts())] + ([("meta", f"{META_COLUMNS} : {term.fts()}")] if term.kind != "cjk" else [])
+        for kind, fts in variants:
+            parts.append(f"SELECT ? AS kind, rowid FROM docs_fts WHERE docs_fts MATCH ? AND rowid IN ({marks})")
+            params += [kind, fts, *keys]
+    counts: dict[tuple[str, int], int] = {}
+    async with conn.execute(" UNION ALL ".join(parts), params) as cursor:
+        for kind, key in await cursor.fetchall():
+            counts[(kind, key)] = counts.get((kind, key), 0) + 1
+    return counts
+
+
+async def rank(
+    conn: aiosqlite.Connection,
+    query: ParsedQuery,
+    layers: list[str] | None,
+    tags: list[str] | None,
+    limit: int,
+    offset: int = 0,
+) -> list[Ranked]:
+    """Documents for `query`, best first: BM25, then the top RERANK_WINDOW re-scored by term coverage.
+
+    FTS5's BM25 gives a term found in over half the documents an IDF of ~0, so in a small or focused
+    knowledge base the words that matter most ('review' in a review guide) count for nothing. Re-scoring
+    the head by how many query terms a document matches, and how many its title/tags/triggers/summary
+    match, restores them without a second index.
+    """
+    rows = await rank_documents(conn, query.fts(), layers, tags, max(RERANK_WINDOW, offset + limit), 0)
+    best = max((-row["score"] for row in rows), default=0.0)
+    ranked = [Ranked(row, (-row["score"] / best) if best > 0 else 0.0) for row in rows]
+    head = ranked[:RERANK_WINDOW]
+    if head and len(query.terms) > 0:
+        counts = await _coverage(conn, query, [r.row["key"] for r in head])
+        terms = min(len(query.terms), COVERAGE_TERMS)
+        meta_terms = max(1, sum(1 for t in query.terms[:COVERAGE_TERMS] if t.kind != "cjk"))
+        for item in head:
+            key = item.row["key"]
+            item.score += COVERAGE_WEIGHT * counts.get(("all", key), 0) / terms
+            item.score += META_WEIGHT * counts.get(("meta", key), 0) / meta_terms
+            triggered = trigger_matches(query.text, json.loads(item.row["triggers"]))
+            item.score += TRIGGER_WEIGHT * min(triggered, 2) / 2
+        head.sort(key=lambda r: -r.score)
+        ranked[:RERANK_WINDOW] = head
+    return ranked[offset : offset + limit]
+
+
+async def snippets(conn: aiosqlite.Connection, fts: str, keys: list[int]) -> dict[int, str]:
+    """Highlighted body snippets for the given documents (a second query, so only the shown page pays)."""
+    if not keys:
+        return {}
+    sql = (
+        "SELECT rowid, snippet(docs_fts, 5, '**', '**', '…', 24) FROM docs_fts "
+        f"WHERE docs_fts MATCH ? AND rowid IN ({','.join('?' * len(keys))})"
+    )
+    async with conn.execute(sql, [fts, *keys]) as cursor:
+        return {row[0]: row[1] for row in await cursor.fetchall()}
+
+
+def cjk_snippet(body: str, query: ParsedQuery, width: int = 60) -> str | None:
+    """A snippet around the first CJK query run found in `body` (FTS5 cannot highlight bigram matches)."""
+    for term in query.terms:
+        if term.kind != "cjk":
+            continue
+        at = body.find(term.text)
+        if at >= 0:
+            start, end = max(0, at - width // 2), min(len(body), at + len(term.text) + width // 2)
+            text = body[start:at] + f"**{term.text}**" + body[at + len(term.text) : end]
+            return ("…" if start else "") + " ".join(text.split()) + ("…" if end < len(body) else "")
+    return None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+async def _has_match(conn: aiosqlite.Connection, fts: str) -> bool:
+    async with conn.execute("SELECT 1 FROM docs_fts WHERE docs_fts MATCH ? LIMIT 1", (fts,)) as cursor:
+        return await cursor.fetchone() is not None
+
+
+async def correct(conn: aiosqlite.Connection, query: ParsedQuery) -> ParsedQuery | None:
+    """Replace words that match nothing by the closest indexed term (a typo fix); None if nothing changed.
+
+    The index holds Porter stems ('migrat' for 'migrations'), so a word is also compared by its first
+    len(stem) letters, and the fix is searched as a prefix.
+    """
+    changed = False
+    fixed: list[Term] = []
+    for term in query.terms:
+        if term.kind != "word" or len(term.text) < 4 or not term.text.isascii() or await _has_match(conn, term.fts()):
+            fixed.append(term)
+            continue
+        word = term.text
+        low, high = word[0], chr(ord(word[0]) + 1)
+        async with conn.execute(
+            "SELECT term, doc FROM docs_vocab WHERE term >= ? AND term < ? AND length(term) BETWEEN ? AND ?",
+            (low, high, max(3, len(word) - 4), len(word) + 2),
+        ) as cursor:
+            candidates = await cursor.fetchall()
+        limit = 1 if len(word) <= 5 else 2
+        best: tuple[int, int, str] | None = None
+        for candidate, docs in candidates:
+            distance = min(_edit_distance(word, candidate), _edit_distance(word[: len(candidate)], candidate) + 1)
+            if distance <= limit and (best is None or (distance, -docs) < best[:2]):
+                best = (distance, -docs, candidate)
+        if best is None:
+            fixed.append(term)
+        else:
+            fixed.append(Term(best[2], "prefix"))
+            changed = True
+    return ParsedQuery(fixed) if changed else None
+
+
+def describe(query: ParsedQuery) -> str:
+    """The query as a person would read it (for `corrected_query`)."""
+    parts = []
+    for term in query.terms:
+        if term.kind == "prefix":
+            parts.append(term.text + "*")
+        elif term.kind == "phrase":
+            parts.append(f'"{term.text}"')
+        else:
+            parts.append(term.text)
+    return " ".join(parts)
+
+
+def to_hit(ranked: Ranked, snippet: str) -> SearchHit:
+    """A search hit from a ranked row."""
+    row = ranked.row
+    return SearchHit(
+        id=row["id"],
+        title=row["title"],
+        layer=row["layer"],
+        tags=json.loads(row["tags"]),
+        score=round(ranked.score, 4),
+        snippet=snippet,
+        tokens=row["tokens"],
+        revision=row["revision"],
+    )

@@ -1,0 +1,459 @@
+"""KnowledgeService: the one object that owns the knowledge base. Every face of SAGE is an adapter over it."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import aiosqlite
+import anyio.to_thread
+
+from sage_server import context as context_packing
+from sage_server import ingest, search, store
+from sage_server.config import Settings, load_settings
+from sage_server.db import Database
+from sage_server.errors import Conflict, InvalidInput, NotFound, SageError, Unavailable
+from sage_server.logs import get_logger, log_event
+from sage_server.migrate import migrate
+from sage_server.models import (
+    ContextResult,
+    Document,
+    DocumentIn,
+    DocumentList,
+    Health,
+    History,
+    ImportReport,
+    Info,
+    SearchResult,
+    SkippedFile,
+)
+from sage_server.resources import knowledge_dir, migrations_dir
+from sage_server.version import __version__
+
+log = get_logger("core")
+MAX_LIMIT = 100
+# The class has a method named `list`, which would shadow the builtin in its annotations.
+Strings = list[str]
+PathList = list[Path]
+
+
+class KnowledgeService:
+    """Get, list, search, pack context, save, delete, restore and import knowledge. Open with `sage_server.open`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.db_path)
+        self.started = time.monotonic()
+        self.last_import: ImportReport | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database, migrate it, and import the configured folders."""
+        writer = await self.db.open_writer()
+        try:
+            applied = await migrate(writer, migrations_dir())
+        except sqlite3.DatabaseError as exc:
+            await self.db.close()
+            raise Unavailable(f"cannot use database {self.settings.db_path}: {exc}") from exc
+        except BaseException:
+            await self.db.close()
+            raise
+        if applied:
+            log_event(log, logging.INFO, "Database migrated", operation="migrate", applied=applied)
+        await self.db.open_readers()
+        if self.settings.import_on_start:
+            folders = self.configured_folders()
+            if folders:
+                self.last_import = await self.import_paths(folders)
+
+    async def close(self) -> None:
+        """Close the database cleanly."""
+        await self.db.close()
+
+    def configured_folders(self) -> PathList:
+        """The bundled knowledge (unless turned off) and SAGE_KNOWLEDGE_DIRS."""
+        folders = [knowledge_dir()] if self.settings.bundled_knowledge else []
+        return folders + list(self.settings.knowledge_dirs)
+
+    @contextmanager
+    def _operation(self, name: str, level: int = logging.DEBUG, **context: object) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except SageError as exc:
+            log_event(
+                log,
+                logging.INFO,
+                "Operation failed",
+                operation=name,
+                error=exc.code,
+                detail=exc.message,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                **context,
+            )
+            raise
+        log_event(
+            log,
+            level,
+            "Operation completed",
+            operation=name,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            **context,
+        )
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def _check_layers(self, layers: Strings | None) -> Strings | None:
+        for layer in layers or []:
+            if layer not in self.settings.layers:
+                raise InvalidInput(f"unknown layer {layer!r} (known: {', '.join(self.settings.layers)})", field="layer")
+        return layers or None
+
+    @staticmethod
+    def _check_limit(limit: int) -> None:
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidInput(f"limit must be between 1 and {MAX_LIMIT}, got {limit}", field="limit")
+
+    async def _not_found(self, doc_id: str) -> NotFound:
+        """A NotFound naming the closest ids, found by prefix and by the id's words."""
+        candidates: set[str] = set()
+        async with self.db.read() as conn:
+            async with conn.execute(
+                "SELECT id FROM documents WHERE deleted_at IS NULL AND id >= ? AND id < ? LIMIT 50",
+                (doc_id[:3], doc_id[:3] + "\uffff"),
+            ) as cursor:
+                candidates |= {row[0] for row in await cursor.fetchall()}
+            query = search.parse_query(doc_id.replace("-", " ").replace("_", " "))
+            if query.terms:
+                rows = await search.rank_documents(conn, query.fts(), None, None, 20, 0)
+                candidates |= {row["id"] for row in rows}
+        suggestions = difflib.get_close_matches(doc_id, sorted(candidates), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
+        return NotFound(f"no document with id {doc_id!r}{hint}", id=doc_id, suggestions=suggestions)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def get(self, doc_id: str) -> Document:
+        """One live document by id; NotFound (with close ids suggested) when there is none."""
+        with self._operation("get", id=doc_id):
+            async with self.db.read() as conn:
+                row = await store.fetch_row(conn, doc_id)
+            if row is None:
+                raise await self._not_found(doc_id)
+            if row["deleted_at"] is not None:
+                raise NotFound(
+                    f"document {doc_id!r} was deleted at revision {row['revision']}; restore an earlier revision "
+                    "to bring it back",
+                    id=doc_id,
+                    deleted=True,
+                    suggestions=[],
+                )
+            return store.to_document(row)
+
+    async def list(
+        self, layer: str | None = None, tags: Strings | None = None, limit: int = 50, cursor: str | None = None
+    ) -> DocumentList:
+        """Live documents ordered by layer and id, a page at a time."""
+        with self._operation("list", layer=layer):
+            self._check_limit(limit)
+            layers = self._check_layers([layer] if layer else None)
+            key = search.query_key("list", layers, tags)
+            offset = search.decode_cursor(cursor, key)
+            where, params = search.filter_sql(layers, tags)
+            async with self.db.read() as conn:
+                async with conn.execute(
+                    f"SELECT {store.DOCUMENT_COLUMNS} FROM documents d WHERE d.deleted_at IS NULL{where} "
+                    "ORDER BY d.layer, d.id LIMIT ? OFFSET ?",
+                    [*params, limit + 1, offset],
+                ) as rows:
+                    page = list(await rows.fetchall())
+                async with conn.execute(
+                    f"SELECT count(*) FROM documents d WHERE d.deleted_at IS NULL{where}", params
+                ) as rows:
+                    total_row = await rows.fetchone()
+            more = len(page) > limit
+            return DocumentList(
+                items=[store.to_summary(row) for row in page[:limit]],
+                total=total_row[0] if total_row else 0,
+                next_cursor=search.encode_cursor(offset + limit, key) if more else None,
+            )
+
+    async def search(
+        self,
+        query: str,
+        layers: Strings | None = None,
+        tags: Strings | None = None,
+        limit: int = 10,
+        cursor: str | None = None,
+    ) -> SearchResult:
+        """Full-text search ranked by BM25; any text is a valid query. Misspelt words are corrected."""
+        with self._operation("search", query=query[:200]):
+            if not query.strip():
+                raise InvalidInput("query must not be empty", field="query")
+            self._check_limit(limit)
+            layers = self._check_layers(layers)
+            parsed = search.parse_query(query)
+            if not parsed.terms:
+                return SearchResult(query=query, hits=[], corrected_query=None)
+            key = search.query_key("search", parsed.fts(), layers, tags)
+            offset = search.decode_cursor(cursor, key)
+            corrected: str | None = None
+            async with self.db.read() as conn:
+                ranked = await search.rank(conn, parsed, layers, tags, limit + 1, offset)
+                if len(ranked) <= limit and offset == 0:
+                    fixed = await search.correct(conn, parsed)
+                    if fixed is not None:
+                        parsed, corrected = fixed, search.describe(fixed)
+                        ranked = await search.rank(conn, parsed, layers, tags, limit + 1, 0)
+                page = ranked[:limit]
+                keys = [item.row["key"] for item in page]
+                snippets = await search.snippets(conn, parsed.fts(), keys)
+                bodies: dict[int, str] = {}
+                if any(t.kind == "cjk" for t in parsed.terms) and page:
+                    marks = ",".join("?" * len(keys))
+                    async with conn.execute(f"SELECT key, body FROM documents WHERE key IN ({marks})", keys) as cur:
+                        bodies = {r[0]: r[1] for r in await cur.fetchall()}
+            hits = []
+            for item in page:
+                key = item.row["key"]
+                snippet = search.cjk_snippet(bodies[key], parsed) if key in bodies else None
+                hits.append(search.to_hit(item, snippet or snippets.get(key) or item.row["summary"]))
+            more = len(ranked) > limit
+            return SearchResult(
+                query=query,
+                hits=hits,
+                next_cursor=search.encode_cursor(offset + limit, key) if more and not corrected else None,
+                corrected_query=corrected,
+            )
+
+    async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
+        """What to read before doing `task`: core essentials, then the best sections, within `max_tokens`."""
+        with self._operation("context", task=task[:200]):
+            if not task.strip():
+                raise InvalidInput("task must not be empty", field="task")
+            budget = max_tokens or self.settings.context_max_tokens
+            if not 200 <= budget <= 100_000:
+                raise InvalidInput(f"max_tokens must be between 200 and 100000, got {budget}", field="max_tokens")
+            layers = self._check_layers(layers)
+            parsed = search.parse_query(task, phrases=False)
+            async with self.db.read() as conn:
+                if parsed.terms:
+                    parsed = await search.correct(conn, parsed) or parsed
+                return await context_packing.pack(conn, task, parsed, budget, self.settings.layers[0], layers)
+
+    async def history(self, doc_id: str) -> History:
+        """Every revision of a document (live or deleted), newest first."""
+        with self._operation("history", id=doc_id):
+            async with self.db.read() as conn:
+                row = await store.fetch_row(conn, doc_id)
+                if row is None:
+                    raise await self._not_found(doc_id)
+                revisions = await store.revisions(conn, row)
+            return History(id=doc_id, deleted=row["deleted_at"] is not None, revisions=revisions)
+
+    async def info(self) -> Info:
+        """Counts by layer, totals, the index generation and uptime."""
+        with self._operation("info"):
+            async with self.db.read() as conn:
+                async with conn.execute(
+                    "SELECT layer, count(*), coalesce(sum(tokens), 0) FROM documents WHERE deleted_at IS NULL "
+                    "GROUP BY layer"
+                ) as cursor:
+                    rows = await cursor.fetchall()
+                generation = await store.generation(conn)
+            counts = dict.fromkeys(self.settings.layers, 0) | {row[0]: row[1] for row in rows}
+            return Info(
+                version=__version__,
+                layers=counts,
+                documents=sum(row[1] for row in rows),
+                tokens=sum(row[2] for row in rows),
+                generation=generation,
+                uptime_seconds=round(time.monotonic() - self.started, 3),
+                db_path=str(self.settings.db_path),
+            )
+
+    async def health(self) -> Health:
+        """The spec's health document. Knowledge is degraded when empty, unhealthy when unreadable."""
+        knowledge = "healthy"
+        try:
+            async with self.db.read() as conn:
+                async with conn.execute("SELECT count(*) FROM documents WHERE deleted_at IS NULL") as cursor:
+                    row = await cursor.fetchone()
+            if not row or row[0] == 0:
+                knowledge = "degraded"
+        except (sqlite3.Error, SageError) as exc:
+            log_event(log, logging.ERROR, "Health check failed", operation="health", error=str(exc))
+            knowledge = "unhealthy"
+        components = {"core": "healthy", "cache": "healthy", "knowledge": knowledge}
+        status = "unhealthy" if knowledge == "unhealthy" else knowledge
+        return Health.model_validate({"status": status, "version": __version__, "components": components})
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    async def save(self, doc: DocumentIn, expected_revision: int | None = None) -> Document:
+        """Create or update a document. With `expected_revision` (0: must not exist yet), a concurrent
+        change is a Conflict instead of a silent overwrite. Saving identical content stores nothing."""
+        with self._operation("save", logging.INFO, id=doc.id):
+            self._check_layers([doc.layer])
+            async with self.db.transaction() as conn:
+                row = await store.fetch_row(conn, doc.id)
+                current = 0 if row is None else row["revision"]
+                if expected_revision is not None and expected_revision != current:
+                    state = "does not exist" if row is None else f"is at revision {current}"
+                    raise Conflict(
+                        f"document {doc.id!r} {state}, not revision {expected_revision}; re-read it and retry",
+                        id=doc.id,
+                        current_revision=current,
+                    )
+                if row is None:
+                    await store.insert(conn, doc, store.Source())
+                elif row["deleted_at"] is None and row["content_hash"] == store.content_hash(doc):
+                    return store.to_document(row)
+                else:
+                    source = store.Source(row["source_path"], row["source_hash"])
+                    await store.replace(conn, row, doc, source, "update")
+                await store.bump_generation(conn)
+                saved = await store.fetch_row(conn, doc.id)
+            assert saved is not None
+            return store.to_document(saved)
+
+    async def delete(self, doc_id: str, expected_revision: int | None = None) -> Document:
+        """Soft-delete a document as a new revision; `restore` brings any revision back."""
+        with self._operation("delete", logging.INFO, id=doc_id):
+            async with self.db.transaction() as conn:
+                row = await store.fetch_row(conn, doc_id)
+                if row is None or row["deleted_at"] is not None:
+                    raise await self._not_found(doc_id)
+                if expected_revision is not None and expected_revision != row["revision"]:
+                    raise Conflict(
+                        f"document {doc_id!r} is at revision {row['revision']}, not {expected_revision}",
+                        id=doc_id,
+                        current_revision=row["revision"],
+                    )
+                await store.soft_delete(conn, row, "delete")
+                await store.bump_generation(conn)
+                deleted = await store.fetch_row(conn, doc_id)
+            assert deleted is not None
+            return store.to_document(deleted)
+
+    async def restore(self, doc_id: str, revision: int) -> Document:
+        """Make an earlier revision current again (as a new revision); also undeletes."""
+        with self._operation("restore", logging.INFO, id=doc_id, revision=revision):
+            async with self.db.transaction() as conn:
+                row = await store.fetch_row(conn, doc_id)
+                if row is None:
+                    raise await self._not_found(doc_id)
+                content = await store.revision_content(conn, row, revision)
+                if content is None:
+                    raise NotFound(
+                        f"document {doc_id!r} has no revision {revision} (latest is {row['revision']})",
+                        id=doc_id,
+                        revision=revision,
+                        suggestions=[],
+                    )
+                self._check_layers([content.layer])
+                await store.replace(conn, row, content, store.Source(row["source_path"], row["source_hash"]), "restore")
+                await store.bump_generation(conn)
+                restored = await store.fetch_row(conn, doc_id)
+            assert restored is not None
+            return store.to_document(restored)
+
+    async def purge(self, doc_id: str) -> None:
+        """Remove a deleted document and its history for good. Live documents must be deleted first."""
+        with self._operation("purge", logging.INFO, id=doc_id):
+            async with self.db.transaction() as conn:
+                row = await store.fetch_row(conn, doc_id)
+                if row is None:
+                    raise await self._not_found(doc_id)
+                if row["deleted_at"] is None:
+                    raise Conflict(f"document {doc_id!r} is live; delete it before purging", id=doc_id)
+                await store.purge(conn, row)
+                await store.bump_generation(conn)
+
+    async def import_paths(self, paths: PathList) -> ImportReport:
+        """Import Markdown files and folders in one transaction, incrementally by file hash.
+
+        Changed files become new revisions; files gone from an imported folder are soft-deleted; bad files
+        are reported in `skipped` and change nothing.
+        """
+        started = time.perf_counter()
+        with self._operation("import", logging.INFO, paths=[str(p) for p in paths]):
+            collected = await anyio.to_thread.run_sync(ingest.collect, paths, self.settings)
+            report = ImportReport(scanned=len(collected.seen), skipped=collected.skipped)
+            async with self.db.transaction() as conn:
+                ids = json.dumps([parsed.doc.id for parsed in collected.files])
+                async with conn.execute(
+                    "SELECT key, id, source_path, source_hash, content_hash, revision, change, deleted_at "
+                    "FROM documents WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))",
+                    (ids,),
+                ) as cursor:
+                    existing = {row["id"]: row for row in await cursor.fetchall()}
+                for parsed in collected.files:
+                    await self._import_one(conn, parsed, existing.pop(parsed.doc.id, None), report)
+                # What is left was not in this run: soft-delete those whose file is gone from an imported folder.
+                for row in existing.values():
+                    path = row["source_path"]
+                    if (
+                        path
+                        and row["deleted_at"] is None
+                        and path not in collected.seen
+                        and any(path.startswith(folder + os.sep) for folder in collected.folders)
+                    ):
+                        await store.soft_delete(conn, row, "remove")
+                        report.removed += 1
+                if report.created or report.updated or report.removed:
+                    await store.bump_generation(conn)
+            report.duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        for skipped in report.skipped:
+            log_event(
+                log, logging.WARNING, "File skipped", operation="import", path=skipped.path, reason=skipped.reason
+            )
+        return report
+
+    async def _import_one(
+        self,
+        conn: aiosqlite.Connection,
+        parsed: ingest.ParsedFile,
+        row: sqlite3.Row | None,
+        report: ImportReport,
+    ) -> None:
+        source = store.Source(parsed.path, parsed.source_hash)
+        if row is None:
+            await store.insert(conn, parsed.doc, source)
+            report.created += 1
+            return
+        owner = row["source_path"]
+        if owner != parsed.path and row["deleted_at"] is None and (owner is None or Path(owner).exists()):
+            where = "a document saved through the API" if owner is None else owner
+            report.skipped.append(
+                SkippedFile(path=parsed.path, reason=f"duplicate id {parsed.doc.id!r}: already used by {where}")
+            )
+            return
+        revived = row["deleted_at"] is not None and row["change"] == "remove"
+        if owner == parsed.path and row["source_hash"] == parsed.source_hash and not revived:
+            report.unchanged += 1  # an API edit of an unchanged file is kept, and so is an API delete
+            return
+        await store.replace(conn, row, parsed.doc, source, "update")
+        report.updated += 1
+
+
+@asynccontextmanager
+async def open_service(settings: Settings | None = None) -> AsyncIterator[KnowledgeService]:
+    """Open the knowledge base: `async with sage_server.open() as kb: await kb.search("retry")`.
+
+    Without settings, they are loaded the way the CLI loads them (files, .env, SAGE_* variables).
+    """
+    service = KnowledgeService(settings or load_settings().settings)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()

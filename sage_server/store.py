@@ -1,0 +1,264 @@
+"""Document rows in SQLite: every change archives the old revision; deletes are soft until purged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+
+from sage_server.markdown import heading_texts, sections
+from sage_server.models import Change, Document, DocumentIn, DocumentSummary, Revision
+from sage_server.text import cjk_index_text, estimate_tokens
+
+DOCUMENT_COLUMNS = (
+    "key, id, title, layer, tags, triggers, summary, body, source_path, source_hash, content_hash, tokens, "
+    "revision, change, created_at, updated_at, deleted_at"
+)
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO-8601 text, the form every timestamp is stored in."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def content_hash(doc: DocumentIn) -> str:
+    """sha256 over a document's content fields, so an identical save is recognised and not stored twice."""
+    canonical = json.dumps(
+        [doc.title, doc.layer, doc.tags, doc.triggers, doc.summary, doc.body], ensure_ascii=False, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an imported document came from (both None for documents saved through the API)."""
+
+    path: str | None = None
+    hash: str | None = None
+
+
+def to_document(row: sqlite3.Row) -> Document:
+    """Build the public model from a documents row."""
+    return Document(
+        id=row["id"],
+        title=row["title"],
+        layer=row["layer"],
+        tags=json.loads(row["tags"]),
+        triggers=json.loads(row["triggers"]),
+        summary=row["summary"],
+        body=row["body"],
+        source_path=row["source_path"],
+        content_hash=row["content_hash"],
+        tokens=row["tokens"],
+        revision=row["revision"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        deleted=row["deleted_at"] is not None,
+    )
+
+
+def to_summary(row: sqlite3.Row) -> DocumentSummary:
+    """Build a listing entry from a documents row (body not needed)."""
+    return DocumentSummary(
+        id=row["id"],
+        title=row["title"],
+        layer=row["layer"],
+        tags=json.loads(row["tags"]),
+        summary=row["summary"],
+        tokens=row["tokens"],
+        revision=row["revision"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def fetch_row(conn: aiosqlite.Connection, doc_id: str) -> sqlite3.Row | None:
+    """The documents row for `doc_id`, live or soft-deleted."""
+    async with conn.execute(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (doc_id,)) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+
+def _fields(doc: DocumentIn) -> dict[str, Any]:
+    return {
+        "title": doc.title,
+        "layer": doc.layer,
+        "tags": json.dumps(doc.tags, ensure_ascii=False),
+        "triggers": json.dumps(doc.triggers, ensure_ascii=False),
+        "summary": doc.summary,
+        "body": doc.body,
+        "headings": "\n".join(heading_texts(doc.body)),
+        "cjk": cjk_index_text(doc.title, " ".join(doc.triggers), doc.summary, doc.body),
+        "content_hash": content_hash(doc),
+        "tokens": estimate_tokens(doc.body),
+    }
+
+
+async def _insert_sections(conn: aiosqlite.Connection, doc_key: int, body: str) -> None:
+    rows = [
+        (
+            doc_key,
+            ord_,
+            s.heading,
+            s.start,
+            s.end - s.start,
+            estimate_tokens(body[s.start : s.end]),
+            cjk_index_text(body[s.start : s.end]),
+        )
+        for ord_, s in enumerate(sections(body))
+    ]
+    await conn.executemany(
+        "INSERT INTO sections (doc_key, ord, heading, start, length, tokens, cjk) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+    )
+
+
+async def _drop_sections(conn: aiosqlite.Connection, doc_key: int) -> None:
+    # Before the document row changes: the index's delete trigger reads the text it was built from.
+    await conn.execute("DELETE FROM sections WHERE doc_key = ?", (doc_key,))
+
+
+async def _archive(conn: aiosqlite.Connection, row: sqlite3.Row) -> None:
+    await conn.execute(
+        "INSERT INTO revisions (doc_key, revision, change, title, layer, tags, triggers, summary, body, source_path, "
+        "content_hash, tokens, created_at, deleted) "
+        "SELECT key, revision, change, title, layer, tags, triggers, summary, body, source_path, content_hash, tokens, "
+        "updated_at, deleted_at IS NOT NULL FROM documents WHERE key = ?",
+        (row["key"],),
+    )
+
+
+async def insert(conn: aiosqlite.Connection, doc: DocumentIn, source: Source) -> int:
+    """Create a document at revision 1; return its key."""
+    now = now_iso()
+    values = _fields(doc)
+    cursor = await conn.execute(
+        "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, headings, cjk, source_path, "
+        "source_hash, content_hash, tokens, revision, change, created_at, updated_at) "
+        "VALUES (:id, :title, :layer, :tags, :triggers, :summary, :body, :headings, :cjk, :source_path, "
+        ":source_hash, :content_hash, :tokens, 1, 'create', :now, :now)",
+        {**values, "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now},
+    )
+    key = cursor.lastrowid
+    assert key is not None
+    await _insert_sections(conn, key, doc.body)
+    return key
+
+
+async def replace(
+    conn: aiosqlite.Connection, row: sqlite3.Row, doc: DocumentIn, source: Source, change: Change
+) -> None:
+    """Store `doc` as the next revision of `row` (live afterwards), archiving the current one."""
+    await _archive(conn, row)
+    if row["deleted_at"] is None:
+        await _drop_sections(conn, row["key"])
+    values = _fields(doc)
+    await conn.execute(
+        "UPDATE documents SET title = :title, layer = :layer, tags = :tags, triggers = :triggers, summary = :summary, "
+        "body = :body, headings = :headings, cjk = :cjk, source_path = :source_path, source_hash = :source_hash, "
+        "content_hash = :content_hash, tokens = :tokens, revision = revision + 1, change = :change, "
+        "updated_at = :now, deleted_at = NULL WHERE key = :key",
+        {
+            **values,
+            "source_path": source.path,
+            "source_hash": source.hash,
+            "change": change,
+            "now": now_iso(),
+            "key": row["key"],
+        },
+    )
+    await _insert_sections(conn, row["key"], doc.body)
+
+
+async def soft_delete(conn: aiosqlite.Connection, row: sqlite3.Row, change: Change) -> None:
+    """Mark a live document deleted as a new revision; its text stays recoverable."""
+    await _archive(conn, row)
+    await _drop_sections(conn, row["key"])
+    now = now_iso()
+    await conn.execute(
+        "UPDATE documents SET revision = revision + 1, change = ?, updated_at = ?, deleted_at = ? WHERE key = ?",
+        (change, now, now, row["key"]),
+    )
+
+
+async def purge(conn: aiosqlite.Connection, row: sqlite3.Row) -> None:
+    """Remove a soft-deleted document and all its revisions for good."""
+    await conn.execute("DELETE FROM documents WHERE key = ?", (row["key"],))
+
+
+async def revisions(conn: aiosqlite.Connection, row: sqlite3.Row) -> list[Revision]:
+    """Every revision of the document in `row`, newest first."""
+    current = Revision(
+        id=row["id"],
+        revision=row["revision"],
+        change=row["change"],
+        title=row["title"],
+        layer=row["layer"],
+        content_hash=row["content_hash"],
+        tokens=row["tokens"],
+        source_path=row["source_path"],
+        created_at=row["updated_at"],
+    )
+    async with conn.execute(
+        "SELECT revision, change, title, layer, content_hash, tokens, source_path, created_at FROM revisions "
+        "WHERE doc_key = ? ORDER BY revision DESC",
+        (row["key"],),
+    ) as cursor:
+        older = [
+            Revision(
+                id=row["id"],
+                revision=r["revision"],
+                change=r["change"],
+                title=r["title"],
+                layer=r["layer"],
+                content_hash=r["content_hash"],
+                tokens=r["tokens"],
+                source_path=r["source_path"],
+                created_at=r["created_at"],
+            )
+            for r in await cursor.fetchall()
+        ]
+    return [current, *older]
+
+
+async def revision_content(conn: aiosqlite.Connection, row: sqlite3.Row, revision: int) -> DocumentIn | None:
+    """The content of one revision of `row`'s document, or None if there is no such revision."""
+    if revision == row["revision"]:
+        source: sqlite3.Row | None = row
+    else:
+        async with conn.execute(
+            "SELECT title, layer, tags, triggers, summary, body FROM revisions WHERE doc_key = ? AND revision = ?",
+            (row["key"], revision),
+        ) as cursor:
+            source = await cursor.fetchone()
+    if source is None:
+        return None
+    return DocumentIn(
+        id=row["id"],
+        title=source["title"],
+        layer=source["layer"],
+        body=source["body"],
+        tags=json.loads(source["tags"]),
+        triggers=json.loads(source["triggers"]),
+        summary=source["summary"],
+    )
+
+
+async def bump_generation(conn: aiosqlite.Connection) -> int:
+    """Advance the generation number that cache keys carry; every write transaction calls it once."""
+    async with conn.execute(
+        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation' RETURNING value"
+    ) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def generation(conn: aiosqlite.Connection) -> int:
+    """The current generation number."""
+    async with conn.execute("SELECT value FROM meta WHERE key = 'generation'") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
