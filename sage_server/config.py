@@ -156,7 +156,8 @@ def load_settings(
         layers.append((str(config_path), _read_yaml(config_path)))
     layers += [(str(dotenv_path), dotenv), ("environment", env_values), ("command line", flags)]
 
-    merged: dict[str, Any] = {}
+    # Paths under the home folder are defaults too, resolved against the `home` given (tests pass their own).
+    merged: dict[str, Any] = {"cache_dir": home / ".sage" / "cache", "db_path": home / ".sage" / "sage.db"}
     sources: dict[str, str] = {}
     for source, values in layers:
         for key, value in values.items():

@@ -77,7 +77,7 @@ async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list
             matched += await cursor.fetchall()
     by_key = {d["key"]: d for d in docs}
     per_doc: dict[int, int] = {}
-    ordered: list[tuple[int, int, Candidate]] = []
+    ordered: list[tuple[float, int, Candidate]] = []
     for row in matched:
         nth = per_doc.get(row["doc_key"], 0)
         if nth >= SECTIONS_PER_DOCUMENT:

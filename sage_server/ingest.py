@@ -31,6 +31,7 @@ class ParsedFile:
     path: str
     doc: DocumentIn
     source_hash: str
+    id_from_path: bool = False
 
 
 @dataclass
@@ -144,7 +145,9 @@ def parse_file(path: Path, root: Path, settings: Settings) -> ParsedFile:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise SkipFile(f"field {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
-    return ParsedFile(path=str(path), doc=doc, source_hash=hashlib.sha256(raw).hexdigest())
+    return ParsedFile(
+        path=str(path), doc=doc, source_hash=hashlib.sha256(raw).hexdigest(), id_from_path=_string(meta, "id") is None
+    )
 
 
 def collect(paths: list[Path], settings: Settings) -> Collected:

@@ -341,7 +341,7 @@ def to_hit(ranked: Ranked, snippet: str) -> SearchHit:
         layer=row["layer"],
         tags=json.loads(row["tags"]),
         score=round(ranked.score, 4),
-        snippet=snippet,
+        snippet=" ".join(snippet.split()),  # one line: Markdown line breaks mean nothing in an excerpt
         tokens=row["tokens"],
         revision=row["revision"],
     )

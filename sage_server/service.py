@@ -203,8 +203,8 @@ class KnowledgeService:
             parsed = search.parse_query(query)
             if not parsed.terms:
                 return SearchResult(query=query, hits=[], corrected_query=None)
-            key = search.query_key("search", parsed.fts(), layers, tags)
-            offset = search.decode_cursor(cursor, key)
+            query_key = search.query_key("search", parsed.fts(), layers, tags)
+            offset = search.decode_cursor(cursor, query_key)
             corrected: str | None = None
             async with self.db.read() as conn:
                 ranked = await search.rank(conn, parsed, layers, tags, limit + 1, offset)
@@ -230,7 +230,7 @@ class KnowledgeService:
             return SearchResult(
                 query=query,
                 hits=hits,
-                next_cursor=search.encode_cursor(offset + limit, key) if more and not corrected else None,
+                next_cursor=search.encode_cursor(offset + limit, query_key) if more and not corrected else None,
                 corrected_query=corrected,
             )
 
@@ -396,7 +396,16 @@ class KnowledgeService:
                     (ids,),
                 ) as cursor:
                     existing = {row["id"]: row for row in await cursor.fetchall()}
+                # An id derived from a path depends on the folder imported; a file already known keeps its id.
+                known_paths = {row["source_path"]: row["id"] for row in existing.values() if row["source_path"]}
                 for parsed in collected.files:
+                    if parsed.id_from_path and known_paths.get(parsed.path, parsed.doc.id) != parsed.doc.id:
+                        parsed = ingest.ParsedFile(
+                            parsed.path,
+                            parsed.doc.model_copy(update={"id": known_paths[parsed.path]}),
+                            parsed.source_hash,
+                            id_from_path=True,
+                        )
                     await self._import_one(conn, parsed, existing.pop(parsed.doc.id, None), report)
                 # What is left was not in this run: soft-delete those whose file is gone from an imported folder.
                 for row in existing.values():

@@ -1,0 +1,147 @@
+"""Importing Markdown folders: incremental, transactional, and clear about every file it skips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sage_server import store
+from sage_server.config import Settings
+from sage_server.models import DocumentIn
+from sage_server.service import KnowledgeService, open_service
+from tests.conftest import assert_index_consistent, make_settings, write_doc
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_start_imports_configured_folders(service: KnowledgeService) -> None:
+    report = service.last_import
+    assert report is not None and (report.created, report.skipped) == (4, [])
+    plain = await service.get("plain-note")
+    assert (plain.layer, plain.title) == ("scenarios", "Production Incident Notes")
+    assert plain.summary == "Stabilise first, then find the cause."
+    assert plain.source_path and plain.source_path.endswith("plain-note.md")
+
+
+async def test_reimport_is_incremental(service: KnowledgeService, knowledge: Path) -> None:
+    report = await service.import_paths([knowledge])
+    assert (report.unchanged, report.created, report.updated, report.removed) == (4, 0, 0, 0)
+    generation = (await service.info()).generation
+
+    write_doc(knowledge, "frameworks/timeouts.md", (knowledge / "frameworks/timeouts.md").read_text() + "\nHedging.\n")
+    (knowledge / "scenarios/plain-note.md").unlink()
+    write_doc(knowledge, "templates/new.md", "# New Template\n\nFill me in.\n")
+    report = await service.import_paths([knowledge])
+    assert (report.unchanged, report.created, report.updated, report.removed) == (2, 1, 1, 1)
+    assert (await service.get("timeout-resilience")).revision == 2
+    assert (await service.history("plain-note")).deleted
+    assert [h.id for h in (await service.search("hedging")).hits] == ["timeout-resilience"]
+    assert (await service.info()).generation == generation + 1
+
+    write_doc(knowledge, "scenarios/plain-note.md", "# Production Incident Notes\n\nBack again.\n")
+    report = await service.import_paths([knowledge])
+    assert report.updated == 1 and not (await service.get("plain-note")).deleted
+    await assert_index_consistent(service)
+
+
+async def test_api_edit_of_an_unchanged_file_survives_reimport(service: KnowledgeService, knowledge: Path) -> None:
+    current = await service.get("honesty")
+    edited = DocumentIn(id="honesty", title=current.title, layer="core", body="Edited through the API.\n")
+    await service.save(edited)
+    report = await service.import_paths([knowledge])
+    assert report.unchanged == 4
+    assert (await service.get("honesty")).body == "Edited through the API.\n"
+
+
+BAD_FILES: dict[str, bytes] = {
+    "practices/bad-yaml.md": b"---\ntitle: [unclosed\n---\n# Body\n",
+    "practices/latin1.md": "# Caf\xe9\n".encode("latin-1"),
+    "practices/binary.md": b"\x89PNG\x00\x00\x00",
+    "practices/empty.md": b"   \n",
+    "practices/huge.md": b"# Huge\n" + b"x" * 5000,
+    "practices/dup.md": b"---\nid: honesty\n---\n# Duplicate\n\ntext\n",
+    "practices/wrong-layer.md": b"---\nlayer: recipes\n---\n# Wrong\n\ntext\n",
+    "practices/bad-tags.md": b"---\ntags: {a: 1}\n---\n# Tags\n\ntext\n",
+    "practices/only-frontmatter.md": b"---\ntitle: Nothing\n---\n",
+}
+REASONS = {
+    "bad-yaml.md": "invalid YAML frontmatter at line 3",
+    "latin1.md": "not UTF-8",
+    "binary.md": "binary file",
+    "empty.md": "empty file",
+    "huge.md": "over the 2048-byte limit",
+    "dup.md": "duplicate id 'honesty'",
+    "wrong-layer.md": "unknown layer 'recipes'",
+    "bad-tags.md": "'tags' must be a list of strings",
+    "only-frontmatter.md": "no Markdown content",
+}
+
+
+async def test_bad_files_are_reported_and_the_rest_imports(tmp_path: Path, knowledge: Path) -> None:
+    for relative, data in BAD_FILES.items():
+        (knowledge / relative).parent.mkdir(parents=True, exist_ok=True)
+        (knowledge / relative).write_bytes(data)
+    settings = make_settings(tmp_path, knowledge_dirs=[knowledge], max_file_bytes=2048)
+    async with open_service(settings) as kb:
+        report = kb.last_import
+        assert report is not None and report.created == 4
+        reasons = {Path(s.path).name: s.reason for s in report.skipped}
+        assert set(reasons) == set(REASONS)
+        for name, expected in REASONS.items():
+            assert expected in reasons[name], (name, reasons[name])
+
+
+async def test_symlinks_leaving_the_folder_are_not_followed(tmp_path: Path, knowledge: Path) -> None:
+    outside = write_doc(tmp_path / "outside", "secret.md", "# Zanzibar\n\nnot for import\n")
+    os.symlink(outside, knowledge / "practices" / "link.md")
+    os.symlink(tmp_path / "outside", knowledge / "practices" / "linked-folder")
+    async with open_service(make_settings(tmp_path, knowledge_dirs=[knowledge])) as kb:
+        report = kb.last_import
+        assert report is not None and report.created == 4
+        assert [s.reason for s in report.skipped] == ["symlink points outside the imported folder; not followed"]
+        assert (await kb.search("zanzibar")).hits == []
+
+
+async def test_an_interrupted_import_leaves_the_previous_state_whole(
+    settings: Settings, knowledge: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_service(settings) as kb:
+        before = await kb.info()
+        for name in ("a", "b", "c"):
+            write_doc(knowledge, f"practices/{name}.md", f"# Doc {name}\n\ntext\n")
+        write_doc(knowledge, "core/honesty.md", "# Honesty rewritten\n\nnew\n")
+        calls = 0
+        real_insert = store.insert
+
+        async def failing_insert(*args: object, **kwargs: object) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise OSError("disk full")
+            return await real_insert(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "insert", failing_insert)
+        with pytest.raises(OSError, match="disk full"):
+            await kb.import_paths([knowledge])
+        after = await kb.info()
+        assert (after.documents, after.generation) == (before.documents, before.generation)
+        assert (await kb.get("honesty")).title == "Honesty About Verification"
+        await assert_index_consistent(kb)
+
+
+async def test_missing_path_is_reported(service: KnowledgeService, tmp_path: Path) -> None:
+    report = await service.import_paths([tmp_path / "nope"])
+    assert [s.reason for s in report.skipped] == ["no such file or folder"]
+
+
+async def test_single_file_and_derived_ids(service: KnowledgeService, tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    path = write_doc(notes, "Team Notes/Deploy Checklist.md", "Steps before a deploy.\n")
+    report = await service.import_paths([notes])
+    assert report.created == 1
+    created = await service.get("team-notes-deploy-checklist")
+    assert (created.layer, created.title) == ("practices", "Deploy Checklist")
+    path.write_text("Steps before a deploy, revised.\n")
+    assert (await service.import_paths([path])).updated == 1
