@@ -6,8 +6,9 @@ import json
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -17,7 +18,16 @@ from sage_server.config import LoadedSettings, Settings, describe, load_settings
 from sage_server.errors import ConfigError, SageError
 from sage_server.evaluate import EvalReport, load_queries, run_eval
 from sage_server.logs import setup_logging
-from sage_server.models import ContextResult, Document, DocumentList, History, ImportReport, Info, SearchResult
+from sage_server.models import (
+    ContextResult,
+    Document,
+    DocumentList,
+    Health,
+    History,
+    ImportReport,
+    Info,
+    SearchResult,
+)
 from sage_server.resources import knowledge_dir
 from sage_server.service import KnowledgeService, open_service
 from sage_server.version import __version__
@@ -27,12 +37,26 @@ EXIT_SKIPPED = 3
 EXIT_UNHEALTHY = 4
 
 
-def _settings(ctx: click.Context) -> Settings:
-    loaded: LoadedSettings = ctx.obj
-    return loaded.settings
+@dataclass
+class CliState:
+    """What the top-level options decided: the overrides given and the settings they produced."""
+
+    overrides: dict[str, Any]
+    loaded: LoadedSettings
 
 
-def _fail(message: str, code: int) -> None:
+def _settings(ctx: click.Context, **extra: Any) -> Settings:
+    """The effective settings; `extra` are a subcommand's own flags (e.g. serve --port), applied on top."""
+    state: CliState = ctx.obj
+    if not any(v is not None for v in extra.values()):
+        return state.loaded.settings
+    try:
+        return load_settings({**state.overrides, **extra}).settings
+    except ConfigError as exc:
+        _fail(f"config error: {exc.message}", 2)
+
+
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"sage: {message}", err=True)
     sys.exit(code)
 
@@ -55,7 +79,6 @@ def run(ctx: click.Context, action: Callable[[KnowledgeService], Awaitable[T]]) 
         if settings.debug:
             traceback.print_exc()
         _fail(f"internal error: {type(exc).__name__}: {exc} (set SAGE_DEBUG=true for a traceback)", 1)
-    raise AssertionError("unreachable")
 
 
 def emit(model: BaseModel, as_json: bool, human: Callable[[], None]) -> None:
@@ -100,10 +123,10 @@ def main(
         "import_on_start": False if no_import else None,
     }
     try:
-        ctx.obj = load_settings(overrides)
+        ctx.obj = CliState(overrides, load_settings(overrides))
     except ConfigError as exc:
         _fail(f"config error: {exc.message}", 2)
-    setup_logging(ctx.obj.settings.log_level)
+    setup_logging(ctx.obj.loaded.settings.log_level)
 
 
 @main.command()
@@ -293,14 +316,35 @@ def purge(ctx: click.Context, doc_id: str) -> None:
 
 
 @main.command()
+@click.option("--url", default=None, help="Check a running server (e.g. http://127.0.0.1:8000) instead of the store.")
 @json_option
 @click.pass_context
-def health(ctx: click.Context, as_json: bool) -> None:
-    """Check the local knowledge base; exit 0 only when healthy."""
-    result = run(ctx, lambda kb: kb.health())
+def health(ctx: click.Context, url: str | None, as_json: bool) -> None:
+    """Check the local knowledge base, or a running server with --url; exit 0 only when healthy."""
+    if url:
+        result = _remote_health(url.rstrip("/"))
+    else:
+        result = run(ctx, lambda kb: kb.health())
     emit(result, as_json, lambda: click.echo(f"{result.status} " + json.dumps(result.components)))
     if result.status != "healthy":
         sys.exit(EXIT_UNHEALTHY)
+
+
+def _remote_health(url: str) -> Health:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:  # noqa: S310 - the user's URL
+            body = response.read()
+    except urllib.error.HTTPError as exc:  # 503 still carries the health document
+        body = exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        _fail(f"unreachable: {url}/health ({getattr(exc, 'reason', exc)})", EXIT_UNHEALTHY)
+    try:
+        return Health.model_validate_json(body)
+    except ValueError:
+        _fail(f"{url}/health did not answer with a health document", EXIT_UNHEALTHY)
 
 
 @main.group()
@@ -313,7 +357,7 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """Print the effective settings and where each came from (secrets masked)."""
-    rows = describe(ctx.obj)
+    rows = describe(ctx.obj.loaded)
     if as_json:
         payload = {name: {"env": env, "value": value, "source": source} for name, env, value, source in rows}
         click.echo(json.dumps(payload, indent=2))
@@ -324,17 +368,52 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--host", default=None, help="Address to bind (SAGE_HOST; 0.0.0.0 in containers).")
+@click.option("--port", type=int, default=None, help="REST API port, also serving MCP at /mcp (SAGE_API_PORT).")
+@click.option("--mcp-port", type=int, default=None, help="MCP port (SAGE_MCP_PORT).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port (SAGE_METRICS_PORT).")
 @click.pass_context
-def serve(ctx: click.Context) -> None:
-    """Serve the knowledge base (MCP over stdio until the HTTP service lands)."""
-    ctx.invoke(mcp)
+def serve(
+    ctx: click.Context, host: str | None, port: int | None, mcp_port: int | None, metrics_port: int | None
+) -> None:
+    """Serve REST, /health and MCP on the API port, MCP on the MCP port, metrics on the metrics port."""
+    from sage_server.serve import serve as run_server  # imported here: plain CLI commands stay quick to start
+
+    settings = _settings(ctx, host=host, api_port=port, mcp_port=mcp_port, metrics_port=metrics_port)
+    _run_server(settings, lambda: run_server(settings))
 
 
 @main.command()
+@click.option(
+    "--transport",
+    type=click.Choice(["stdio", "http"]),
+    default="stdio",
+    show_default=True,
+    help="stdio for an assistant that launches SAGE; http for streamable HTTP (/mcp) and SSE (/sse).",
+)
+@click.option("--host", default=None, help="Address to bind with --transport http (SAGE_HOST).")
+@click.option("--port", type=int, default=None, help="Port with --transport http (SAGE_MCP_PORT).")
 @click.pass_context
-def mcp(ctx: click.Context) -> None:
-    """Serve MCP over stdio for an assistant that launches SAGE itself."""
-    _fail("the MCP server is not built yet (see the MCP issue); use the CLI commands meanwhile", 2)
+def mcp(ctx: click.Context, transport: str, host: str | None, port: int | None) -> None:
+    """Serve MCP: over stdio (stdout is the wire, logs go to stderr) or over HTTP on its own."""
+    from sage_server.assistant import serve_http, serve_stdio
+
+    settings = _settings(ctx, host=host, mcp_port=port)
+    if transport == "stdio":
+        _run_server(settings, lambda: serve_stdio(settings))
+    else:
+        _run_server(settings, lambda: serve_http(settings, settings.host, settings.mcp_port))
+
+
+def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) -> None:
+    try:
+        anyio.run(main_loop)
+    except KeyboardInterrupt:
+        pass
+    except SageError as exc:
+        if settings.debug:
+            traceback.print_exc()
+        _fail(f"{exc.code}: {exc.message}" if exc.code != "config_error" else exc.message, exc.exit_code)
 
 
 @main.command(name="eval")

@@ -45,6 +45,25 @@ class Settings(BaseModel):
     metrics_port: int = Field(9000, ge=0, le=65535, description="Prometheus metrics port")
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
     redis_url: str | None = Field(None, description="Redis URL for the shared cache tier")
+    cache_memory: bool = Field(True, description="Use the in-process memory cache tier")
+    cache_memory_entries: int = Field(2048, ge=1, description="Most entries the memory tier holds")
+    cache_memory_bytes: int = Field(64 * 2**20, ge=1024, description="Most value bytes the memory tier holds")
+    cache_disk: bool = Field(True, description="Use the disk cache tier under cache_dir")
+    cache_disk_bytes: int = Field(512 * 2**20, ge=1024, description="Most bytes the disk tier keeps (LRU eviction)")
+    cache_redis: bool = Field(True, description="Use the Redis cache tier when redis_url is set")
+    cache_namespace: str = Field(
+        "sage", min_length=1, description="Prefix of Redis keys and channels; one per knowledge base sharing a Redis"
+    )
+    cache_ttl_seconds: int = Field(3600, ge=1, description="Lifetime of a cache entry in every tier")
+    timeout_cache_ms: int = Field(100, ge=1, description="Deadline for one cache lookup across all tiers")
+    timeout_read_ms: int = Field(500, ge=1, description="Deadline for reading one document")
+    timeout_search_ms: int = Field(2000, ge=1, description="Deadline for a search")
+    timeout_context_ms: int = Field(5000, ge=1, description="Deadline for context packing or a full load")
+    timeout_complex_ms: int = Field(10_000, ge=1, description="Deadline for complex work (imports, analysis)")
+    breaker_failures: int = Field(5, ge=1, description="Consecutive dependency faults that open a circuit breaker")
+    breaker_reset_seconds: float = Field(
+        30.0, gt=0, description="Seconds an open circuit breaker waits before one probe call"
+    )
 
     @field_validator("layers")
     @classmethod

@@ -26,6 +26,13 @@ class InvalidInput(SageError):
     exit_code = 2
 
 
+class Unauthorized(SageError):
+    """The request carries no valid API key or token."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class NotFound(SageError):
     """No document (or revision) with that id; `details['suggestions']` names close ids."""
 

@@ -201,3 +201,109 @@ class Health(BaseModel):
     status: HealthStatus
     version: str
     components: dict[str, HealthStatus]
+
+
+# -- results cut to a token budget (MCP tools, REST) -------------------------------------------------------
+
+
+class Bounded(BaseModel):
+    """A result cut to a token budget: `truncated` says something was left out and `hint` how to get it."""
+
+    truncated: bool = Field(
+        default=False, description="True when part of the answer was left out to stay within max_tokens"
+    )
+    hint: str | None = Field(default=None, description="When truncated: how to read the rest")
+
+
+class SearchPage(Bounded, SearchResult):
+    """One page of search hits, no larger than the caller's token budget."""
+
+
+class ListPage(Bounded, DocumentList):
+    """One page of a listing, no larger than the caller's token budget."""
+
+
+class HistoryPage(Bounded, History):
+    """A document's revisions, newest first, as many as the token budget holds."""
+
+
+class DocumentPage(Bounded):
+    """A document, or one of its sections, from `offset` on, cut to a token budget."""
+
+    id: str
+    title: str
+    layer: str
+    tags: list[str]
+    summary: str
+    revision: int
+    updated_at: datetime
+    tokens: int = Field(description="Estimated tokens of the whole document")
+    sections: list[str] = Field(description="Section headings; pass one as `section` to read only that part")
+    section: str | None = Field(default=None, description="The section shown, or None for the whole document")
+    offset: int = Field(
+        default=0, description="Character offset where `text` starts (within the section, if one was asked)"
+    )
+    text: str
+    next_offset: int | None = Field(default=None, description="Pass as `offset` to read on; None once the end is shown")
+
+
+class KnowledgeDocument(BaseModel):
+    """One document of a layer, whole or (when `next_offset` is set) cut short."""
+
+    id: str
+    title: str
+    revision: int
+    tokens: int = Field(description="Estimated tokens of the whole document")
+    text: str
+    next_offset: int | None = Field(
+        default=None, description="Where the text was cut; read on from there by id and offset"
+    )
+
+
+class KnowledgeBundle(Bounded):
+    """A layer's documents, best first when a task was given, as many as the token budget holds."""
+
+    layer: str
+    task: str | None
+    total: int = Field(description="How many documents matched")
+    documents: list[KnowledgeDocument]
+    omitted: list[str] = Field(description="Ids of matching documents left out for the budget (the first 50)")
+
+
+class ContextSource(BaseModel):
+    """A section quoted in packed context."""
+
+    id: str
+    title: str
+    heading: str
+    revision: int
+    tokens: int
+
+
+class ContextPack(Bounded):
+    """Packed, cited context for a task: `text` is ready to read; `sources` and `omitted` say what it holds."""
+
+    task: str
+    max_tokens: int
+    tokens_used: int = Field(description="Estimated tokens of `text`")
+    text: str = Field(description="Core principles and the best sections, as Markdown with citations")
+    sources: list[ContextSource]
+    omitted: list[OmittedSection] = Field(description="Relevant sections left out for the budget")
+
+
+class WriteResult(BaseModel):
+    """What a save, delete or restore left behind (the body is not echoed back)."""
+
+    id: str
+    title: str
+    layer: str
+    revision: int
+    tokens: int
+    content_hash: str
+    updated_at: datetime
+    deleted: bool
+
+    @classmethod
+    def of(cls, doc: Document) -> WriteResult:
+        """The write result for a stored document."""
+        return cls.model_validate(doc.model_dump(include=set(cls.model_fields)))

@@ -1,0 +1,107 @@
+"""`sage serve`: one asyncio process, three uvicorn listeners in one anyio task group, one shared service."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import anyio
+import uvicorn
+from starlette.types import ASGIApp
+
+from sage_server.app import create_app, create_mcp_app, create_metrics_app
+from sage_server.config import Settings
+from sage_server.errors import ConfigError
+from sage_server.logs import get_logger, log_event
+from sage_server.service import KnowledgeService
+
+log = get_logger("serve")
+# In-flight requests get this long to finish after SIGTERM/SIGINT before connections are closed.
+GRACEFUL_SECONDS = 10
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to us: uvicorn's own handler re-raises the signal after shutdown,
+    which would kill the process instead of letting it exit 0, and three servers would fight over it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(host: str, port: int, setting: str) -> socket.socket:
+    """Bind a listening socket, or stop with an error naming the port and the setting that chose it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise ConfigError(f"port {port} on {host} {reason}; choose another with {setting}") from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    # log_config=None keeps uvicorn's loggers on our JSON handler; our middleware writes the access log.
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        log_level=settings.log_level.lower(),
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the API, MCP and metrics listeners until SIGTERM or SIGINT, then shut down cleanly."""
+    listeners = [
+        ("api", settings.api_port, "SAGE_API_PORT or --port"),
+        ("mcp", settings.mcp_port, "SAGE_MCP_PORT or --mcp-port"),
+        ("metrics", settings.metrics_port, "SAGE_METRICS_PORT or --metrics-port"),
+    ]
+    sockets: list[socket.socket] = []
+    try:
+        for _, port, setting in listeners:
+            sockets.append(bind(settings.host, port, setting))
+    except ConfigError:
+        for sock in sockets:
+            sock.close()
+        raise
+
+    service = KnowledgeService(settings)
+    await service.start(import_now=False)
+    apps = [create_app(settings, service), create_mcp_app(settings, service), create_metrics_app(service)]
+    servers = [_Server(_config(app, settings)) for app in apps]
+    try:
+        importing = anyio.CancelScope()
+
+        async def import_in_background() -> None:
+            with importing:  # cancelled at shutdown: the import transaction rolls back whole
+                await service.import_configured()
+
+        async with anyio.create_task_group() as tg:
+            for server, sock in zip(servers, sockets, strict=True):
+                tg.start_soon(server.serve, [sock])
+            tg.start_soon(import_in_background)
+            ports = {name: sock.getsockname()[1] for (name, _, _), sock in zip(listeners, sockets, strict=True)}
+            log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, **ports)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log_event(log, logging.INFO, "Shutting down", operation="serve", signal=signal.Signals(signum).name)
+                    importing.cancel()
+                    for server in servers:
+                        server.should_exit = True
+                    # Servers finish in-flight requests (bounded by GRACEFUL_SECONDS), then the group ends.
+                    break
+    finally:
+        await service.close()
+        log_event(log, logging.INFO, "Stopped", operation="serve")

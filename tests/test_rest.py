@@ -1,0 +1,146 @@
+"""The REST facade in-process (httpx over ASGI, inside the app lifespan): routes, errors, auth, limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from sage_server.app import create_app
+from sage_server.service import KnowledgeService, open_service
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def _client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
+            yield client
+
+
+@pytest.fixture
+async def http(service: KnowledgeService) -> AsyncIterator[httpx.AsyncClient]:
+    service.ready = True
+    async for client in _client(create_app(service.settings, service)):
+        yield client
+
+
+async def test_health_is_the_spec_document(http: httpx.AsyncClient) -> None:
+    response = await http.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "healthy" and set(body["components"]) == {"core", "cache", "knowledge"}
+    assert body["version"]
+    assert response.headers["x-request-id"]
+
+
+async def test_ready_waits_for_the_first_import(tmp_path: Path, knowledge: Path) -> None:
+    settings = make_settings(tmp_path, knowledge_dirs=[knowledge])
+    kb = KnowledgeService(settings)
+    await kb.start(import_now=False)
+    try:
+        async for client in _client(create_app(settings, kb)):
+            assert (await client.get("/ready")).status_code == 503
+            await kb.import_configured()
+            assert (await client.get("/ready")).json() == {"ready": True}
+    finally:
+        await kb.close()
+
+
+async def test_document_round_trip_with_if_match(http: httpx.AsyncClient) -> None:
+    doc = {"title": "Rate Limits", "layer": "practices", "body": "Token buckets smooth bursts.", "tags": ["api"]}
+    created = await http.put("/v1/knowledge/rate-limits", json=doc)
+    assert created.status_code == 201 and created.headers["etag"] == '"1"'
+    got = await http.get("/v1/knowledge/rate-limits")
+    assert got.json()["body"] == "Token buckets smooth bursts." and got.headers["etag"] == '"1"'
+    updated = await http.put(
+        "/v1/knowledge/rate-limits", json={**doc, "body": "Leaky buckets too."}, headers={"If-Match": '"1"'}
+    )
+    assert updated.status_code == 200 and updated.json()["revision"] == 2
+    stale = await http.put("/v1/knowledge/rate-limits", json={**doc, "body": "lost"}, headers={"If-Match": "1"})
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "conflict"
+    history = (await http.get("/v1/knowledge/rate-limits/history")).json()
+    assert [r["revision"] for r in history["revisions"]] == [2, 1]
+    assert (await http.delete("/v1/knowledge/rate-limits")).json()["deleted"] is True
+    assert (await http.get("/v1/knowledge/rate-limits")).status_code == 404
+    restored = await http.post("/v1/knowledge/rate-limits/restore", json={"revision": 1})
+    assert restored.json()["body"] == "Token buckets smooth bursts."
+
+
+async def test_search_list_context_info(http: httpx.AsyncClient) -> None:
+    search = (await http.get("/v1/search", params={"q": "circuit breaker", "limit": 5})).json()
+    assert search["hits"][0]["id"] == "timeout-resilience"
+    listing = (await http.get("/v1/knowledge", params=[("layer", "core")])).json()
+    assert [item["id"] for item in listing["items"]] == ["honesty"]
+    context = (await http.get("/v1/context", params={"task": "add retries", "max_tokens": 300})).json()
+    assert context["tokens_used"] <= 300 and context["sections"][0]["id"] == "timeout-resilience"
+    posted = await http.post("/v1/context", json={"task": "rotate a leaked api key", "max_tokens": 400})
+    assert posted.json()["sections"][0]["id"] == "handling-secrets"
+    info = (await http.get("/v1/info")).json()
+    assert info["documents"] == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("GET", "/v1/search", {}, 422, "invalid_input"),
+        ("GET", "/v1/search", {"params": {"q": "x", "limit": "many"}}, 422, "invalid_input"),
+        ("GET", "/v1/search", {"params": {"q": "x", "layer": "nope"}}, 422, "invalid_input"),
+        ("GET", "/v1/search", {"params": {"q": "x", "bogus": "1"}}, 422, "invalid_input"),
+        ("GET", "/v1/knowledge/honsety", {}, 404, "not_found"),
+        ("GET", "/v1/nothing-here", {}, 404, "not_found"),
+        ("PATCH", "/v1/info", {}, 405, "method_not_allowed"),
+        ("PUT", "/v1/knowledge/x", {"content": b"{not json"}, 422, "invalid_input"),
+        ("PUT", "/v1/knowledge/x", {"json": {"title": "T"}}, 422, "invalid_input"),
+        (
+            "PUT",
+            "/v1/knowledge/x",
+            {"json": {"title": "T", "layer": "core", "body": "b"}, "headers": {"If-Match": "x"}},
+            422,
+            "invalid_input",
+        ),
+        ("PUT", "/v1/knowledge/bad%20id", {"json": {"title": "T", "layer": "core", "body": "b"}}, 422, "invalid_input"),
+    ],
+)
+async def test_errors_share_one_json_shape(
+    http: httpx.AsyncClient, method: str, path: str, kwargs: dict[str, object], status: int, code: str
+) -> None:
+    response = await http.request(method, path, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["status"], error["code"]) == (status, code) and error["message"]
+
+
+async def test_unknown_id_suggests_close_ids(http: httpx.AsyncClient) -> None:
+    error = (await http.get("/v1/knowledge/honsety")).json()["error"]
+    assert error["details"]["suggestions"] == ["honesty"]
+
+
+async def test_oversized_body_is_413(http: httpx.AsyncClient, service: KnowledgeService) -> None:
+    huge = b'{"title": "T", "layer": "core", "body": "' + b"x" * (service.settings.max_file_bytes * 2 + 10) + b'"}'
+    response = await http.put("/v1/knowledge/huge", content=huge)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_api_key_guards_v1_but_not_probes(tmp_path: Path, knowledge: Path) -> None:
+    settings = make_settings(tmp_path, knowledge_dirs=[knowledge], api_key="s3cret")
+    async with open_service(settings) as kb:
+        async for client in _client(create_app(settings, kb)):
+            assert (await client.get("/health")).status_code == 200
+            denied = await client.get("/v1/info")
+            assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+            assert (await client.get("/v1/info", headers={"Authorization": "Bearer wrong"})).status_code == 401
+            assert (await client.get("/v1/info", headers={"Authorization": "Bearer s3cret"})).status_code == 200
+            assert (await client.get("/v1/info", headers={"X-API-Key": "s3cret"})).status_code == 200
+
+
+async def test_openapi_describes_every_route(http: httpx.AsyncClient) -> None:
+    spec = (await http.get("/openapi.json")).json()
+    assert spec["openapi"] == "3.1.0"
+    assert {"/health", "/v1/search", "/v1/knowledge/{doc_id}", "/v1/context"} <= set(spec["paths"])
+    assert "SearchResult" in spec["components"]["schemas"]

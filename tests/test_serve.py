@@ -1,0 +1,251 @@
+"""`sage serve` for real: a subprocess on free ports, probed over HTTP, MCP, metrics and its log stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from mcp import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import write_doc
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[str]
+    api: str
+    mcp: str
+    metrics: str
+    stderr_path: Path
+
+    def log_lines(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.stderr_path.read_text().splitlines() if line.strip()]
+
+
+def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"sage serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("sage serve did not become ready in time")
+
+
+def start(tmp_path: Path, env_extra: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Running:
+    knowledge = tmp_path / "kb"
+    write_doc(
+        knowledge,
+        "frameworks/timeouts.md",
+        "---\nid: timeout-resilience\ntitle: Timeouts\ntriggers: [retry]\n---\n# Timeouts\n\nRetry with backoff.\n",
+    )
+    ports = [free_port() for _ in range(3)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
+    env.update(
+        HOME=str(tmp_path),
+        SAGE_DB_PATH=str(tmp_path / "serve.db"),
+        SAGE_BUNDLED_KNOWLEDGE="false",
+        SAGE_KNOWLEDGE_DIRS=str(knowledge),
+        SAGE_API_PORT=str(ports[0]),
+        SAGE_MCP_PORT=str(ports[1]),
+        SAGE_METRICS_PORT=str(ports[2]),
+        **(env_extra or {}),
+    )
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sage_server", "serve", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
+    base = [f"http://127.0.0.1:{p}" for p in ports]
+    running = Running(process, base[0], base[1], base[2], stderr_path)
+    wait_ready(running.api, process)
+    return running
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Running]:
+    running = start(tmp_path)
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.wait(10)
+
+
+async def test_serves_health_rest_mcp_and_metrics(server: Running) -> None:
+    health = httpx.get(f"{server.api}/health")
+    assert health.status_code == 200 and health.json()["status"] == "healthy"
+    saved = httpx.put(
+        f"{server.api}/v1/knowledge/bulkheads",
+        json={"title": "Bulkheads", "layer": "frameworks", "body": "Isolate pools per dependency."},
+    )
+    assert saved.status_code == 201
+    assert httpx.get(f"{server.api}/v1/search", params={"q": "bulkheads"}).json()["hits"][0]["id"] == "bulkheads"
+
+    for base in (server.api, server.mcp):
+        async with Client(f"{base}/mcp") as client:
+            tools = {tool.name for tool in (await client.list_tools()).tools}
+            assert {"sage_search", "sage_get_context", "sage_save_knowledge"} <= tools
+            result = await client.call_tool("sage_search", {"query": "isolate pools"})
+            assert "bulkheads" in json.dumps(result.structured_content)
+
+    text = httpx.get(f"{server.metrics}/metrics").text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("sage_operations_total", (("operation", "search"), ("status", "ok")))] >= 1
+    assert samples[("sage_documents", (("layer", "frameworks"),))] == 2
+    assert any(name == "sage_http_requests_total" and ("route", "/v1/search") in labels for name, labels in samples)
+    assert any(name == "sage_mcp_tool_calls_total" for name, _ in samples)
+
+    lines = server.log_lines()
+    requests = [line for line in lines if line["message"] == "Request completed"]
+    assert requests and all(set(line) == {"timestamp", "level", "logger", "message", "context"} for line in lines)
+    assert any(isinstance(r["context"], dict) and r["context"].get("route") == "/v1/search" for r in requests)
+
+
+def test_request_id_is_echoed(server: Running) -> None:
+    response = httpx.get(f"{server.api}/health", headers={"X-Request-ID": "probe-42"})
+    assert response.headers["x-request-id"] == "probe-42"
+    assert any(
+        isinstance(line["context"], dict) and line["context"].get("request_id") == "probe-42"
+        for line in server.log_lines()
+    )
+
+
+def test_sigterm_exits_zero_and_closes_the_database(server: Running, tmp_path: Path) -> None:
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    messages = [line["message"] for line in server.log_lines()]
+    assert "Shutting down" in messages and messages[-1] == "Stopped"
+    # A cleanly closed WAL database leaves no -wal file behind.
+    assert not (tmp_path / "serve.db-wal").exists()
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
+        env.update(HOME=str(tmp_path), SAGE_DB_PATH=str(tmp_path / "p.db"), SAGE_BUNDLED_KNOWLEDGE="false")
+        result = subprocess.run(
+            [sys.executable, "-m", "sage_server", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"port {port}" in result.stderr and "SAGE_API_PORT or --port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_health_command_checks_a_running_server(server: Running) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "sage_server", "health", "--url", server.api, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["status"] == "healthy"
+    down = subprocess.run(
+        [sys.executable, "-m", "sage_server", "health", "--url", f"http://127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode == 4 and "unreachable" in down.stdout + down.stderr
+
+
+def test_schemathesis_finds_no_server_errors(server: Running) -> None:
+    st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
+    if st is None:
+        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    result = subprocess.run(
+        [
+            st,
+            "run",
+            f"{server.api}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--phases",
+            "examples,fuzzing",
+            "--request-timeout",
+            "5",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
+    """The Dockerfile's `pip install .` (non-editable, fresh environment), then /health from that install."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", str(ROOT)], capture_output=True, text=True, timeout=900
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
+    env.update(
+        HOME=str(tmp_path),
+        SAGE_DB_PATH=str(tmp_path / "docker.db"),
+        SAGE_MCP_PORT=str(free_port()),
+        SAGE_METRICS_PORT=str(free_port()),
+    )
+    process = subprocess.Popen(
+        [str(venv / "bin" / "sage"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process, seconds=60)
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert health["status"] == "healthy"
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").json()["documents"] >= 48
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
