@@ -54,7 +54,7 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
             if service is None:  # this app owns the service: open it, import in the background
-                await kb.start(import_now=False)
+                await kb.start(import_now=False, fallback=True)
                 tg.start_soon(kb.import_configured)
             try:
                 async with server.session_manager.run():

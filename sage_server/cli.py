@@ -172,6 +172,8 @@ def search_command(
     result: SearchResult = run(ctx, lambda kb: kb.search(query, list(layers), list(tags), limit, cursor))
 
     def human() -> None:
+        if result.partial:
+            click.echo(f"note: partial result: {result.partial_reason}", err=True)
         if result.corrected_query:
             click.echo(f"(showing results for: {result.corrected_query})")
         if not result.hits:
@@ -199,6 +201,8 @@ def context_command(
 
     def human() -> None:
         click.echo(result.text.rstrip())
+        if result.partial:
+            click.echo(f"note: partial result: {result.partial_reason}", err=True)
         note = f"\n[{result.tokens_used}/{result.max_tokens} tokens"
         if result.omitted:
             note += f"; {len(result.omitted)} relevant sections left out for budget"
@@ -396,13 +400,14 @@ def serve(
 @click.pass_context
 def mcp(ctx: click.Context, transport: str, host: str | None, port: int | None) -> None:
     """Serve MCP: over stdio (stdout is the wire, logs go to stderr) or over HTTP on its own."""
-    from sage_server.assistant import serve_http, serve_stdio
+    from sage_server.assistant import serve_stdio
+    from sage_server.serve import serve as run_server
 
     settings = _settings(ctx, host=host, mcp_port=port)
     if transport == "stdio":
         _run_server(settings, lambda: serve_stdio(settings))
     else:
-        _run_server(settings, lambda: serve_http(settings, settings.host, settings.mcp_port))
+        _run_server(settings, lambda: run_server(settings, ("mcp",)))
 
 
 def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) -> None:

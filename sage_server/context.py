@@ -111,17 +111,16 @@ def _truncate(text: str, budget: int) -> str:
     return cut.rstrip() + note if cut.strip() else ""
 
 
-async def pack(
-    conn: aiosqlite.Connection,
-    task: str,
-    query: ParsedQuery,
-    max_tokens: int,
-    core_layer: str,
-    layers: list[str] | None,
-) -> ContextResult:
-    """Build the context for `task` that fits in `max_tokens` (by the estimator in text.py)."""
+async def candidates(conn: aiosqlite.Connection, query: ParsedQuery, layers: list[str] | None) -> list[Candidate]:
+    """The sections worth reading for `query`, best first: the top documents' best-matching sections."""
+    ranked = await rank(conn, query, layers, None, TOP_DOCUMENTS) if query.terms else []
+    ranked = [r for r in ranked if r.score >= ranked[0].score * RELATIVE_SCORE_FLOOR]
+    return await _sections(conn, query, ranked) if ranked else []
+
+
+def assemble(task: str, max_tokens: int, lines: list[str], found: list[Candidate]) -> ContextResult:
+    """Pack the essentials `lines` and the `found` sections into `max_tokens` (by the estimator in text.py)."""
     header = f"# Context for: {task.strip()[:200]}\n\n"
-    lines = await essentials(conn, core_layer)
     essentials_text = ""
     if lines:
         essentials_budget = int(max_tokens * ESSENTIALS_SHARE)
@@ -132,15 +131,12 @@ async def pack(
             block += line + "\n"
         if block != "## Core principles\n":
             essentials_text = block + "\n"
-    ranked = await rank(conn, query, layers, None, TOP_DOCUMENTS) if query.terms else []
-    ranked = [r for r in ranked if r.score >= ranked[0].score * RELATIVE_SCORE_FLOOR]
-    candidates = await _sections(conn, query, ranked) if ranked else []
 
     chosen: list[Candidate] = []
     omitted: list[OmittedSection] = []
     text = header + essentials_text + "## Relevant knowledge\n\n"
     used = estimate_tokens(text)
-    for candidate in candidates:
+    for candidate in found:
         cost = estimate_tokens(candidate.render() + "\n")
         if used + cost <= max_tokens:
             chosen.append(candidate)

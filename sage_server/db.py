@@ -81,6 +81,11 @@ class Database:
             conn = self._idle.pop()
             try:
                 yield conn
+            except BaseException:
+                # A deadline cancelled the await, not the query: stop it in SQLite so this connection is free
+                # for the next reader instead of finishing work nobody waits for.
+                await conn.interrupt()
+                raise
             finally:
                 self._idle.append(conn)
 

@@ -104,7 +104,9 @@ class SearchResult(BaseModel):
     query: str
     hits: list[SearchHit]
     next_cursor: str | None = None
-    corrected_query: str | None = Field(None, description="Set when unknown words were replaced by close ones")
+    corrected_query: str | None = Field(default=None, description="Set when unknown words were replaced by close ones")
+    partial: bool = Field(default=False, description="True when a deadline cut the work short")
+    partial_reason: str | None = None
 
 
 class ContextSection(BaseModel):
@@ -137,6 +139,8 @@ class ContextResult(BaseModel):
     sections: list[ContextSection]
     omitted: list[OmittedSection]
     text: str = Field(description="Everything above rendered as Markdown with citations")
+    partial: bool = Field(default=False, description="True when a deadline cut the packing short")
+    partial_reason: str | None = None
 
 
 class Revision(BaseModel):
@@ -289,6 +293,8 @@ class ContextPack(Bounded):
     text: str = Field(description="Core principles and the best sections, as Markdown with citations")
     sources: list[ContextSource]
     omitted: list[OmittedSection] = Field(description="Relevant sections left out for the budget")
+    partial: bool = Field(default=False, description="True when a deadline cut the packing short")
+    partial_reason: str | None = None
 
 
 class WriteResult(BaseModel):

@@ -27,6 +27,8 @@ from sage_server.models import (
 from sage_server.service import KnowledgeService
 from sage_server.version import __version__
 
+PARTIAL_HEADER = "X-SAGE-Partial"
+
 
 class ErrorBody(BaseModel):
     """The one error shape every endpoint returns."""
@@ -195,14 +197,21 @@ async def restore_document(request: Request, kb: KnowledgeService) -> Response:
     return _json(await kb.restore(request.path_params["doc_id"], body.revision))
 
 
+def _partial(result: SearchResult | ContextResult) -> dict[str, str]:
+    """A deadline cut the work short: say so in a header too, for scripts that only look at headers."""
+    return {PARTIAL_HEADER: result.partial_reason or "partial"} if result.partial else {}
+
+
 async def search(request: Request, kb: KnowledgeService) -> Response:
     q: SearchQuery = _query(request, SearchQuery)
-    return _json(await kb.search(q.q, q.layer, q.tag, q.limit, q.cursor))
+    result = await kb.search(q.q, q.layer, q.tag, q.limit, q.cursor)
+    return _json(result, headers=_partial(result))
 
 
 async def context(request: Request, kb: KnowledgeService) -> Response:
     q: ContextQuery = _query(request, ContextQuery) if request.method == "GET" else await _body(request, ContextQuery)
-    return _json(await kb.context(q.task, q.max_tokens, q.layer))
+    result = await kb.context(q.task, q.max_tokens, q.layer)
+    return _json(result, headers=_partial(result))
 
 
 async def info(request: Request, kb: KnowledgeService) -> Response:

@@ -246,29 +246,51 @@ async def rank(
     return ranked[offset : offset + limit]
 
 
-async def snippets(conn: aiosqlite.Connection, fts: str, keys: list[int]) -> dict[int, str]:
-    """Highlighted body snippets for the given documents (a second query, so only the shown page pays)."""
-    if not keys:
-        return {}
-    sql = (
-        "SELECT rowid, snippet(docs_fts, 5, '**', '**', '…', 24) FROM docs_fts "
-        f"WHERE docs_fts MATCH ? AND rowid IN ({','.join('?' * len(keys))})"
-    )
-    async with conn.execute(sql, [fts, *keys]) as cursor:
-        return {row[0]: row[1] for row in await cursor.fetchall()}
+# Snippets scan at most this much of a body: their cost must not grow with the document.
+SNIPPET_SCAN_CHARS = 100_000
+SNIPPET_WIDTH = 220
 
 
-def cjk_snippet(body: str, query: ParsedQuery, width: int = 60) -> str | None:
-    """A snippet around the first CJK query run found in `body` (FTS5 cannot highlight bigram matches)."""
+def _patterns(query: ParsedQuery) -> list[str]:
+    """Regex pieces that find a query's words in raw text: a short stem for words (the index stems with Porter,
+    which a regex cannot), the text itself for prefixes and phrases, and the run and its bigrams for CJK."""
+    pieces: list[str] = []
     for term in query.terms:
-        if term.kind != "cjk":
-            continue
-        at = body.find(term.text)
-        if at >= 0:
-            start, end = max(0, at - width // 2), min(len(body), at + len(term.text) + width // 2)
-            text = body[start:at] + f"**{term.text}**" + body[at + len(term.text) : end]
-            return ("…" if start else "") + " ".join(text.split()) + ("…" if end < len(body) else "")
-    return None
+        if term.kind == "cjk":
+            pieces += [re.escape(term.text), *(re.escape(g) for g in bigrams(term.text))]
+        elif term.kind == "word" and len(term.text) > 4:
+            pieces.append(re.escape(term.text[: max(4, len(term.text) - 2)]) + r"\w*")
+        else:
+            pieces.append(re.escape(term.text) + r"\w*")
+    return sorted(set(pieces), key=len, reverse=True)
+
+
+def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH) -> str | None:
+    """The window of `body` that holds the most distinct query words, with each match in **bold**.
+
+    Built here rather than with FTS5's snippet(), whose cost grows with the size of the document and the number
+    of matches in it (seconds for a few large documents full of the query's words).
+    """
+    pieces = _patterns(query)
+    if not pieces:
+        return None
+    finder = re.compile("|".join(pieces), re.IGNORECASE)
+    text = body[:SNIPPET_SCAN_CHARS]
+    matches = [(m.start(), m.group().lower()) for m in finder.finditer(text)]
+    if not matches:
+        return None
+    best_at, best_score, first = 0, -1, 0
+    for last, (start, _) in enumerate(matches):
+        while matches[first][0] < start - width:
+            first += 1
+        score = len({word for _, word in matches[first : last + 1]})
+        if score > best_score:
+            best_at, best_score = matches[first][0], score
+    begin = max(0, best_at - width // 4)
+    begin = text.rfind(" ", 0, begin) + 1 if begin else 0
+    end = min(len(text), begin + width)
+    window = finder.sub(lambda m: f"**{m.group()}**", text[begin:end])
+    return ("…" if begin else "") + " ".join(window.split()) + ("…" if end < len(body) else "")
 
 
 def _edit_distance(a: str, b: str) -> int:

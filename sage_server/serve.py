@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Literal
 
 import anyio
 import uvicorn
@@ -61,25 +62,34 @@ def _config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Run the API, MCP and metrics listeners until SIGTERM or SIGINT, then shut down cleanly."""
-    listeners = [
-        ("api", settings.api_port, "SAGE_API_PORT or --port"),
-        ("mcp", settings.mcp_port, "SAGE_MCP_PORT or --mcp-port"),
-        ("metrics", settings.metrics_port, "SAGE_METRICS_PORT or --metrics-port"),
-    ]
+Listener = Literal["api", "mcp", "metrics"]
+SETTINGS_OF = {
+    "api": ("api_port", "SAGE_API_PORT or --port"),
+    "mcp": ("mcp_port", "SAGE_MCP_PORT or --mcp-port"),
+    "metrics": ("metrics_port", "SAGE_METRICS_PORT or --metrics-port"),
+}
+
+
+async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "mcp", "metrics")) -> None:
+    """Run the listeners (API, MCP, metrics by default) until SIGTERM or SIGINT, then shut down cleanly."""
     sockets: list[socket.socket] = []
     try:
-        for _, port, setting in listeners:
-            sockets.append(bind(settings.host, port, setting))
+        for name in listeners:
+            field, setting = SETTINGS_OF[name]
+            sockets.append(bind(settings.host, getattr(settings, field), setting))
     except ConfigError:
         for sock in sockets:
             sock.close()
         raise
 
     service = KnowledgeService(settings)
-    await service.start(import_now=False)
-    apps = [create_app(settings, service), create_mcp_app(settings, service), create_metrics_app(service)]
+    await service.start(import_now=False, fallback=True)
+    factories = {
+        "api": lambda: create_app(settings, service),
+        "mcp": lambda: create_mcp_app(settings, service),
+        "metrics": lambda: create_metrics_app(service),
+    }
+    apps = [factories[name]() for name in listeners]
     servers = [_Server(_config(app, settings)) for app in apps]
     try:
         importing = anyio.CancelScope()
@@ -92,7 +102,7 @@ async def serve(settings: Settings) -> None:
             for server, sock in zip(servers, sockets, strict=True):
                 tg.start_soon(server.serve, [sock])
             tg.start_soon(import_in_background)
-            ports = {name: sock.getsockname()[1] for (name, _, _), sock in zip(listeners, sockets, strict=True)}
+            ports = {name: sock.getsockname()[1] for name, sock in zip(listeners, sockets, strict=True)}
             log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, **ports)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:

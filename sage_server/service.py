@@ -3,108 +3,180 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
 import sqlite3
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
+import anyio
 import anyio.to_thread
+from pydantic import BaseModel, ValidationError
 
-from sage_server import budget, ingest, markdown, search, store
 from sage_server import context as context_packing
+from sage_server import ingest, search, store
+from sage_server.bounded import BoundedViews
+from sage_server.cache import TieredCache
 from sage_server.config import Settings, load_settings
 from sage_server.db import Database
-from sage_server.errors import Conflict, InvalidInput, NotFound, SageError, Unavailable
+from sage_server.errors import Conflict, InvalidInput, MigrationError, NotFound, SageError, Timeout, Unavailable
+from sage_server.generation import GenerationWatcher
 from sage_server.logs import get_logger, log_event
 from sage_server.metrics import Metrics
 from sage_server.migrate import migrate
 from sage_server.models import (
-    ContextPack,
     ContextResult,
-    ContextSource,
     Document,
     DocumentIn,
     DocumentList,
-    DocumentPage,
     Health,
+    HealthStatus,
     History,
-    HistoryPage,
     ImportReport,
     Info,
-    KnowledgeBundle,
-    KnowledgeDocument,
-    ListPage,
-    SearchPage,
     SearchResult,
     SkippedFile,
 )
 from sage_server.resources import knowledge_dir, migrations_dir
-from sage_server.text import estimate_tokens
+from sage_server.timeouts import Deadlines, Level
 from sage_server.version import __version__
 
 log = get_logger("core")
 MAX_LIMIT = 100
-# Bounded reads: how many headings a document page lists, omitted ids a bundle names, packing rounds context takes.
-MAX_HEADINGS_SHOWN = 50
-MAX_OMITTED_SHOWN = 50
-CONTEXT_FIT_ROUNDS = 4
-LONGEST_CURSOR = search.encode_cursor(10**9, "0" * 12)  # for measuring a page before its real cursor is known
+GENERATION_POLL_SECONDS = 1.0
+M = TypeVar("M", bound=BaseModel)
+Compute = Callable[[], Awaitable[M]]
 # The class has a method named `list`, which would shadow the builtin in its annotations.
 Strings = list[str]
 PathList = list[Path]
-KnowledgeDocuments = list[KnowledgeDocument]
-IdsAndTokens = list[tuple[str, int]]
+RankedList = list[search.Ranked]
+Keys = list[int]
 
 
-class KnowledgeService:
+class KnowledgeService(BoundedViews):
     """Get, list, search, pack context, save, delete, restore and import knowledge. Open with `sage_server.open`."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.db = Database(settings.db_path)
+        self.deadlines = Deadlines.from_settings(settings)
+        self.cache = TieredCache(settings, observer=self.metrics)
+        self.generation = 0  # of the data this instance last saw; cache keys carry it
         self.started = time.monotonic()
         self.last_import: ImportReport | None = None
         self.ready = False  # True once the configured folders have been imported
+        self.fallback_reason: str | None = None  # set while serving the bundled core layer without the database
+        self._watcher: GenerationWatcher | None = None
+        self._resources = AsyncExitStack()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self, import_now: bool = True) -> None:
-        """Open the database, migrate it, and (unless `import_now` is False) import the configured folders.
+    async def start(self, import_now: bool = True, fallback: bool = False) -> None:
+        """Open the database, migrate it, start the cache tiers, and (unless `import_now` is False) import.
 
-        A server passes False and runs `import_configured()` in the background, so it answers probes at once
-        and reports ready when the import is done.
+        A server passes `import_now=False` and runs `import_configured()` in the background, so it answers probes
+        at once and reports ready when the import is done. With `fallback`, a database that cannot be opened is
+        replaced by a temporary one holding the bundled core layer, served read-only and reported degraded.
         """
+        try:
+            await self._open_database()
+        except (Unavailable, MigrationError) as exc:
+            if not fallback:
+                raise
+            self.fallback_reason = f"{exc.message}; serving the bundled core layer read-only"
+            log_event(
+                log,
+                logging.ERROR,
+                "Database unavailable, using the embedded fallback",
+                operation="start",
+                error=exc.message,
+            )
+            folder = Path(self._resources.enter_context(tempfile.TemporaryDirectory(prefix="sage-fallback-")))
+            self.db = Database(folder / "fallback.db")
+            await self._open_database()
+        await self._resources.enter_async_context(self.cache)
+        if self.settings.redis_url and self.settings.cache_redis:
+            self._watcher = GenerationWatcher(self.settings, self._saw_generation)
+            await self._resources.enter_async_context(self._watcher)
+        tasks = await self._resources.enter_async_context(anyio.create_task_group())
+        self._resources.callback(tasks.cancel_scope.cancel)  # runs first on close: stop the poller
+        tasks.start_soon(self._poll_generation)
+        if import_now:
+            await self.import_configured()
+
+    async def _open_database(self) -> None:
         writer = await self.db.open_writer()
         try:
             applied = await migrate(writer, migrations_dir())
+            await self.db.open_readers()
+            async with self.db.read() as conn:
+                self.generation = await store.generation(conn)
         except sqlite3.DatabaseError as exc:
             await self.db.close()
-            raise Unavailable(f"cannot use database {self.settings.db_path}: {exc}") from exc
+            raise Unavailable(f"cannot use database {self.db.path}: {exc}", path=str(self.db.path)) from exc
         except BaseException:
             await self.db.close()
             raise
         if applied:
             log_event(log, logging.INFO, "Database migrated", operation="migrate", applied=applied)
-        await self.db.open_readers()
-        if import_now:
-            await self.import_configured()
 
     async def import_configured(self) -> None:
         """Import the bundled knowledge and SAGE_KNOWLEDGE_DIRS (if import_on_start), then mark the service ready."""
-        folders = self.configured_folders()
-        if self.settings.import_on_start and folders:
-            self.last_import = await self.import_paths(folders)
+        if self.fallback_reason:
+            self.last_import = await self._import([knowledge_dir() / self.settings.layers[0]])
+        elif self.settings.import_on_start and self.configured_folders():
+            self.last_import = await self.import_paths(self.configured_folders())
         self.ready = True
 
     async def close(self) -> None:
-        """Close the database cleanly."""
-        await self.db.close()
+        """Stop the background work, close the cache tiers and the database cleanly."""
+        try:
+            await self._resources.aclose()
+        finally:
+            await self.db.close()
+
+    def _saw_generation(self, generation: int) -> None:
+        """Another instance wrote: keys with an older generation are no longer read."""
+        self.generation = max(self.generation, generation)
+
+    async def _poll_generation(self) -> None:
+        # Instances sharing the database file without Redis learn of each other's writes here, within a second.
+        while True:
+            await anyio.sleep(GENERATION_POLL_SECONDS)
+            try:
+                async with self.db.read() as conn:
+                    self._saw_generation(await store.generation(conn))
+            except (sqlite3.Error, SageError) as exc:
+                log_event(log, logging.WARNING, "Generation poll failed", operation="poll", error=str(exc))
+
+    async def _committed(self, generation: int) -> None:
+        """After a write transaction: read with the new generation from now on, and tell the other instances."""
+        self._saw_generation(generation)
+        if self._watcher is not None:
+            await self._watcher.publish(generation)
+
+    async def _cached(self, operation: str, args: tuple[object, ...], model: type[M], compute: Compute[M]) -> M:
+        """Read through the cache tiers; the key carries the generation, so a write makes older entries unreachable."""
+        digest = hashlib.sha256(json.dumps(args, default=str).encode()).hexdigest()[:32]
+        key = f"g{self.generation}:{operation}:{digest}"
+        raw = await self.cache.get(key)
+        if raw is not None:
+            try:
+                return model.model_validate_json(raw)
+            except ValidationError:
+                pass  # written by another version of SAGE: recompute
+        value = await compute()
+        if not getattr(value, "partial", False):
+            await self.cache.set(key, value.model_dump_json().encode())
+        return value
 
     def configured_folders(self) -> PathList:
         """The bundled knowledge (unless turned off) and SAGE_KNOWLEDGE_DIRS."""
@@ -112,10 +184,17 @@ class KnowledgeService:
         return folders + list(self.settings.knowledge_dirs)
 
     @contextmanager
-    def _operation(self, name: str, level: int = logging.DEBUG, **context: object) -> Iterator[None]:
+    def _operation(
+        self, name: str, deadline: Level | None = None, level: int = logging.DEBUG, **context: object
+    ) -> Iterator[None]:
+        """Time, count and log one operation, and hold it to its deadline level."""
         started = time.perf_counter()
         try:
-            yield
+            with self.deadlines.limit(deadline, name) if deadline else nullcontext():
+                try:
+                    yield
+                except sqlite3.Error as exc:
+                    raise Unavailable(f"database error during {name}: {exc}") from exc
         except SageError as exc:
             self.metrics.operation(name, time.perf_counter() - started, exc.code)
             log_event(
@@ -135,6 +214,10 @@ class KnowledgeService:
         elapsed = time.perf_counter() - started
         self.metrics.operation(name, elapsed)
         log_event(log, level, "Operation completed", operation=name, duration_ms=round(elapsed * 1000, 3), **context)
+
+    def _writable(self) -> None:
+        if self.fallback_reason:
+            raise Unavailable(f"read-only: {self.fallback_reason}")
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -170,48 +253,54 @@ class KnowledgeService:
 
     async def get(self, doc_id: str) -> Document:
         """One live document by id; NotFound (with close ids suggested) when there is none."""
-        with self._operation("get", id=doc_id):
-            async with self.db.read() as conn:
-                row = await store.fetch_row(conn, doc_id)
-            if row is None:
-                raise await self._not_found(doc_id)
-            if row["deleted_at"] is not None:
-                raise NotFound(
-                    f"document {doc_id!r} was deleted at revision {row['revision']}; restore an earlier revision "
-                    "to bring it back",
-                    id=doc_id,
-                    deleted=True,
-                    suggestions=[],
-                )
-            return store.to_document(row)
+        with self._operation("get", "read", id=doc_id):
+            return await self._cached("get", (doc_id,), Document, lambda: self._get(doc_id))
+
+    async def _get(self, doc_id: str) -> Document:
+        async with self.db.read() as conn:
+            row = await store.fetch_row(conn, doc_id)
+        if row is None:
+            raise await self._not_found(doc_id)
+        if row["deleted_at"] is not None:
+            raise NotFound(
+                f"document {doc_id!r} was deleted at revision {row['revision']}; restore an earlier revision "
+                "to bring it back",
+                id=doc_id,
+                deleted=True,
+                suggestions=[],
+            )
+        return store.to_document(row)
 
     async def list(
         self, layer: str | None = None, tags: Strings | None = None, limit: int = 50, cursor: str | None = None
     ) -> DocumentList:
         """Live documents ordered by layer and id, a page at a time."""
-        with self._operation("list", layer=layer):
+        with self._operation("list", "read", layer=layer):
             self._check_limit(limit)
             layers = self._check_layers([layer] if layer else None)
-            key = search.query_key("list", layers, tags)
-            offset = search.decode_cursor(cursor, key)
-            where, params = search.filter_sql(layers, tags)
-            async with self.db.read() as conn:
-                async with conn.execute(
-                    f"SELECT {store.DOCUMENT_COLUMNS} FROM documents d WHERE d.deleted_at IS NULL{where} "
-                    "ORDER BY d.layer, d.id LIMIT ? OFFSET ?",
-                    [*params, limit + 1, offset],
-                ) as rows:
-                    page = list(await rows.fetchall())
-                async with conn.execute(
-                    f"SELECT count(*) FROM documents d WHERE d.deleted_at IS NULL{where}", params
-                ) as rows:
-                    total_row = await rows.fetchone()
-            more = len(page) > limit
-            return DocumentList(
-                items=[store.to_summary(row) for row in page[:limit]],
-                total=total_row[0] if total_row else 0,
-                next_cursor=search.encode_cursor(offset + limit, key) if more else None,
-            )
+            args = (layers, tags, limit, cursor)
+            return await self._cached("list", args, DocumentList, lambda: self._list(layers, tags, limit, cursor))
+
+    async def _list(self, layers: Strings | None, tags: Strings | None, limit: int, cursor: str | None) -> DocumentList:
+        key = search.query_key("list", layers, tags)
+        offset = search.decode_cursor(cursor, key)
+        where, params = search.filter_sql(layers, tags)
+        async with self.db.read() as conn:
+            async with conn.execute(
+                f"SELECT {store.DOCUMENT_COLUMNS} FROM documents d WHERE d.deleted_at IS NULL{where} "
+                "ORDER BY d.layer, d.id LIMIT ? OFFSET ?",
+                [*params, limit + 1, offset],
+            ) as rows:
+                page = list(await rows.fetchall())
+            async with conn.execute(
+                f"SELECT count(*) FROM documents d WHERE d.deleted_at IS NULL{where}", params
+            ) as rows:
+                total_row = await rows.fetchone()
+        return DocumentList(
+            items=[store.to_summary(row) for row in page[:limit]],
+            total=total_row[0] if total_row else 0,
+            next_cursor=search.encode_cursor(offset + limit, key) if len(page) > limit else None,
+        )
 
     async def search(
         self,
@@ -221,18 +310,33 @@ class KnowledgeService:
         limit: int = 10,
         cursor: str | None = None,
     ) -> SearchResult:
-        """Full-text search ranked by BM25; any text is a valid query. Misspelt words are corrected."""
+        """Full-text search ranked by BM25; any text is a valid query. Misspelt words are corrected.
+
+        Past the search deadline, hits already ranked come back with their summaries as snippets, marked partial;
+        a search that could not rank in time is a Timeout.
+        """
         with self._operation("search", query=query[:200]):
             if not query.strip():
                 raise InvalidInput("query must not be empty", field="query")
             self._check_limit(limit)
             layers = self._check_layers(layers)
-            parsed = search.parse_query(query)
-            if not parsed.terms:
-                return SearchResult(query=query, hits=[], corrected_query=None)
-            query_key = search.query_key("search", parsed.fts(), layers, tags)
-            offset = search.decode_cursor(cursor, query_key)
-            corrected: str | None = None
+            args = (query, layers, tags, limit, cursor)
+            return await self._cached(
+                "search", args, SearchResult, lambda: self._search(query, layers, tags, limit, cursor)
+            )
+
+    async def _search(
+        self, query: str, layers: Strings | None, tags: Strings | None, limit: int, cursor: str | None
+    ) -> SearchResult:
+        parsed = search.parse_query(query)
+        if not parsed.terms:
+            return SearchResult(query=query, hits=[], corrected_query=None)
+        query_key = search.query_key("search", parsed.fts(), layers, tags)
+        offset = search.decode_cursor(cursor, query_key)
+        corrected: str | None = None
+        ranked: RankedList | None = None
+        bodies: dict[int, str] = {}
+        with self.deadlines.partial("search", "search") as window:
             async with self.db.read() as conn:
                 ranked = await search.rank(conn, parsed, layers, tags, limit + 1, offset)
                 if len(ranked) <= limit and offset == 0:
@@ -240,26 +344,33 @@ class KnowledgeService:
                     if fixed is not None:
                         parsed, corrected = fixed, search.describe(fixed)
                         ranked = await search.rank(conn, parsed, layers, tags, limit + 1, 0)
-                page = ranked[:limit]
-                keys = [item.row["key"] for item in page]
-                snippets = await search.snippets(conn, parsed.fts(), keys)
-                bodies: dict[int, str] = {}
-                if any(t.kind == "cjk" for t in parsed.terms) and page:
-                    marks = ",".join("?" * len(keys))
-                    async with conn.execute(f"SELECT key, body FROM documents WHERE key IN ({marks})", keys) as cur:
-                        bodies = {r[0]: r[1] for r in await cur.fetchall()}
-            hits = []
-            for item in page:
-                key = item.row["key"]
-                snippet = search.cjk_snippet(bodies[key], parsed) if key in bodies else None
-                hits.append(search.to_hit(item, snippet or snippets.get(key) or item.row["summary"]))
-            more = len(ranked) > limit
-            return SearchResult(
-                query=query,
-                hits=hits,
-                next_cursor=search.encode_cursor(offset + limit, query_key) if more and not corrected else None,
-                corrected_query=corrected,
-            )
+                bodies = await self._bodies(conn, [item.row["key"] for item in ranked[:limit]])
+        if ranked is None:
+            raise Timeout(window.reason or "search timed out", operation="search")
+        hits = [
+            search.to_hit(item, search.make_snippet(bodies.get(item.row["key"], ""), parsed) or item.row["summary"])
+            for item in ranked[:limit]
+        ]
+        more = len(ranked) > limit and not corrected
+        return SearchResult(
+            query=query,
+            hits=hits,
+            next_cursor=search.encode_cursor(offset + limit, query_key) if more else None,
+            corrected_query=corrected,
+            partial=window.partial,
+            partial_reason=window.reason,
+        )
+
+    @staticmethod
+    async def _bodies(conn: aiosqlite.Connection, keys: Keys) -> dict[int, str]:
+        """The opening of each document's body, as much as a snippet may scan."""
+        if not keys:
+            return {}
+        async with conn.execute(
+            f"SELECT key, substr(body, 1, ?) FROM documents WHERE key IN ({','.join('?' * len(keys))})",
+            [search.SNIPPET_SCAN_CHARS, *keys],
+        ) as cursor:
+            return {row[0]: row[1] for row in await cursor.fetchall()}
 
     async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
         """What to read before doing `task`: core essentials, then the best sections, within `max_tokens`."""
@@ -270,15 +381,26 @@ class KnowledgeService:
             if not 200 <= budget <= 100_000:
                 raise InvalidInput(f"max_tokens must be between 200 and 100000, got {budget}", field="max_tokens")
             layers = self._check_layers(layers)
-            parsed = search.parse_query(task, phrases=False)
+            args = (task, budget, layers)
+            return await self._cached("context", args, ContextResult, lambda: self._context(task, budget, layers))
+
+    async def _context(self, task: str, budget: int, layers: Strings | None) -> ContextResult:
+        parsed = search.parse_query(task, phrases=False)
+        async with self.db.read() as conn:
+            lines = await context_packing.essentials(conn, self.settings.layers[0])
+        found: list[context_packing.Candidate] = []
+        # Past the context deadline the caller still gets the core essentials, marked partial.
+        with self.deadlines.partial("context", "context") as window:
             async with self.db.read() as conn:
                 if parsed.terms:
                     parsed = await search.correct(conn, parsed) or parsed
-                return await context_packing.pack(conn, task, parsed, budget, self.settings.layers[0], layers)
+                found = await context_packing.candidates(conn, parsed, layers)
+        result = context_packing.assemble(task, budget, lines, found)
+        return result.model_copy(update={"partial": window.partial, "partial_reason": window.reason})
 
     async def history(self, doc_id: str) -> History:
         """Every revision of a document (live or deleted), newest first."""
-        with self._operation("history", id=doc_id):
+        with self._operation("history", "read", id=doc_id):
             async with self.db.read() as conn:
                 row = await store.fetch_row(conn, doc_id)
                 if row is None:
@@ -288,47 +410,53 @@ class KnowledgeService:
 
     async def info(self) -> Info:
         """Counts by layer, totals, the index generation and uptime."""
-        with self._operation("info"):
-            async with self.db.read() as conn:
-                async with conn.execute(
-                    "SELECT layer, count(*), coalesce(sum(tokens), 0) FROM documents WHERE deleted_at IS NULL "
-                    "GROUP BY layer"
-                ) as cursor:
-                    rows = await cursor.fetchall()
-                generation = await store.generation(conn)
-            counts = dict.fromkeys(self.settings.layers, 0) | {row[0]: row[1] for row in rows}
-            return Info(
-                version=__version__,
-                layers=counts,
-                documents=sum(row[1] for row in rows),
-                tokens=sum(row[2] for row in rows),
-                generation=generation,
-                uptime_seconds=round(time.monotonic() - self.started, 3),
-                db_path=str(self.settings.db_path),
-            )
+        with self._operation("info", "read"):
+            cached = await self._cached("info", (), Info, self._info)
+            return cached.model_copy(update={"uptime_seconds": round(time.monotonic() - self.started, 3)})
+
+    async def _info(self) -> Info:
+        async with self.db.read() as conn:
+            async with conn.execute(
+                "SELECT layer, count(*), coalesce(sum(tokens), 0) FROM documents WHERE deleted_at IS NULL "
+                "GROUP BY layer"
+            ) as cursor:
+                rows = await cursor.fetchall()
+            generation = await store.generation(conn)
+        return Info(
+            version=__version__,
+            layers=dict.fromkeys(self.settings.layers, 0) | {row[0]: row[1] for row in rows},
+            documents=sum(row[1] for row in rows),
+            tokens=sum(row[2] for row in rows),
+            generation=generation,
+            uptime_seconds=0.0,
+            db_path=str(self.db.path),
+        )
 
     async def health(self) -> Health:
-        """The spec's health document. Knowledge is degraded when empty, unhealthy when unreadable."""
-        knowledge = "healthy"
+        """The spec's health document: knowledge is degraded when empty or on the embedded fallback, unhealthy
+        when unreadable; the cache is degraded while Redis is down (its tier is skipped, nothing fails)."""
+        knowledge: HealthStatus = "degraded" if self.fallback_reason else "healthy"
         try:
-            async with self.db.read() as conn:
-                async with conn.execute("SELECT count(*) FROM documents WHERE deleted_at IS NULL") as cursor:
-                    row = await cursor.fetchone()
-            if not row or row[0] == 0:
+            with self.deadlines.limit("read", "health"):
+                async with self.db.read() as conn:
+                    async with conn.execute("SELECT 1 FROM documents WHERE deleted_at IS NULL LIMIT 1") as cursor:
+                        row = await cursor.fetchone()
+            if row is None:
                 knowledge = "degraded"
         except (sqlite3.Error, SageError) as exc:
             log_event(log, logging.ERROR, "Health check failed", operation="health", error=str(exc))
             knowledge = "unhealthy"
-        components = {"core": "healthy", "cache": "healthy", "knowledge": knowledge}
-        status = "unhealthy" if knowledge == "unhealthy" else knowledge
-        return Health.model_validate({"status": status, "version": __version__, "components": components})
+        components: dict[str, HealthStatus] = {"core": "healthy", "cache": self.cache.health(), "knowledge": knowledge}
+        worst = max(components.values(), key=["healthy", "degraded", "unhealthy"].index)
+        return Health(status=worst, version=__version__, components=components)
 
     # -- writes ----------------------------------------------------------------------------------
 
     async def save(self, doc: DocumentIn, expected_revision: int | None = None) -> Document:
         """Create or update a document. With `expected_revision` (0: must not exist yet), a concurrent
         change is a Conflict instead of a silent overwrite. Saving identical content stores nothing."""
-        with self._operation("save", logging.INFO, id=doc.id):
+        with self._operation("save", "complex", logging.INFO, id=doc.id):
+            self._writable()
             self._check_layers([doc.layer])
             async with self.db.transaction() as conn:
                 row = await store.fetch_row(conn, doc.id)
@@ -347,14 +475,16 @@ class KnowledgeService:
                 else:
                     source = store.Source(row["source_path"], row["source_hash"])
                     await store.replace(conn, row, doc, source, "update")
-                await store.bump_generation(conn)
+                generation = await store.bump_generation(conn)
                 saved = await store.fetch_row(conn, doc.id)
+            await self._committed(generation)
             assert saved is not None
             return store.to_document(saved)
 
     async def delete(self, doc_id: str, expected_revision: int | None = None) -> Document:
         """Soft-delete a document as a new revision; `restore` brings any revision back."""
-        with self._operation("delete", logging.INFO, id=doc_id):
+        with self._operation("delete", "complex", logging.INFO, id=doc_id):
+            self._writable()
             async with self.db.transaction() as conn:
                 row = await store.fetch_row(conn, doc_id)
                 if row is None or row["deleted_at"] is not None:
@@ -366,14 +496,16 @@ class KnowledgeService:
                         current_revision=row["revision"],
                     )
                 await store.soft_delete(conn, row, "delete")
-                await store.bump_generation(conn)
+                generation = await store.bump_generation(conn)
                 deleted = await store.fetch_row(conn, doc_id)
+            await self._committed(generation)
             assert deleted is not None
             return store.to_document(deleted)
 
     async def restore(self, doc_id: str, revision: int) -> Document:
         """Make an earlier revision current again (as a new revision); also undeletes."""
-        with self._operation("restore", logging.INFO, id=doc_id, revision=revision):
+        with self._operation("restore", "complex", logging.INFO, id=doc_id, revision=revision):
+            self._writable()
             async with self.db.transaction() as conn:
                 row = await store.fetch_row(conn, doc_id)
                 if row is None:
@@ -388,14 +520,16 @@ class KnowledgeService:
                     )
                 self._check_layers([content.layer])
                 await store.replace(conn, row, content, store.Source(row["source_path"], row["source_hash"]), "restore")
-                await store.bump_generation(conn)
+                generation = await store.bump_generation(conn)
                 restored = await store.fetch_row(conn, doc_id)
+            await self._committed(generation)
             assert restored is not None
             return store.to_document(restored)
 
     async def purge(self, doc_id: str) -> None:
         """Remove a deleted document and its history for good. Live documents must be deleted first."""
-        with self._operation("purge", logging.INFO, id=doc_id):
+        with self._operation("purge", "complex", logging.INFO, id=doc_id):
+            self._writable()
             async with self.db.transaction() as conn:
                 row = await store.fetch_row(conn, doc_id)
                 if row is None:
@@ -403,7 +537,8 @@ class KnowledgeService:
                 if row["deleted_at"] is None:
                     raise Conflict(f"document {doc_id!r} is live; delete it before purging", id=doc_id)
                 await store.purge(conn, row)
-                await store.bump_generation(conn)
+                generation = await store.bump_generation(conn)
+            await self._committed(generation)
 
     async def import_paths(self, paths: PathList) -> ImportReport:
         """Import Markdown files and folders in one transaction, incrementally by file hash.
@@ -411,8 +546,13 @@ class KnowledgeService:
         Changed files become new revisions; files gone from an imported folder are soft-deleted; bad files
         are reported in `skipped` and change nothing.
         """
+        self._writable()
+        return await self._import(paths)
+
+    async def _import(self, paths: PathList) -> ImportReport:
         started = time.perf_counter()
-        with self._operation("import", logging.INFO, paths=[str(p) for p in paths]):
+        generation: int | None = None
+        with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths]):
             collected = await anyio.to_thread.run_sync(ingest.collect, paths, self.settings)
             report = ImportReport(scanned=len(collected.seen), skipped=collected.skipped)
             async with self.db.transaction() as conn:
@@ -446,7 +586,9 @@ class KnowledgeService:
                         await store.soft_delete(conn, row, "remove")
                         report.removed += 1
                 if report.created or report.updated or report.removed:
-                    await store.bump_generation(conn)
+                    generation = await store.bump_generation(conn)
+            if generation is not None:
+                await self._committed(generation)
             report.duration_ms = round((time.perf_counter() - started) * 1000, 1)
         for skipped in report.skipped:
             log_event(
@@ -480,290 +622,15 @@ class KnowledgeService:
         await store.replace(conn, row, parsed.doc, source, "update")
         report.updated += 1
 
-    # -- results cut to a token budget (MCP tools, REST) -------------------------------------------
-
-    async def search_within(
-        self,
-        query: str,
-        layers: Strings | None = None,
-        tags: Strings | None = None,
-        limit: int = 10,
-        cursor: str | None = None,
-        max_tokens: int | None = None,
-    ) -> SearchPage:
-        """`search`, keeping as many hits as fit `max_tokens`; `next_cursor` goes on after the last hit shown."""
-        ceiling = budget.check(max_tokens)
-        result = await self.search(query, layers, tags, limit, cursor)
-        page = SearchPage(**dict(result))
-        if budget.cost(page) <= ceiling:
-            return page
-
-        def first(count: int) -> SearchPage:
-            dropped = len(result.hits) - count
-            more = "narrow the query" if result.corrected_query else "pass next_cursor for them"
-            hint = (
-                f"{dropped} more hits of this page did not fit max_tokens={ceiling}: {more}, or filter by layer or tag"
-            )
-            # Measured with the longest cursor there can be: the one fetched below must fit too.
-            update = {"hits": result.hits[:count], "next_cursor": LONGEST_CURSOR, "truncated": True, "hint": hint}
-            return page.model_copy(update=update)
-
-        keep = budget.largest(len(result.hits), lambda count: budget.cost(first(count)) <= ceiling)
-        page = first(keep)
-        # Ask again for exactly `keep` hits (the same ones, best first): its cursor starts after the last shown.
-        again = await self.search(query, layers, tags, keep, cursor) if keep and not result.corrected_query else None
-        page = page.model_copy(update={"next_cursor": again.next_cursor if again else None})
-        return budget.ensure(page, ceiling)
-
-    async def list_within(
-        self,
-        layer: str | None = None,
-        tags: Strings | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        max_tokens: int | None = None,
-    ) -> ListPage:
-        """`list`, keeping as many items as fit `max_tokens`; `next_cursor` goes on after the last item shown."""
-        ceiling = budget.check(max_tokens)
-        result = await self.list(layer, tags, limit, cursor)
-        page = ListPage(**dict(result))
-        if budget.cost(page) <= ceiling:
-            return page
-
-        def first(count: int) -> ListPage:
-            dropped = len(result.items) - count
-            hint = f"{dropped} more items of this page did not fit max_tokens={ceiling}: pass next_cursor for them"
-            update = {"items": result.items[:count], "next_cursor": LONGEST_CURSOR, "truncated": True, "hint": hint}
-            return page.model_copy(update=update)
-
-        keep = budget.largest(len(result.items), lambda count: budget.cost(first(count)) <= ceiling)
-        page = first(keep)
-        again = await self.list(layer, tags, keep, cursor) if keep else None
-        page = page.model_copy(update={"next_cursor": again.next_cursor if again else None})
-        return budget.ensure(page, ceiling)
-
-    async def history_within(self, doc_id: str, max_tokens: int | None = None) -> HistoryPage:
-        """`history`, the newest revisions that fit `max_tokens`."""
-        ceiling = budget.check(max_tokens)
-        history = await self.history(doc_id)
-
-        def newest(count: int) -> HistoryPage:
-            dropped = len(history.revisions) - count
-            hint = f"{dropped} older revisions did not fit max_tokens={ceiling}; any can still be restored by number"
-            return HistoryPage(
-                **{**dict(history), "revisions": history.revisions[:count]},
-                truncated=bool(dropped),
-                hint=hint if dropped else None,
-            )
-
-        keep = budget.largest(len(history.revisions), lambda count: budget.cost(newest(count)) <= ceiling)
-        return budget.ensure(newest(keep), ceiling)
-
-    async def read(
-        self, doc_id: str, section: str | None = None, offset: int = 0, max_tokens: int | None = None
-    ) -> DocumentPage:
-        """A document, or the section under one heading, from character `offset` on, cut to `max_tokens`.
-
-        When the text is cut, `next_offset` is where to read on, and `sections` names the headings to ask for.
-        """
-        ceiling = budget.check(max_tokens)
-        doc = await self.get(doc_id)
-        parts = [part for part in markdown.sections(doc.body) if part.heading]
-        headings = [part.heading for part in parts][:MAX_HEADINGS_SHOWN]
-        start, end, shown_section = 0, len(doc.body), None
-        if section is not None:
-            wanted = self._heading_key(section)
-            match = next((part for part in parts if self._heading_key(part.heading) == wanted), None)
-            if match is None:
-                close = difflib.get_close_matches(section, [part.heading for part in parts], n=5, cutoff=0.4)
-                raise NotFound(
-                    f"document {doc_id!r} has no section {section!r}; its sections are: "
-                    f"{', '.join(repr(h) for h in headings) or '(none)'}",
-                    id=doc_id,
-                    section=section,
-                    suggestions=close,
-                )
-            start, end, shown_section = match.start, match.end, match.heading
-        scope = doc.body[start:end]
-        if not 0 <= offset <= len(scope):
-            raise InvalidInput(f"offset must be between 0 and {len(scope)} for this text, got {offset}", field="offset")
-        rest = scope[offset:]
-
-        def page(length: int, heading_count: int) -> DocumentPage:
-            cut = length < len(rest)
-            also = "with the same section" if shown_section else "or ask for one section by heading"
-            return DocumentPage(
-                **doc.model_dump(
-                    include={"id", "title", "layer", "tags", "summary", "revision", "updated_at", "tokens"}
-                ),
-                sections=headings[:heading_count],
-                section=shown_section,
-                offset=offset,
-                text=rest[:length],
-                next_offset=offset + length if cut else None,
-                truncated=cut,
-                hint=f"Cut at character {offset + length} of {len(scope)} to fit max_tokens={ceiling}: "
-                f"read on from offset={offset + length}, {also}"
-                if cut
-                else None,
-            )
-
-        whole = page(len(rest), len(headings))
-        if budget.cost(whole) <= ceiling:
-            return whole
-        # The list of headings may take a quarter of the budget at most; the text gets the rest.
-        count = budget.largest(len(headings), lambda n: budget.cost(page(0, n)) <= ceiling // 4)
-        return budget.ensure(budget.fit_text(rest, lambda length: page(length, count), ceiling), ceiling)
-
-    @staticmethod
-    def _heading_key(heading: str) -> str:
-        return " ".join(heading.strip().lstrip("#").split()).casefold()
-
-    async def knowledge(
-        self, layer: str | None = None, task: str | None = None, max_tokens: int | None = None
-    ) -> KnowledgeBundle:
-        """A layer's documents (the first layer, core, by default), whole, as many as fit `max_tokens`.
-
-        With a task, only the layer's documents relevant to it, best first. When even the first document is larger
-        than the budget, it comes cut, with `next_offset` to read on with `read`.
-        """
-        ceiling = budget.check(max_tokens)
-        layer = layer or self.settings.layers[0]
-        self._check_layers([layer])
-        if task is not None and task.strip():
-            hits = (await self.search(task, [layer], limit=MAX_LIMIT)).hits
-            candidates = [(hit.id, hit.tokens) for hit in hits]
-        else:
-            candidates = await self._layer_documents(layer)
-        shape = KnowledgeBundle(layer=layer, task=task, total=len(candidates), documents=[], omitted=[])
-        chosen: KnowledgeDocuments = []
-        left: Strings = []
-        for at, (doc_id, tokens) in enumerate(candidates):
-            waiting = [*left, *(c[0] for c in candidates[at + 1 :])]
-            # A document larger than what is left cannot fit: skip it without reading its body.
-            if chosen and tokens > ceiling - budget.cost(self._bundle(shape, chosen, waiting, ceiling)):
-                left.append(doc_id)
-                continue
-            doc = await self.get(doc_id)
-            entry = KnowledgeDocument(
-                id=doc.id, title=doc.title, revision=doc.revision, tokens=doc.tokens, text=doc.body
-            )
-            if budget.cost(self._bundle(shape, [*chosen, entry], waiting, ceiling)) <= ceiling:
-                chosen.append(entry)
-            elif chosen:
-                left.append(doc_id)
-            else:
-                return self._opening(shape, entry, waiting, ceiling)
-        return budget.ensure(self._bundle(shape, chosen, left, ceiling), ceiling)
-
-    @staticmethod
-    def _bundle(
-        shape: KnowledgeBundle, documents: KnowledgeDocuments, omitted: Strings, ceiling: int
-    ) -> KnowledgeBundle:
-        hints = [
-            f"document {d.id!r} was cut at character {d.next_offset}: read on by id from that offset"
-            for d in documents
-            if d.next_offset is not None
-        ]
-        if omitted:
-            hints.append(
-                f"{len(omitted)} of {shape.total} documents did not fit max_tokens={ceiling}: read them by id, pass "
-                f"a task to get only the relevant ones, or raise max_tokens (up to {budget.MAX_TOKENS_CEILING})"
-            )
-        return shape.model_copy(
-            update={
-                "documents": documents,
-                "omitted": omitted[:MAX_OMITTED_SHOWN],
-                "truncated": bool(hints),
-                "hint": "; ".join(hints) or None,
-            }
-        )
-
-    @classmethod
-    def _opening(
-        cls, shape: KnowledgeBundle, entry: KnowledgeDocument, omitted: Strings, ceiling: int
-    ) -> KnowledgeBundle:
-        """The bundle holding only the beginning of `entry`, a first document larger than the whole budget."""
-        body = entry.text
-
-        def cut(length: int) -> KnowledgeBundle:
-            next_offset = length if length < len(body) else None
-            part = entry.model_copy(update={"text": body[:length], "next_offset": next_offset})
-            return cls._bundle(shape, [part], omitted, ceiling)
-
-        return budget.ensure(budget.fit_text(body, cut, ceiling), ceiling)
-
-    async def _layer_documents(self, layer: str) -> IdsAndTokens:
-        """(id, tokens) of every live document of a layer, by id."""
-        found: IdsAndTokens = []
-        cursor: str | None = None
-        while True:
-            page = await self.list(layer=layer, limit=MAX_LIMIT, cursor=cursor)
-            found += [(item.id, item.tokens) for item in page.items]
-            if page.next_cursor is None:
-                return found
-            cursor = page.next_cursor
-
-    async def context_within(
-        self, task: str, max_tokens: int | None = None, layers: Strings | None = None
-    ) -> ContextPack:
-        """`context` as one answer within `max_tokens`: the packed text, its sources and what was left out.
-
-        The packer budgets the text alone, while the answer also carries the source list and JSON escapes; so the
-        text is packed again, smaller, until the whole answer fits (two rounds at most in practice).
-        """
-        ceiling = budget.check(max_tokens)
-        inner = ceiling
-        for _ in range(CONTEXT_FIT_ROUNDS):
-            pack = self._context_pack(await self.context(task, inner, layers), ceiling)
-            used = budget.cost(pack)
-            if used <= ceiling or inner == budget.MIN_MAX_TOKENS:
-                break
-            inner = max(budget.MIN_MAX_TOKENS, inner * ceiling // used - 16)
-
-        def opening(length: int) -> ContextPack:
-            if length == len(pack.text):
-                return pack
-            text = pack.text[:length]
-            hint = "the context was cut to fit max_tokens: raise max_tokens or ask a narrower task"
-            return pack.model_copy(
-                update={"text": text, "tokens_used": estimate_tokens(text), "truncated": True, "hint": hint}
-            )
-
-        return budget.ensure(budget.fit_text(pack.text, opening, ceiling), ceiling)
-
-    @staticmethod
-    def _context_pack(result: ContextResult, ceiling: int) -> ContextPack:
-        omitted = len(result.omitted)
-        pack = ContextPack(
-            task=result.task,
-            max_tokens=ceiling,
-            tokens_used=result.tokens_used,
-            text=result.text,
-            sources=[ContextSource(**s.model_dump(exclude={"text", "layer"})) for s in result.sections],
-            omitted=result.omitted,
-            truncated=bool(omitted),
-            hint=f"{omitted} relevant sections did not fit: read one by its id with its heading as the section, "
-            "or raise max_tokens"
-            if omitted
-            else None,
-        )
-        # The list of what was left out may take a quarter of the budget at most; the text matters more.
-        keep = budget.largest(
-            omitted,
-            lambda n: budget.cost(pack.model_copy(update={"text": "", "omitted": result.omitted[:n]})) <= ceiling // 4,
-        )
-        return pack.model_copy(update={"omitted": result.omitted[:keep]})
-
 
 @asynccontextmanager
-async def open_service(settings: Settings | None = None) -> AsyncIterator[KnowledgeService]:
+async def open_service(settings: Settings | None = None, fallback: bool = False) -> AsyncIterator[KnowledgeService]:
     """Open the knowledge base: `async with sage_server.open() as kb: await kb.search("retry")`.
 
     Without settings, they are loaded the way the CLI loads them (files, .env, SAGE_* variables).
     """
     service = KnowledgeService(settings or load_settings().settings)
-    await service.start()
+    await service.start(fallback=fallback)
     try:
         yield service
     finally:

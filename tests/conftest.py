@@ -10,6 +10,7 @@ import pytest
 
 from sage_server.config import Settings, load_settings
 from sage_server.service import KnowledgeService, open_service
+from tests.redis_support import RedisServer
 
 
 @pytest.fixture
@@ -122,3 +123,13 @@ async def assert_index_consistent(kb: KnowledgeService) -> None:
     async with kb.db.transaction() as conn:
         await conn.execute("INSERT INTO docs_fts (docs_fts) VALUES ('integrity-check')")
         await conn.execute("INSERT INTO sections_fts (sections_fts) VALUES ('integrity-check')")
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -16,13 +13,13 @@ from typing import Any
 import anyio
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from sage_server.breaker import BreakerState
 from sage_server.cache import CorruptEntry, DiskTier, FaultKind, MemoryTier, TieredCache, TierName
 from sage_server.config import Settings
 from sage_server.generation import GenerationWatcher
 from tests.conftest import make_settings
+from tests.redis_support import RedisServer
 
 pytestmark = [
     pytest.mark.anyio,
@@ -306,67 +303,6 @@ async def test_redis_keys_are_namespaced_with_a_ttl(tmp_path: Path, namespace: s
 
 
 # ---- Redis faults: a server of our own that we can kill, restart and freeze
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """A private redis-server on a free port: start, kill, restart on the same port, pause, resume."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = Redis.from_url(self.url)
-        try:
-            with anyio.fail_after(10):
-                while True:
-                    try:
-                        if await client.ping():
-                            return
-                    except (RedisError, OSError):
-                        pass  # not listening yet
-                    await anyio.sleep(0.02)
-        finally:
-            await client.aclose()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def pause(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def redis_only(tmp_path: Path, server: RedisServer, **overrides: Any) -> Settings:

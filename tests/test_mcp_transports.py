@@ -18,7 +18,8 @@ from mcp.client.sse import sse_client
 from mcp.client.stdio import stdio_client
 from mcp.types import TextContent, TextResourceContents
 
-from sage_server.assistant import http_app, transport_security
+from sage_server.app import create_mcp_app
+from sage_server.assistant import transport_security
 from sage_server.config import Settings
 from tests.mcp_support import payload, serving, settings_for, subprocess_env, write_knowledge
 
@@ -80,7 +81,7 @@ async def test_sage_mcp_serves_stdio_in_both_protocol_eras(mcp_settings: Setting
 
 @pytest.fixture
 async def base_url(mcp_settings: Settings) -> AsyncIterator[str]:
-    async with serving(http_app(mcp_settings)) as url:
+    async with serving(create_mcp_app(mcp_settings)) as url:
         yield url
 
 

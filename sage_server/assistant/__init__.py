@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from sage_server.assistant.server import build_server
-from sage_server.assistant.transports import http_app, mcp_routes, serve_http, serve_stdio, transport_security
+from sage_server.assistant.transports import mcp_routes, serve_stdio, transport_security
 
-__all__ = ["build_server", "http_app", "mcp_routes", "serve_http", "serve_stdio", "transport_security"]
+__all__ = ["build_server", "mcp_routes", "serve_stdio", "transport_security"]

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import uvicorn
 from mcp.server import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 
 from sage_server.assistant.server import build_server
 from sage_server.config import Settings
-from sage_server.service import KnowledgeService, open_service
+from sage_server.service import open_service
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # Binding every interface says nothing about the name clients will use, so it adds no allowed Host.
@@ -44,7 +40,7 @@ async def serve_stdio(settings: Settings) -> None:
 
     stdout carries only protocol messages (the SDK points fd 1 at stderr while it serves); logs go to stderr.
     """
-    async with open_service(settings) as service:
+    async with open_service(settings, fallback=True) as service:
         await build_server(service).run_stdio_async()
 
 
@@ -60,34 +56,3 @@ def mcp_routes(server: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
     streamable = server.streamable_http_app(transport_security=security)
     sse = server.sse_app(transport_security=security)
     return [*sse.routes, Route("/mcp", endpoint=streamable)]
-
-
-def http_app(settings: Settings) -> Starlette:
-    """The MCP HTTP app: streamable HTTP at /mcp (2026-07-28 sessionless and 2025-11-25 handshake), SSE at /sse.
-
-    The lifespan opens the knowledge base and runs the streamable-HTTP session manager.
-    """
-    # The routes need the server, and the server a service, before the lifespan opens the database: so the
-    # service is built unopened here and started in the lifespan (what open_service does in one step).
-    service = KnowledgeService(settings)
-    server = build_server(service)
-    routes = mcp_routes(server, settings)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await service.start()
-        try:
-            async with server.session_manager.run():
-                yield
-        finally:
-            await service.close()
-
-    return Starlette(routes=routes, lifespan=lifespan)
-
-
-async def serve_http(settings: Settings, host: str, port: int) -> None:
-    """Serve `http_app` on `host`:`port` with uvicorn until interrupted; `host` is also an allowed Host header."""
-    app = http_app(settings.model_copy(update={"host": host, "mcp_port": port}))
-    # log_config=None: uvicorn's records go through the JSON logging the CLI set up.
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on", timeout_graceful_shutdown=5)
-    await uvicorn.Server(config).serve()
