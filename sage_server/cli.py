@@ -290,14 +290,92 @@ def history(ctx: click.Context, doc_id: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("doc_id")
-@click.argument("revision", type=int)
+@click.argument("doc_id", required=False)
+@click.argument("revision", type=int, required=False)
+@click.option("--backup", "backup_path", type=click.Path(path_type=Path), help="Restore the database from a backup.")
 @json_option
 @click.pass_context
-def restore(ctx: click.Context, doc_id: str, revision: int, as_json: bool) -> None:
-    """Make REVISION of a document current again (also undeletes it)."""
+def restore(
+    ctx: click.Context, doc_id: str | None, revision: int | None, backup_path: Path | None, as_json: bool
+) -> None:
+    """Make REVISION of document DOC_ID current again (also undeletes it), or, with --backup PATH, replace the
+    whole database with a verified backup (the current one is kept beside it; stop servers first)."""
+    if backup_path is not None:
+        if doc_id is not None:
+            _fail("give either DOC_ID REVISION or --backup PATH, not both", 2)
+        from sage_server import backup
+
+        db_path = _settings(ctx).db_path
+        saved = _guarded(ctx, lambda: backup.restore(backup_path, db_path))
+        click.echo(
+            f"restored {db_path} from {backup_path}" + (f"; the previous database is at {saved}" if saved else "")
+        )
+        return
+    if doc_id is None or revision is None:
+        _fail("give DOC_ID REVISION (a document revision) or --backup PATH (a database backup)", 2)
     doc = run(ctx, lambda kb: kb.restore(doc_id, revision))
     emit(doc, as_json, lambda: click.echo(f"{doc.id}: revision {revision} restored as revision {doc.revision}"))
+
+
+@main.command(name="backup")
+@click.option(
+    "--to", "backup_dir", type=click.Path(path_type=Path), default=None, help="Folder for the backup (SAGE_BACKUP_DIR)."
+)
+@json_option
+@click.pass_context
+def backup_command(ctx: click.Context, backup_dir: Path | None, as_json: bool) -> None:
+    """Back up the database online (consistent while servers write), verify the copy, prune old backups."""
+    from sage_server import backup
+
+    settings = _settings(ctx)
+    target = backup_dir or settings.backup_dir
+    report = _guarded(ctx, lambda: backup.backup(settings.db_path, target, settings.backup_retention_days))
+    emit(
+        report,
+        as_json,
+        lambda: click.echo(
+            f"{report.path}: {report.documents} documents, {report.bytes} bytes, sha256 {report.sha256[:16]}…; "
+            f"{len(report.pruned)} old backups removed"
+        ),
+    )
+
+
+@main.command()
+@click.option("--all", "thorough", is_flag=True, help="Also check every content hash and revision chain.")
+@click.option(
+    "--path",
+    "path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Verify this database or backup file instead of SAGE_DB_PATH.",
+)
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, thorough: bool, path: Path | None, as_json: bool) -> None:
+    """Verify the database: SQLite integrity, the search indexes, migrations (--all: hashes, history). Exit 1 if
+    anything is wrong."""
+    from sage_server import backup
+
+    target = path or _settings(ctx).db_path
+    report = _guarded(ctx, lambda: backup.verify(target, thorough))
+
+    def human() -> None:
+        for check in report.checks:
+            click.echo(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+
+    emit(report, as_json, human)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _guarded(ctx: click.Context, action: Callable[[], T]) -> T:
+    """Run a command that works on the database file directly, translating errors like `run` does."""
+    try:
+        return action()
+    except SageError as exc:
+        if _settings(ctx).debug:
+            traceback.print_exc()
+        _fail(f"{exc.code}: {exc.message}", exc.exit_code)
 
 
 @main.command()

@@ -32,6 +32,9 @@ class Settings(BaseModel):
     debug: bool = Field(False, description="Debug mode: tracebacks on errors")
     cache_dir: Path = Field(default_factory=lambda: _home() / ".sage" / "cache", description="Cache directory")
     db_path: Path = Field(default_factory=lambda: _home() / ".sage" / "sage.db", description="SQLite database file")
+    backup_dir: Path = Field(default_factory=lambda: _home() / ".sage" / "backups", description="Where backups go")
+    backup_retention_days: int = Field(90, ge=1, description="Backups older than this are removed")
+    backup_interval_hours: float = Field(24, ge=0, description="sage serve backs up this often (0: never)")
     knowledge_dirs: list[Path] = Field(default_factory=list, description="Extra Markdown folders to import")
     bundled_knowledge: bool = Field(True, description="Import the bundled knowledge/ on start")
     import_on_start: bool = Field(True, description="Import knowledge folders when the service opens")
@@ -43,6 +46,10 @@ class Settings(BaseModel):
     api_port: int = Field(8000, ge=0, le=65535, description="REST API port")
     mcp_port: int = Field(8001, ge=0, le=65535, description="MCP HTTP port")
     metrics_port: int = Field(9000, ge=0, le=65535, description="Prometheus metrics port")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra Host names MCP over HTTP accepts (DNS-rebinding protection), e.g. sage.internal",
+    )
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
     redis_url: str | None = Field(None, description="Redis URL for the shared cache tier")
     cache_memory: bool = Field(True, description="Use the in-process memory cache tier")
@@ -59,7 +66,7 @@ class Settings(BaseModel):
     timeout_read_ms: int = Field(500, ge=1, description="Deadline for reading one document")
     timeout_search_ms: int = Field(2000, ge=1, description="Deadline for a search")
     timeout_context_ms: int = Field(5000, ge=1, description="Deadline for context packing or a full load")
-    timeout_complex_ms: int = Field(10_000, ge=1, description="Deadline for complex work (imports, analysis)")
+    timeout_complex_ms: int = Field(10_000, ge=1, description="Deadline for a write (save, delete, restore, purge)")
     breaker_failures: int = Field(5, ge=1, description="Consecutive dependency faults that open a circuit breaker")
     breaker_reset_seconds: float = Field(
         30.0, gt=0, description="Seconds an open circuit breaker waits before one probe call"
@@ -77,7 +84,7 @@ class Settings(BaseModel):
             raise ValueError("layers must be unique")
         return value
 
-    @field_validator("cache_dir", "db_path", "config_path")
+    @field_validator("cache_dir", "db_path", "config_path", "backup_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
@@ -89,7 +96,7 @@ class Settings(BaseModel):
 
 
 SECRET_FIELDS = {"api_key", "redis_url"}
-LIST_FIELDS = {"knowledge_dirs", "layers"}
+LIST_FIELDS = {"knowledge_dirs", "layers", "allowed_hosts"}
 
 
 class LoadedSettings(BaseModel):
@@ -176,7 +183,11 @@ def load_settings(
     layers += [(str(dotenv_path), dotenv), ("environment", env_values), ("command line", flags)]
 
     # Paths under the home folder are defaults too, resolved against the `home` given (tests pass their own).
-    merged: dict[str, Any] = {"cache_dir": home / ".sage" / "cache", "db_path": home / ".sage" / "sage.db"}
+    merged: dict[str, Any] = {
+        "cache_dir": home / ".sage" / "cache",
+        "db_path": home / ".sage" / "sage.db",
+        "backup_dir": home / ".sage" / "backups",
+    }
     sources: dict[str, str] = {}
     for source, values in layers:
         for key, value in values.items():

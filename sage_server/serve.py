@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from typing import Literal
 
 import anyio
+import anyio.to_thread
 import uvicorn
 from starlette.types import ASGIApp
 
+from sage_server import backup
 from sage_server.app import create_app, create_mcp_app, create_metrics_app
 from sage_server.config import Settings
-from sage_server.errors import ConfigError
+from sage_server.errors import ConfigError, SageError
 from sage_server.logs import get_logger, log_event
 from sage_server.service import KnowledgeService
 
@@ -70,6 +72,28 @@ SETTINGS_OF = {
 }
 
 
+async def periodic_backups(settings: Settings) -> None:
+    """Back up the database every `backup_interval_hours` (spec 9.1: daily, kept `backup_retention_days`)."""
+    while True:
+        await anyio.sleep(settings.backup_interval_hours * 3600)
+        try:
+            report = await anyio.to_thread.run_sync(
+                backup.backup, settings.db_path, settings.backup_dir, settings.backup_retention_days
+            )
+        except SageError as exc:
+            log_event(log, logging.ERROR, "Backup failed", operation="backup", error=exc.message)
+        else:
+            log_event(
+                log,
+                logging.INFO,
+                "Backup written",
+                operation="backup",
+                path=report.path,
+                documents=report.documents,
+                pruned=len(report.pruned),
+            )
+
+
 async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "mcp", "metrics")) -> None:
     """Run the listeners (API, MCP, metrics by default) until SIGTERM or SIGINT, then shut down cleanly."""
     sockets: list[socket.socket] = []
@@ -92,22 +116,28 @@ async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "m
     apps = [factories[name]() for name in listeners]
     servers = [_Server(_config(app, settings)) for app in apps]
     try:
-        importing = anyio.CancelScope()
+        background = anyio.CancelScope()  # cancelled at shutdown: an import in progress rolls back whole
 
         async def import_in_background() -> None:
-            with importing:  # cancelled at shutdown: the import transaction rolls back whole
+            with background:
                 await service.import_configured()
+
+        async def backups_in_background() -> None:
+            with background:
+                await periodic_backups(settings)
 
         async with anyio.create_task_group() as tg:
             for server, sock in zip(servers, sockets, strict=True):
                 tg.start_soon(server.serve, [sock])
             tg.start_soon(import_in_background)
+            if settings.backup_interval_hours > 0 and service.fallback_reason is None:
+                tg.start_soon(backups_in_background)
             ports = {name: sock.getsockname()[1] for name, sock in zip(listeners, sockets, strict=True)}
             log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, **ports)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log_event(log, logging.INFO, "Shutting down", operation="serve", signal=signal.Signals(signum).name)
-                    importing.cancel()
+                    background.cancel()
                     for server in servers:
                         server.should_exit = True
                     # Servers finish in-flight requests (bounded by GRACEFUL_SECONDS), then the group ends.

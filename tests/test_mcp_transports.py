@@ -138,6 +138,9 @@ def test_transport_security_allows_localhost_and_the_configured_host(tmp_path: P
     assert allowed("0.0.0.0") == ["127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*", "[::1]", "[::1]:*"]
     assert allowed("sage.internal")[-2:] == ["sage.internal", "sage.internal:*"]
     assert allowed("fd00::5")[-2:] == ["[fd00::5]", "[fd00::5]:*"]
+    extra = transport_security(settings_for(tmp_path, tmp_path, host="0.0.0.0", allowed_hosts=["kb.example"]))
+    assert extra.allowed_hosts[-2:] == ["kb.example", "kb.example:*"]
+    assert "https://kb.example:*" in extra.allowed_origins
 
 
 # -- the official MCP Inspector, a client written elsewhere --------------------------------------------------

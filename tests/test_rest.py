@@ -144,3 +144,21 @@ async def test_openapi_describes_every_route(http: httpx.AsyncClient) -> None:
     assert spec["openapi"] == "3.1.0"
     assert {"/health", "/v1/search", "/v1/knowledge/{doc_id}", "/v1/context"} <= set(spec["paths"])
     assert "SearchResult" in spec["components"]["schemas"]
+
+
+async def test_mcp_over_http_requires_the_api_key_too(tmp_path: Path, knowledge: Path) -> None:
+    settings = make_settings(tmp_path, knowledge_dirs=[knowledge], api_key="s3cret")
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    async with open_service(settings) as kb:
+        async for client in _client(create_app(settings, kb)):
+            denied = await client.post("/mcp", json=initialize, headers=headers)
+            assert denied.status_code == 401
+            allowed = await client.post("/mcp", json=initialize, headers={**headers, "Authorization": "Bearer s3cret"})
+            assert allowed.status_code == 200, allowed.text
+            assert "serverInfo" in allowed.text

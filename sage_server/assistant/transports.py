@@ -18,11 +18,14 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
 def transport_security(settings: Settings) -> TransportSecuritySettings:
-    """DNS-rebinding protection: allow Host and Origin headers naming localhost or the configured host, any port."""
+    """DNS-rebinding protection: allow Host and Origin headers naming localhost, the configured host or one of
+    `allowed_hosts`, on any port."""
     host = settings.host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 literal appears bracketed in Host and Origin headers
-    hosts = [*LOCAL_HOSTS, *([host] if host not in (*LOCAL_HOSTS, *WILDCARD_HOSTS) else [])]
+    named = [host] if host not in (*LOCAL_HOSTS, *WILDCARD_HOSTS) else []
+    # Behind a proxy or in a container (bound to 0.0.0.0) clients use names only the operator knows.
+    hosts = list(dict.fromkeys([*LOCAL_HOSTS, *named, *settings.allowed_hosts]))
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
         allowed_hosts=[form for name in hosts for form in (name, f"{name}:*")],
