@@ -249,6 +249,7 @@ async def rank(
 # Snippets scan at most this much of a body: their cost must not grow with the document.
 SNIPPET_SCAN_CHARS = 100_000
 SNIPPET_WIDTH = 220
+_MARKUP = re.compile(r"(?m)^\s*#{1,6}\s+|\*\*|__|`+")
 
 
 def _patterns(query: ParsedQuery) -> list[str]:
@@ -289,7 +290,9 @@ def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH) -> s
     begin = max(0, best_at - width // 4)
     begin = text.rfind(" ", 0, begin) + 1 if begin else 0
     end = min(len(text), begin + width)
-    window = finder.sub(lambda m: f"**{m.group()}**", text[begin:end])
+    # Heading marks and emphasis would read as noise (or clash with the ** highlights) in a one-line excerpt.
+    plain = _MARKUP.sub(" ", text[begin:end])
+    window = finder.sub(lambda m: f"**{m.group()}**", plain)
     return ("…" if begin else "") + " ".join(window.split()) + ("…" if end < len(body) else "")
 
 

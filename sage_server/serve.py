@@ -118,20 +118,17 @@ async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "m
     try:
         background = anyio.CancelScope()  # cancelled at shutdown: an import in progress rolls back whole
 
-        async def import_in_background() -> None:
+        async def in_background() -> None:
             with background:
-                await service.import_configured()
-
-        async def backups_in_background() -> None:
-            with background:
-                await periodic_backups(settings)
+                async with anyio.create_task_group() as work:
+                    work.start_soon(service.import_configured)
+                    if settings.backup_interval_hours > 0 and service.fallback_reason is None:
+                        work.start_soon(periodic_backups, settings)
 
         async with anyio.create_task_group() as tg:
             for server, sock in zip(servers, sockets, strict=True):
                 tg.start_soon(server.serve, [sock])
-            tg.start_soon(import_in_background)
-            if settings.backup_interval_hours > 0 and service.fallback_reason is None:
-                tg.start_soon(backups_in_background)
+            tg.start_soon(in_background)
             ports = {name: sock.getsockname()[1] for name, sock in zip(listeners, sockets, strict=True)}
             log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, **ports)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
