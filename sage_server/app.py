@@ -19,7 +19,7 @@ from sage_server.assistant import build_server, mcp_routes
 from sage_server.config import Settings
 from sage_server.errors import SageError
 from sage_server.logs import get_logger, log_event
-from sage_server.middleware import BodyLimit, RequestContext
+from sage_server.middleware import BodyLimit, RateLimit, RequestContext
 from sage_server.service import KnowledgeService
 
 log = get_logger("app")
@@ -71,6 +71,11 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
         exception_handlers={404: _not_found, 405: _not_found, Exception: _internal_error},
         middleware=[
             Middleware(RequestContext, metrics=kb.metrics),
+            *(
+                [Middleware(RateLimit, per_minute=settings.rate_limit_per_minute)]
+                if settings.rate_limit_per_minute
+                else []
+            ),
             Middleware(BodyLimit, max_bytes=settings.max_file_bytes * BODY_OVERHEAD),
         ],
     )

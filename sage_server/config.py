@@ -51,6 +51,7 @@ class Settings(BaseModel):
         description="Extra Host names MCP over HTTP accepts (DNS-rebinding protection), e.g. sage.internal",
     )
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
+    rate_limit_per_minute: int = Field(0, ge=0, description="HTTP requests a client may make a minute (0: no limit)")
     redis_url: str | None = Field(None, description="Redis URL for the shared cache tier")
     cache_memory: bool = Field(True, description="Use the in-process memory cache tier")
     cache_memory_entries: int = Field(2048, ge=1, description="Most entries the memory tier holds")

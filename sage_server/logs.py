@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+
+# Set by the HTTP middleware for the length of a request: every line logged meanwhile carries its request id and
+# client, so an operation (a write, say) can be traced to the request that made it.
+REQUEST: ContextVar[dict[str, str] | None] = ContextVar("sage_request", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,4 +55,6 @@ def get_logger(name: str) -> logging.Logger:
 
 def log_event(logger: logging.Logger, level: int, message: str, **context: Any) -> None:
     """Log `message` with structured `context` (operation, duration_ms, ...)."""
-    logger.log(level, message, extra={"context": context})
+    if logger.isEnabledFor(level):
+        # The request's id is read now, while the request runs: a handler may format the record later.
+        logger.log(level, message, extra={"context": {**(REQUEST.get() or {}), **context}})

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sage_server.logs import get_logger, log_event
+from sage_server.logs import REQUEST, get_logger, log_event
 from sage_server.metrics import Metrics
 
 log = get_logger("http")
@@ -40,6 +40,8 @@ class RequestContext:
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        client = scope.get("client")
+        token = REQUEST.set({"request_id": request_id, "client": client[0] if client else "unknown"})
         status = 500
         started = time.perf_counter()
 
@@ -70,6 +72,7 @@ class RequestContext:
                 status=status,
                 duration_ms=round(elapsed * 1000, 3),
             )
+            REQUEST.reset(token)
 
 
 class BodyLimit:
@@ -124,3 +127,47 @@ class BodyLimit:
 
 class BodyTooLarge(Exception):
     """Raised inside the app's receive() when the streamed body passes the limit."""
+
+
+class RateLimit:
+    """Per-client token buckets: `per_minute` requests a minute, in bursts of up to ten seconds' worth; over it,
+    429 with Retry-After. Probes (/health, /ready) are never limited."""
+
+    EXEMPT = ("/health", "/ready")
+    MAX_CLIENTS = 10_000  # the oldest idle bucket goes first past this, so memory stays bounded
+
+    def __init__(self, app: ASGIApp, per_minute: int) -> None:
+        self.app = app
+        self.rate = per_minute / 60
+        self.capacity = max(1.0, self.rate * 10)
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        key = client[0] if client else "unknown"
+        now = time.monotonic()
+        tokens, last = self.buckets.pop(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if len(self.buckets) >= self.MAX_CLIENTS:
+            self.buckets.pop(next(iter(self.buckets)))
+        if tokens < 1:
+            self.buckets[key] = (tokens, now)
+            wait = max(1, int((1 - tokens) / self.rate + 0.999))
+            body = (
+                b'{"error":{"status":429,"code":"rate_limited","message":"too many requests; retry after '
+                + str(wait).encode()
+                + b' s","details":{}}}'
+            )
+            headers: list[Any] = [
+                (b"content-type", b"application/json"),
+                (b"retry-after", str(wait).encode()),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 429, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.buckets[key] = (tokens - 1, now)  # re-inserted last: the dict stays in least-recently-used order
+        await self.app(scope, receive, send)

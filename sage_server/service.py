@@ -455,7 +455,7 @@ class KnowledgeService(BoundedViews):
     async def save(self, doc: DocumentIn, expected_revision: int | None = None) -> Document:
         """Create or update a document. With `expected_revision` (0: must not exist yet), a concurrent
         change is a Conflict instead of a silent overwrite. Saving identical content stores nothing."""
-        with self._operation("save", "complex", logging.INFO, id=doc.id):
+        with self._operation("save", "complex", logging.INFO, id=doc.id, audit=True):
             self._writable()
             self._check_layers([doc.layer])
             async with self.db.transaction() as conn:
@@ -483,7 +483,7 @@ class KnowledgeService(BoundedViews):
 
     async def delete(self, doc_id: str, expected_revision: int | None = None) -> Document:
         """Soft-delete a document as a new revision; `restore` brings any revision back."""
-        with self._operation("delete", "complex", logging.INFO, id=doc_id):
+        with self._operation("delete", "complex", logging.INFO, id=doc_id, audit=True):
             self._writable()
             async with self.db.transaction() as conn:
                 row = await store.fetch_row(conn, doc_id)
@@ -504,7 +504,7 @@ class KnowledgeService(BoundedViews):
 
     async def restore(self, doc_id: str, revision: int) -> Document:
         """Make an earlier revision current again (as a new revision); also undeletes."""
-        with self._operation("restore", "complex", logging.INFO, id=doc_id, revision=revision):
+        with self._operation("restore", "complex", logging.INFO, id=doc_id, revision=revision, audit=True):
             self._writable()
             async with self.db.transaction() as conn:
                 row = await store.fetch_row(conn, doc_id)
@@ -528,7 +528,7 @@ class KnowledgeService(BoundedViews):
 
     async def purge(self, doc_id: str) -> None:
         """Remove a deleted document and its history for good. Live documents must be deleted first."""
-        with self._operation("purge", "complex", logging.INFO, id=doc_id):
+        with self._operation("purge", "complex", logging.INFO, id=doc_id, audit=True):
             self._writable()
             async with self.db.transaction() as conn:
                 row = await store.fetch_row(conn, doc_id)
@@ -552,7 +552,7 @@ class KnowledgeService(BoundedViews):
     async def _import(self, paths: PathList) -> ImportReport:
         started = time.perf_counter()
         generation: int | None = None
-        with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths]):
+        with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths], audit=True):
             collected = await anyio.to_thread.run_sync(ingest.collect, paths, self.settings)
             report = ImportReport(scanned=len(collected.seen), skipped=collected.skipped)
             async with self.db.transaction() as conn:

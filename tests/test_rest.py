@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -10,12 +12,14 @@ import pytest
 from starlette.applications import Starlette
 
 from sage_server.app import create_app
+from sage_server.logs import JsonFormatter
 from sage_server.service import KnowledgeService, open_service
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.anyio
 
 
+@asynccontextmanager
 async def _client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -26,7 +30,7 @@ async def _client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def http(service: KnowledgeService) -> AsyncIterator[httpx.AsyncClient]:
     service.ready = True
-    async for client in _client(create_app(service.settings, service)):
+    async with _client(create_app(service.settings, service)) as client:
         yield client
 
 
@@ -44,7 +48,7 @@ async def test_ready_waits_for_the_first_import(tmp_path: Path, knowledge: Path)
     kb = KnowledgeService(settings)
     await kb.start(import_now=False)
     try:
-        async for client in _client(create_app(settings, kb)):
+        async with _client(create_app(settings, kb)) as client:
             assert (await client.get("/ready")).status_code == 503
             await kb.import_configured()
             assert (await client.get("/ready")).json() == {"ready": True}
@@ -130,7 +134,7 @@ async def test_oversized_body_is_413(http: httpx.AsyncClient, service: Knowledge
 async def test_api_key_guards_v1_but_not_probes(tmp_path: Path, knowledge: Path) -> None:
     settings = make_settings(tmp_path, knowledge_dirs=[knowledge], api_key="s3cret")
     async with open_service(settings) as kb:
-        async for client in _client(create_app(settings, kb)):
+        async with _client(create_app(settings, kb)) as client:
             assert (await client.get("/health")).status_code == 200
             denied = await client.get("/v1/info")
             assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
@@ -156,9 +160,31 @@ async def test_mcp_over_http_requires_the_api_key_too(tmp_path: Path, knowledge:
     }
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with open_service(settings) as kb:
-        async for client in _client(create_app(settings, kb)):
+        async with _client(create_app(settings, kb)) as client:
             denied = await client.post("/mcp", json=initialize, headers=headers)
             assert denied.status_code == 401
             allowed = await client.post("/mcp", json=initialize, headers={**headers, "Authorization": "Bearer s3cret"})
             assert allowed.status_code == 200, allowed.text
             assert "serverInfo" in allowed.text
+
+
+async def test_rate_limit_answers_429_but_never_to_probes(tmp_path: Path, knowledge: Path) -> None:
+    settings = make_settings(tmp_path, knowledge_dirs=[knowledge], rate_limit_per_minute=6)  # a burst of 1
+    async with open_service(settings) as kb:
+        async with _client(create_app(settings, kb)) as client:
+            assert (await client.get("/v1/info")).status_code == 200
+            limited = await client.get("/v1/info")
+            assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+            assert limited.json()["error"]["code"] == "rate_limited"
+            for _ in range(5):
+                assert (await client.get("/health")).status_code == 200
+
+
+async def test_operation_logs_carry_the_request_id(http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    doc = {"title": "Audit", "layer": "practices", "body": "Who changed what."}
+    await http.put("/v1/knowledge/audited", json=doc, headers={"X-Request-ID": "req-77"})
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "sage.core"]
+    save = next(line for line in lines if line["context"].get("operation") == "save")
+    assert save["context"]["request_id"] == "req-77" and save["context"]["audit"] is True
