@@ -43,6 +43,16 @@ class Running:
         return [json.loads(line) for line in self.stderr_path.read_text().splitlines() if line.strip()]
 
 
+def scrape(server: Running) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample on the metrics port, parsed with prometheus-client's own parser."""
+    text = httpx.get(f"{server.metrics}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -118,13 +128,11 @@ async def test_serves_health_rest_mcp_and_metrics(server: Running) -> None:
             result = await client.call_tool("sage_search", {"query": "isolate pools"})
             assert "bulkheads" in json.dumps(result.structured_content)
 
-    text = httpx.get(f"{server.metrics}/metrics").text
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-    assert samples[("sage_operations_total", (("operation", "search"), ("status", "ok")))] >= 1
+    samples = scrape(server)
+    searches = ("sage_operations_total", (("operation", "search"), ("status", "ok")))
+    assert samples[searches] >= 1
+    httpx.get(f"{server.api}/v1/search", params={"q": "something else entirely"})
+    assert scrape(server)[searches] == samples[searches] + 1
     assert samples[("sage_documents", (("layer", "frameworks"),))] == 2
     assert any(name == "sage_http_requests_total" and ("route", "/v1/search") in labels for name, labels in samples)
     assert any(name == "sage_mcp_tool_calls_total" for name, _ in samples)
