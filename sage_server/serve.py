@@ -39,8 +39,11 @@ class _Server(uvicorn.Server):
 def bind(host: str, port: int, setting: str) -> socket.socket:
     """Bind a listening socket, or stop with an error naming the port and the setting that chose it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on connections whose socket says TCP,
+    # and proto 0 would leave every small response waiting ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
