@@ -88,7 +88,7 @@ def verify(path: Path, thorough: bool = False) -> VerifyReport:
             checks.append(Check(name=query.name, ok=ok, detail="ok" if ok else f"{len(rows)} problems: {rows[:3]}"))
         checks.append(_schema(conn))
         if checks[-1].ok:
-            checks += [_fts(conn, "docs_fts"), _fts(conn, "sections_fts")]
+            checks.append(_fts(conn, "docs_fts"))
             if thorough:
                 checks += [_hashes(conn), _revisions(conn)]
     except sqlite3.Error as exc:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import sqlite3
 from dataclasses import dataclass
 
 import aiosqlite
 
 from sage_server.models import ContextResult, ContextSection, OmittedSection
-from sage_server.search import SECTION_WEIGHTS, ParsedQuery, Ranked, rank
+from sage_server.search import ParsedQuery, Ranked, rank, term_patterns
 from sage_server.text import estimate_tokens
 
 TOP_DOCUMENTS = 4
@@ -49,54 +51,53 @@ async def essentials(conn: aiosqlite.Connection, layer: str) -> list[str]:
         return [f"- **{r['title']}** (`{r['id']}`): {r['summary']}".rstrip(": ") for r in await cursor.fetchall()]
 
 
+def _section_scores(query: ParsedQuery, rows: list[sqlite3.Row]) -> list[float]:
+    """How well each section answers the query: every query word found counts by how rare it is among these
+    sections (a word in all of them tells nothing) and how often it occurs; in the heading it counts double."""
+    patterns = term_patterns(query)
+    counts = [[len(p.findall(row["text"])) for p in patterns] for row in rows]
+    in_heading = [[bool(p.search(row["heading"])) for p in patterns] for row in rows]
+    spread = [sum(1 for c in counts if c[t]) for t in range(len(patterns))]
+    weights = [math.log(1 + len(rows) / (1 + n)) for n in spread]
+    return [
+        sum(w * (math.log(1 + c) + 2 * h) for w, c, h in zip(weights, row_counts, heads, strict=True))
+        for row_counts, heads in zip(counts, in_heading, strict=True)
+    ]
+
+
 async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list[Ranked]) -> list[Candidate]:
-    docs = [r.row for r in ranked]
-    score = {r.row["key"]: r.score for r in ranked}
-    keys = [d["key"] for d in docs]
-    rank = {d["key"]: i for i, d in enumerate(docs)}
-    weights = ", ".join(str(w) for w in SECTION_WEIGHTS)
-    marks = ",".join("?" * len(keys))
+    docs = {r.row["key"]: (i, r) for i, r in enumerate(ranked)}
     async with conn.execute(
-        f"SELECT s.doc_key, s.ord, s.heading, substr(d.body, s.start + 1, s.length) AS text, "
-        f"bm25(sections_fts, {weights}) AS score "
-        f"FROM sections_fts JOIN sections s ON s.key = sections_fts.rowid JOIN documents d ON d.key = s.doc_key "
-        f"WHERE sections_fts MATCH ? AND s.doc_key IN ({marks}) ORDER BY score",
-        [query.fts(), *keys],
+        "SELECT s.doc_key, s.ord, s.heading, substr(d.body, s.start + 1, s.length) AS text "
+        f"FROM sections s JOIN documents d ON d.key = s.doc_key WHERE s.doc_key IN ({','.join('?' * len(docs))}) "
+        "ORDER BY s.doc_key, s.ord",
+        list(docs),
     ) as cursor:
-        matched = list(await cursor.fetchall())
-    # A document found by its triggers or tags may have no matching section: offer its opening section.
-    found = {row["doc_key"] for row in matched}
-    missing = [k for k in keys if k not in found]
-    if missing:
-        async with conn.execute(
-            f"SELECT s.doc_key, s.ord, s.heading, substr(d.body, s.start + 1, s.length) AS text, 0.0 AS score "
-            f"FROM sections s JOIN documents d ON d.key = s.doc_key "
-            f"WHERE s.doc_key IN ({','.join('?' * len(missing))}) AND s.ord = 0",
-            missing,
-        ) as cursor:
-            matched += await cursor.fetchall()
-    by_key = {d["key"]: d for d in docs}
-    per_doc: dict[int, int] = {}
+        rows = list(await cursor.fetchall())
+    scores = _section_scores(query, rows) if rows else []
+    best: dict[int, list[tuple[float, sqlite3.Row]]] = {}
+    for row, score in zip(rows, scores, strict=True):
+        best.setdefault(row["doc_key"], []).append((score, row))
     ordered: list[tuple[float, int, Candidate]] = []
-    for row in matched:
-        nth = per_doc.get(row["doc_key"], 0)
-        if nth >= SECTIONS_PER_DOCUMENT:
-            continue
-        per_doc[row["doc_key"]] = nth + 1
-        doc = by_key[row["doc_key"]]
-        candidate = Candidate(
-            doc_rank=rank[row["doc_key"]],
-            doc_id=doc["id"],
-            title=doc["title"],
-            layer=doc["layer"],
-            revision=doc["revision"],
-            ord=row["ord"],
-            heading=row["heading"],
-            text=_strip_heading(row["text"]),
-        )
-        # A document's n-th best section is worth its document's score times SECTION_DECAY**n: a strong
-        # document gives several sections before a weak one gives its first.
-        ordered.append((score[row["doc_key"]] * SECTION_DECAY**nth, candidate.doc_rank, candidate))
+    for key, sections in best.items():
+        rank, doc = docs[key]
+        matching = sorted((item for item in sections if item[0] > 0), key=lambda item: -item[0])
+        # A document found by its triggers or tags may have no matching section: offer its opening section.
+        chosen = matching[:SECTIONS_PER_DOCUMENT] or sections[:1]
+        for nth, (_, row) in enumerate(chosen):
+            candidate = Candidate(
+                doc_rank=rank,
+                doc_id=doc.row["id"],
+                title=doc.row["title"],
+                layer=doc.row["layer"],
+                revision=doc.row["revision"],
+                ord=row["ord"],
+                heading=row["heading"],
+                text=_strip_heading(row["text"]),
+            )
+            # A document's n-th best section is worth its document's score times SECTION_DECAY**n: a strong
+            # document gives several sections before a weak one gives its first.
+            ordered.append((doc.score * SECTION_DECAY**nth, rank, candidate))
     ordered.sort(key=lambda item: (-item[0], item[1]))
     return [c for _, _, c in ordered]
 

@@ -9,7 +9,6 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-
 # Set by the HTTP middleware for the length of a request: every line logged meanwhile carries its request id and
 # client, so an operation (a write, say) can be traced to the request that made it.
 REQUEST: ContextVar[dict[str, str] | None] = ContextVar("sage_request", default=None)

@@ -17,8 +17,6 @@ from sage_server.text import CJK_CLASS, bigrams, has_cjk
 
 # Column weights for bm25(), in docs_fts column order: title, tags, triggers, summary, headings, body, cjk.
 DOC_WEIGHTS = (10.0, 5.0, 6.0, 4.0, 3.0, 1.0, 4.0)
-# sections_fts: title, heading, body, cjk.
-SECTION_WEIGHTS = (3.0, 4.0, 1.0, 2.0)
 MAX_TERMS = 64
 # Re-scoring of the best BM25 candidates (see rank()).
 RERANK_WINDOW = 30
@@ -252,18 +250,24 @@ SNIPPET_WIDTH = 220
 _MARKUP = re.compile(r"(?m)^\s*#{1,6}\s+|\*\*|__|`+")
 
 
-def _patterns(query: ParsedQuery) -> list[str]:
-    """Regex pieces that find a query's words in raw text: a short stem for words (the index stems with Porter,
+def _term_pieces(term: Term) -> list[str]:
+    """Regex pieces that find a query term in raw text: a short stem for a word (the index stems with Porter,
     which a regex cannot), the text itself for prefixes and phrases, and the run and its bigrams for CJK."""
-    pieces: list[str] = []
-    for term in query.terms:
-        if term.kind == "cjk":
-            pieces += [re.escape(term.text), *(re.escape(g) for g in bigrams(term.text))]
-        elif term.kind == "word" and len(term.text) > 4:
-            pieces.append(re.escape(term.text[: max(4, len(term.text) - 2)]) + r"\w*")
-        else:
-            pieces.append(re.escape(term.text) + r"\w*")
-    return sorted(set(pieces), key=len, reverse=True)
+    if term.kind == "cjk":
+        return [re.escape(term.text), *(re.escape(g) for g in bigrams(term.text))]
+    if term.kind == "word" and len(term.text) > 4:
+        return [re.escape(term.text[: max(4, len(term.text) - 2)]) + r"\w*"]
+    return [re.escape(term.text) + r"\w*"]
+
+
+def term_patterns(query: ParsedQuery) -> list[re.Pattern[str]]:
+    """One case-insensitive pattern per query term, for finding the terms in raw text."""
+    return [re.compile("|".join(_term_pieces(t)), re.IGNORECASE) for t in query.terms[:COVERAGE_TERMS]]
+
+
+def _patterns(query: ParsedQuery) -> list[str]:
+    pieces = {piece for term in query.terms for piece in _term_pieces(term)}
+    return sorted(pieces, key=len, reverse=True)  # longest first: a stem must not cut a longer match short
 
 
 def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH) -> str | None:

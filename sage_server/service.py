@@ -58,6 +58,7 @@ Strings = list[str]
 PathList = list[Path]
 RankedList = list[search.Ranked]
 Keys = list[int]
+NewDocuments = list[tuple[DocumentIn, store.Source]]
 
 
 class KnowledgeService(BoundedViews):
@@ -565,6 +566,7 @@ class KnowledgeService(BoundedViews):
                     existing = {row["id"]: row for row in await cursor.fetchall()}
                 # An id derived from a path depends on the folder imported; a file already known keeps its id.
                 known_paths = {row["source_path"]: row["id"] for row in existing.values() if row["source_path"]}
+                fresh: NewDocuments = []
                 for parsed in collected.files:
                     if parsed.id_from_path and known_paths.get(parsed.path, parsed.doc.id) != parsed.doc.id:
                         parsed = ingest.ParsedFile(
@@ -573,7 +575,8 @@ class KnowledgeService(BoundedViews):
                             parsed.source_hash,
                             id_from_path=True,
                         )
-                    await self._import_one(conn, parsed, existing.pop(parsed.doc.id, None), report)
+                    await self._import_one(conn, parsed, existing.pop(parsed.doc.id, None), report, fresh)
+                await store.insert_many(conn, fresh)
                 # What is left was not in this run: soft-delete those whose file is gone from an imported folder.
                 for row in existing.values():
                     path = row["source_path"]
@@ -602,10 +605,11 @@ class KnowledgeService(BoundedViews):
         parsed: ingest.ParsedFile,
         row: sqlite3.Row | None,
         report: ImportReport,
+        fresh: NewDocuments,
     ) -> None:
         source = store.Source(parsed.path, parsed.source_hash)
         if row is None:
-            await store.insert(conn, parsed.doc, source)
+            fresh.append((parsed.doc, source))  # inserted together after the loop
             report.created += 1
             return
         owner = row["source_path"]

@@ -21,6 +21,15 @@ DOCUMENT_COLUMNS = (
 )
 
 
+DOCUMENT_INSERT = (
+    "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, headings, cjk, source_path, "
+    "source_hash, content_hash, tokens, revision, change, created_at, updated_at) "
+    "VALUES (:id, :title, :layer, :tags, :triggers, :summary, :body, :headings, :cjk, :source_path, "
+    ":source_hash, :content_hash, :tokens, 1, 'create', :now, :now)"
+)
+SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (?, ?, ?, ?, ?, ?)"
+
+
 def now_iso() -> str:
     """The current UTC time as ISO-8601 text, the form every timestamp is stored in."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
@@ -98,26 +107,18 @@ def _fields(doc: DocumentIn) -> dict[str, Any]:
     }
 
 
-async def _insert_sections(conn: aiosqlite.Connection, doc_key: int, body: str) -> None:
-    rows = [
-        (
-            doc_key,
-            ord_,
-            s.heading,
-            s.start,
-            s.end - s.start,
-            estimate_tokens(body[s.start : s.end]),
-            cjk_index_text(body[s.start : s.end]),
-        )
-        for ord_, s in enumerate(sections(body))
+def _section_rows(doc_key: int, body: str) -> list[tuple[int, int, str, int, int, int]]:
+    return [
+        (doc_key, number, part.heading, part.start, part.end - part.start, estimate_tokens(body[part.start : part.end]))
+        for number, part in enumerate(sections(body))
     ]
-    await conn.executemany(
-        "INSERT INTO sections (doc_key, ord, heading, start, length, tokens, cjk) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-    )
+
+
+async def _insert_sections(conn: aiosqlite.Connection, doc_key: int, body: str) -> None:
+    await conn.executemany(SECTION_INSERT, _section_rows(doc_key, body))
 
 
 async def _drop_sections(conn: aiosqlite.Connection, doc_key: int) -> None:
-    # Before the document row changes: the index's delete trigger reads the text it was built from.
     await conn.execute("DELETE FROM sections WHERE doc_key = ?", (doc_key,))
 
 
@@ -131,21 +132,26 @@ async def _archive(conn: aiosqlite.Connection, row: sqlite3.Row) -> None:
     )
 
 
-async def insert(conn: aiosqlite.Connection, doc: DocumentIn, source: Source) -> int:
-    """Create a document at revision 1; return its key."""
+async def insert(conn: aiosqlite.Connection, doc: DocumentIn, source: Source) -> None:
+    """Create a document at revision 1."""
+    await insert_many(conn, [(doc, source)])
+
+
+async def insert_many(conn: aiosqlite.Connection, items: list[tuple[DocumentIn, Source]]) -> None:
+    """Create many documents at revision 1 in three statements (an import's new files arrive this way: one
+    round trip to the database thread per document would cost more than indexing them)."""
+    if not items:
+        return
     now = now_iso()
-    values = _fields(doc)
-    cursor = await conn.execute(
-        "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, headings, cjk, source_path, "
-        "source_hash, content_hash, tokens, revision, change, created_at, updated_at) "
-        "VALUES (:id, :title, :layer, :tags, :triggers, :summary, :body, :headings, :cjk, :source_path, "
-        ":source_hash, :content_hash, :tokens, 1, 'create', :now, :now)",
-        {**values, "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now},
-    )
-    key = cursor.lastrowid
-    assert key is not None
-    await _insert_sections(conn, key, doc.body)
-    return key
+    rows = [
+        {**_fields(doc), "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now}
+        for doc, source in items
+    ]
+    await conn.executemany(DOCUMENT_INSERT, rows)
+    ids = json.dumps([doc.id for doc, _ in items])
+    async with conn.execute("SELECT id, key FROM documents WHERE id IN (SELECT value FROM json_each(?))", (ids,)) as c:
+        keys: dict[str, int] = {row[0]: row[1] for row in await c.fetchall()}
+    await conn.executemany(SECTION_INSERT, [row for doc, _ in items for row in _section_rows(keys[doc.id], doc.body)])
 
 
 async def replace(

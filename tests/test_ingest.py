@@ -112,17 +112,12 @@ async def test_an_interrupted_import_leaves_the_previous_state_whole(
         for name in ("a", "b", "c"):
             write_doc(knowledge, f"practices/{name}.md", f"# Doc {name}\n\ntext\n")
         write_doc(knowledge, "core/honesty.md", "# Honesty rewritten\n\nnew\n")
-        calls = 0
-        real_insert = store.insert
 
-        async def failing_insert(*args: object, **kwargs: object) -> int:
-            nonlocal calls
-            calls += 1
-            if calls == 2:
-                raise OSError("disk full")
-            return await real_insert(*args, **kwargs)  # type: ignore[arg-type]
+        async def failing_insert(*args: object, **kwargs: object) -> None:
+            # By now the changed core/honesty.md has been written as a new revision in this transaction.
+            raise OSError("disk full")
 
-        monkeypatch.setattr(store, "insert", failing_insert)
+        monkeypatch.setattr(store, "insert_many", failing_insert)
         with pytest.raises(OSError, match="disk full"):
             await kb.import_paths([knowledge])
         after = await kb.info()

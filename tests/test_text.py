@@ -36,3 +36,24 @@ def test_frontmatter_and_first_heading() -> None:
     assert meta == {"title": "T", "tags": ["a"]} and body.startswith("# Heading")
     assert split_frontmatter("no frontmatter\n---\n") == ({}, "no frontmatter\n---\n")
     assert first_heading("text\n\n## Second level\n") == "Second level"
+
+
+def test_plain_frontmatter_reads_exactly_as_yaml_does() -> None:
+    import yaml
+
+    cases = [
+        "title: Hello world\ntags: [a, b c]\ntriggers: []",
+        "title: café 中文",
+        "title: a: b",
+        "tags: [a, 'b']",
+        "id: 12",
+        "draft: true",
+        "t: - a",
+        "t: a # comment",
+        "k: [a]\nk: b",
+        "t: ~",
+        "nested:\n  x: 1",
+    ]
+    for block in cases:
+        meta, body = split_frontmatter(f"---\n{block}\n---\nbody\n")
+        assert meta == (yaml.safe_load(block) or {}) and body == "body\n", block
