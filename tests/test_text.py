@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sage_server.markdown import first_heading, sections, split_frontmatter
+import pytest
+import yaml
+
+from sage_server.markdown import FrontmatterError, first_heading, sections, split_frontmatter
 from sage_server.text import cjk_index_text, estimate_tokens
 
 
@@ -39,8 +42,6 @@ def test_frontmatter_and_first_heading() -> None:
 
 
 def test_plain_frontmatter_reads_exactly_as_yaml_does() -> None:
-    import yaml
-
     cases = [
         "title: Hello world\ntags: [a, b c]\ntriggers: []",
         "title: café 中文",
@@ -55,5 +56,11 @@ def test_plain_frontmatter_reads_exactly_as_yaml_does() -> None:
         "nested:\n  x: 1",
     ]
     for block in cases:
+        try:
+            expected = yaml.safe_load(block) or {}
+        except yaml.YAMLError:
+            with pytest.raises(FrontmatterError):
+                split_frontmatter(f"---\n{block}\n---\nbody\n")
+            continue
         meta, body = split_frontmatter(f"---\n{block}\n---\nbody\n")
-        assert meta == (yaml.safe_load(block) or {}) and body == "body\n", block
+        assert meta == expected and body == "body\n", block
