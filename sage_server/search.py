@@ -24,7 +24,6 @@ COVERAGE_TERMS = 16
 COVERAGE_WEIGHT = 0.25
 META_WEIGHT = 1.0
 TRIGGER_WEIGHT = 1.0
-META_COLUMNS = "{title tags triggers summary}"
 MAX_QUERY_CHARS = 4000
 
 _PHRASE = re.compile(r'"([^"]*)"')
@@ -186,28 +185,22 @@ async def rank_documents(
 
 @dataclass
 class Ranked:
-    """A ranked document row and its final score (higher is better)."""
+    """A ranked document row, its final score (higher is better) and, for the re-scored head, its body's opening."""
 
     row: sqlite3.Row
     score: float
+    body: str | None = None
 
 
-async def _coverage(conn: aiosqlite.Connection, query: ParsedQuery, keys: list[int]) -> dict[tuple[str, int], int]:
-    """How many query terms each document matches anywhere ('all') and in its title/tags/triggers/summary
-    ('meta'), in one statement."""
-    marks = ",".join("?" * len(keys))
-    parts: list[str] = []
-    params: list[object] = []
-    for term in query.terms[:COVERAGE_TERMS]:
-        variants = [("all", term.fts())] + ([("meta", f"{META_COLUMNS} : {term.fts()}")] if term.kind != "cjk" else [])
-        for kind, fts in variants:
-            parts.append(f"SELECT ? AS kind, rowid FROM docs_fts WHERE docs_fts MATCH ? AND rowid IN ({marks})")
-            params += [kind, fts, *keys]
-    counts: dict[tuple[str, int], int] = {}
-    async with conn.execute(" UNION ALL ".join(parts), params) as cursor:
-        for kind, key in await cursor.fetchall():
-            counts[(kind, key)] = counts.get((kind, key), 0) + 1
-    return counts
+async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, str]:
+    """The opening of each document's body, as much as snippets and re-scoring read."""
+    if not keys:
+        return {}
+    async with conn.execute(
+        f"SELECT key, substr(body, 1, ?) FROM documents WHERE key IN ({','.join('?' * len(keys))})",
+        [SNIPPET_SCAN_CHARS, *keys],
+    ) as cursor:
+        return {row[0]: row[1] for row in await cursor.fetchall()}
 
 
 async def rank(
@@ -222,22 +215,27 @@ async def rank(
 
     FTS5's BM25 gives a term found in over half the documents an IDF of ~0, so in a small or focused
     knowledge base the words that matter most ('review' in a review guide) count for nothing. Re-scoring
-    the head by how many query terms a document matches, and how many its title/tags/triggers/summary
-    match, restores them without a second index.
+    the head by how many query terms a document holds, how many its title/tags/triggers/summary hold, and
+    whether its trigger phrases occur in the query restores them. The coverage is read from the text with
+    the snippet patterns: one more MATCH per term would cost more than the ranking itself.
     """
     rows = await rank_documents(conn, query.fts(), layers, tags, max(RERANK_WINDOW, offset + limit), 0)
     best = max((-row["score"] for row in rows), default=0.0)
     ranked = [Ranked(row, (-row["score"] / best) if best > 0 else 0.0) for row in rows]
     head = ranked[:RERANK_WINDOW]
-    if head and len(query.terms) > 0:
-        counts = await _coverage(conn, query, [r.row["key"] for r in head])
-        terms = min(len(query.terms), COVERAGE_TERMS)
-        meta_terms = max(1, sum(1 for t in query.terms[:COVERAGE_TERMS] if t.kind != "cjk"))
+    if head and query.terms:
+        texts = await bodies(conn, [item.row["key"] for item in head])
+        patterns = term_patterns(query)
+        meta_patterns = [p for p, t in zip(patterns, query.terms, strict=False) if t.kind != "cjk"]
         for item in head:
-            key = item.row["key"]
-            item.score += COVERAGE_WEIGHT * counts.get(("all", key), 0) / terms
-            item.score += META_WEIGHT * counts.get(("meta", key), 0) / meta_terms
-            triggered = trigger_matches(query.text, json.loads(item.row["triggers"]))
+            item.body = texts.get(item.row["key"], "")
+            row = item.row
+            meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"]))
+            found = sum(1 for p in patterns if p.search(meta) or p.search(item.body))
+            in_meta = sum(1 for p in meta_patterns if p.search(meta))
+            item.score += COVERAGE_WEIGHT * found / len(patterns)
+            item.score += META_WEIGHT * in_meta / max(1, len(meta_patterns))
+            triggered = trigger_matches(query.text, json.loads(row["triggers"]))
             item.score += TRIGGER_WEIGHT * min(triggered, 2) / 2
         head.sort(key=lambda r: -r.score)
         ranked[:RERANK_WINDOW] = head
@@ -245,7 +243,7 @@ async def rank(
 
 
 # Snippets scan at most this much of a body: their cost must not grow with the document.
-SNIPPET_SCAN_CHARS = 100_000
+SNIPPET_SCAN_CHARS = 20_000
 SNIPPET_WIDTH = 220
 _MARKUP = re.compile(r"(?m)^\s*#{1,6}\s+|\*\*|__|`+")
 

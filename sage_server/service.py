@@ -336,7 +336,7 @@ class KnowledgeService(BoundedViews):
         offset = search.decode_cursor(cursor, query_key)
         corrected: str | None = None
         ranked: RankedList | None = None
-        bodies: dict[int, str] = {}
+        texts: dict[int, str] = {}
         with self.deadlines.partial("search", "search") as window:
             async with self.db.read() as conn:
                 ranked = await search.rank(conn, parsed, layers, tags, limit + 1, offset)
@@ -345,13 +345,14 @@ class KnowledgeService(BoundedViews):
                     if fixed is not None:
                         parsed, corrected = fixed, search.describe(fixed)
                         ranked = await search.rank(conn, parsed, layers, tags, limit + 1, 0)
-                bodies = await self._bodies(conn, [item.row["key"] for item in ranked[:limit]])
+                # Past the re-scored head (deep pages), bodies for the snippets are read here.
+                texts = await search.bodies(conn, [i.row["key"] for i in ranked[:limit] if i.body is None])
         if ranked is None:
             raise Timeout(window.reason or "search timed out", operation="search")
-        hits = [
-            search.to_hit(item, search.make_snippet(bodies.get(item.row["key"], ""), parsed) or item.row["summary"])
-            for item in ranked[:limit]
-        ]
+        hits = []
+        for item in ranked[:limit]:
+            body = item.body if item.body is not None else texts.get(item.row["key"], "")
+            hits.append(search.to_hit(item, search.make_snippet(body, parsed) or item.row["summary"]))
         more = len(ranked) > limit and not corrected
         return SearchResult(
             query=query,
@@ -361,17 +362,6 @@ class KnowledgeService(BoundedViews):
             partial=window.partial,
             partial_reason=window.reason,
         )
-
-    @staticmethod
-    async def _bodies(conn: aiosqlite.Connection, keys: Keys) -> dict[int, str]:
-        """The opening of each document's body, as much as a snippet may scan."""
-        if not keys:
-            return {}
-        async with conn.execute(
-            f"SELECT key, substr(body, 1, ?) FROM documents WHERE key IN ({','.join('?' * len(keys))})",
-            [search.SNIPPET_SCAN_CHARS, *keys],
-        ) as cursor:
-            return {row[0]: row[1] for row in await cursor.fetchall()}
 
     async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
         """What to read before doing `task`: core essentials, then the best sections, within `max_tokens`."""

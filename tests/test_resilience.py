@@ -140,19 +140,18 @@ async def test_frozen_redis_still_meets_the_read_deadline(
 async def test_a_slow_search_returns_what_was_ranked_marked_partial(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def stuck_bodies(conn: object, keys: list[int]) -> dict[int, str]:
+    async def stuck_correction(*args: object) -> None:
         await anyio.sleep(30)
-        return {}
 
     fast = settings.model_copy(update={"timeout_search_ms": 300, "cache_memory": False, "cache_disk": False})
     async with open_service(fast) as kb:
-        monkeypatch.setattr(KnowledgeService, "_bodies", staticmethod(stuck_bodies))
+        # Few hits make the search look for misspellings; that step hangs here, after ranking finished.
+        monkeypatch.setattr(search, "correct", stuck_correction)
         started = time.monotonic()
         result = await kb.search("circuit breaker")
         assert time.monotonic() - started < 1.0
         assert result.partial and "search limit of 300 ms" in (result.partial_reason or "")
-        assert result.hits[0].id == "timeout-resilience"
-        assert result.hits[0].snippet == "Deadlines, retries with backoff and circuit breakers."
+        assert result.hits[0].id == "timeout-resilience" and "**" in result.hits[0].snippet
 
 
 async def test_a_search_that_cannot_rank_in_time_is_a_timeout(
