@@ -198,7 +198,7 @@ def test_health_command_checks_a_running_server(server: Running) -> None:
     assert down.returncode == 4 and "unreachable" in down.stdout + down.stderr
 
 
-def test_schemathesis_finds_no_server_errors(server: Running) -> None:
+def test_schemathesis_finds_no_server_errors(server: Running, tmp_path: Path) -> None:
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     if st is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
@@ -218,6 +218,7 @@ def test_schemathesis_finds_no_server_errors(server: Running) -> None:
             "--seed",
             "1",
         ],
+        cwd=tmp_path,  # its cache folder stays out of the repository
         capture_output=True,
         text=True,
         timeout=600,
