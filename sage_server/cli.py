@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import traceback
@@ -490,7 +491,8 @@ def mcp(ctx: click.Context, transport: str, host: str | None, port: int | None) 
 
 def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) -> None:
     try:
-        anyio.run(main_loop)
+        # uvloop, where it is installed (not on Windows), serves HTTP with noticeably less CPU a request.
+        anyio.run(main_loop, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})
     except KeyboardInterrupt:
         pass
     except SageError as exc:
