@@ -81,13 +81,25 @@ class Database:
             conn = self._idle.pop()
             try:
                 yield conn
-            except BaseException:
-                # A deadline cancelled the await, not the query: stop it in SQLite so this connection is free
-                # for the next reader instead of finishing work nobody waits for.
-                await conn.interrupt()
+            except anyio.get_cancelled_exc_class():
+                # A deadline cancelled the await, not the query, which may still run and hold an open statement
+                # (and an interrupt would then also hit the next reader's statements): stop it, and put a fresh
+                # connection in its place.
+                with anyio.CancelScope(shield=True):
+                    conn = await self._replace(conn)
                 raise
             finally:
                 self._idle.append(conn)
+
+    async def _replace(self, conn: aiosqlite.Connection) -> aiosqlite.Connection:
+        await conn.interrupt()
+        try:
+            await conn.close()
+        except sqlite3.Error:
+            pass  # it was being interrupted; it is closed all the same
+        fresh = await _connect(self.path, readonly=True)
+        self._readers = [fresh if c is conn else c for c in self._readers]
+        return fresh
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -194,3 +194,14 @@ async def test_unusable_database_falls_back_to_the_bundled_core(tmp_path: Path) 
         with pytest.raises(Unavailable, match="read-only"):
             await kb.save(doc("nope"))
     assert (tmp_path / "broken.db").read_bytes() == b"not a database at all" * 50
+
+
+async def test_a_cancelled_read_leaves_no_poisoned_connection(settings: Settings) -> None:
+    async with open_service(settings) as kb:
+        for _ in range(6):  # more than the pool holds, so every reader is cancelled at least once
+            with anyio.move_on_after(0):
+                async with kb.db.read() as conn:
+                    await conn.execute("SELECT count(*) FROM docs_fts WHERE docs_fts MATCH 'retry OR key OR rotate'")
+        for _ in range(6):
+            assert (await kb.search("rotate a leaked key")).hits
+        assert (await kb.health()).status == "healthy"
