@@ -18,6 +18,8 @@ from sage_server.text import CJK_CLASS, bigrams, has_cjk
 # Column weights for bm25(), in docs_fts column order: title, tags, triggers, summary, headings, body, cjk.
 DOC_WEIGHTS = (10.0, 5.0, 6.0, 4.0, 3.0, 1.0, 4.0)
 MAX_TERMS = 64
+# Queries of up to this many terms first ask for documents holding all of them (see rank()).
+ALL_TERMS_FIRST = 6
 # Re-scoring of the best BM25 candidates (see rank()).
 RERANK_WINDOW = 30
 COVERAGE_TERMS = 16
@@ -70,6 +72,10 @@ class ParsedQuery:
 
     def fts(self) -> str:
         return " OR ".join(term.fts() for term in self.terms)
+
+    def fts_all(self) -> str:
+        """The query that needs every term (used first: see `rank`)."""
+        return " AND ".join(term.fts() for term in self.terms)
 
 
 def _words(text: str) -> list[Term]:
@@ -219,7 +225,19 @@ async def rank(
     whether its trigger phrases occur in the query restores them. The coverage is read from the text with
     the snippet patterns: one more MATCH per term would cost more than the ranking itself.
     """
-    rows = await rank_documents(conn, query.fts(), layers, tags, max(RERANK_WINDOW, offset + limit), 0)
+    window = max(RERANK_WINDOW, offset + limit)
+    rows: list[sqlite3.Row] = []
+    if 1 < len(query.terms) <= ALL_TERMS_FIRST:
+        # Documents holding every word are the answer when there are enough of them; asking for them first
+        # spares BM25 from scoring every document that holds any word (most of a large knowledge base when the
+        # words are common: 200+ ms at 100k documents).
+        rows = await rank_documents(conn, query.fts_all(), layers, tags, RERANK_WINDOW, 0)
+        if len(rows) >= RERANK_WINDOW and window > RERANK_WINDOW:
+            rows = await rank_documents(conn, query.fts_all(), layers, tags, window, 0)
+        elif len(rows) < RERANK_WINDOW:
+            rows = []
+    if not rows:
+        rows = await rank_documents(conn, query.fts(), layers, tags, window, 0)
     best = max((-row["score"] for row in rows), default=0.0)
     ranked = [Ranked(row, (-row["score"] / best) if best > 0 else 0.0) for row in rows]
     head = ranked[:RERANK_WINDOW]
