@@ -43,7 +43,8 @@ CREATE TABLE revisions (
     PRIMARY KEY (doc_key, revision)
 ) WITHOUT ROWID;
 
--- Sections are slices of the current body (character offsets), cut at headings for context packing.
+-- Sections are slices of the current body (character offsets), cut at headings for context packing; they are
+-- ranked in Python inside the few documents search has chosen, so they need no full-text index of their own.
 CREATE TABLE sections (
     key INTEGER PRIMARY KEY,
     doc_key INTEGER NOT NULL REFERENCES documents (key) ON DELETE CASCADE,
@@ -52,14 +53,8 @@ CREATE TABLE sections (
     start INTEGER NOT NULL,
     length INTEGER NOT NULL,
     tokens INTEGER NOT NULL,
-    cjk TEXT NOT NULL DEFAULT '',
     UNIQUE (doc_key, ord)
 );
-
-CREATE VIEW section_texts AS
-SELECT s.key AS key, d.title AS title, s.heading AS heading,
-       substr(d.body, s.start + 1, s.length) AS body, s.cjk AS cjk
-FROM sections s JOIN documents d ON d.key = s.doc_key;
 
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
@@ -67,20 +62,15 @@ CREATE TABLE meta (
 );
 INSERT INTO meta (key, value) VALUES ('generation', '0');
 
--- Full-text indexes read their text from the tables above (external content), so nothing is stored twice.
+-- The full-text index reads its text from documents (external content), so nothing is stored twice. No prefix
+-- index: it cost a third of every import and served only two- and three-letter `word*` queries.
 -- porter stems English, unicode61 folds case and accents; the cjk column holds bigrams (see text.py).
 CREATE VIRTUAL TABLE docs_fts USING fts5 (
     title, tags, triggers, summary, headings, body, cjk,
     content = 'documents', content_rowid = 'key',
-    tokenize = 'porter unicode61 remove_diacritics 2', prefix = '2 3'
-);
-CREATE VIRTUAL TABLE docs_vocab USING fts5vocab (docs_fts, 'row');
-
-CREATE VIRTUAL TABLE sections_fts USING fts5 (
-    title, heading, body, cjk,
-    content = 'section_texts', content_rowid = 'key',
     tokenize = 'porter unicode61 remove_diacritics 2'
 );
+CREATE VIRTUAL TABLE docs_vocab USING fts5vocab (docs_fts, 'row');
 
 -- Only live documents are indexed. Soft delete and restore move a row out of and back into the index.
 CREATE TRIGGER documents_ai AFTER INSERT ON documents WHEN new.deleted_at IS NULL BEGIN
@@ -102,14 +92,3 @@ CREATE TRIGGER documents_au AFTER UPDATE ON documents BEGIN
     WHERE new.deleted_at IS NULL;
 END;
 
--- Sections are always replaced whole: the store deletes a document's sections before changing its
--- row (so the index sees the text it was built from) and inserts the new ones after.
-CREATE TRIGGER sections_ai AFTER INSERT ON sections BEGIN
-    INSERT INTO sections_fts (rowid, title, heading, body, cjk)
-    SELECT key, title, heading, body, cjk FROM section_texts WHERE key = new.key;
-END;
-CREATE TRIGGER sections_ad AFTER DELETE ON sections BEGIN
-    INSERT INTO sections_fts (sections_fts, rowid, title, heading, body, cjk)
-    SELECT 'delete', old.key, d.title, old.heading, substr(d.body, old.start + 1, old.length), old.cjk
-    FROM documents d WHERE d.key = old.doc_key;
-END;
