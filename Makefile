@@ -31,6 +31,9 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.bench
+
 eval: $(VENV)/.installed
 	$(BIN)/sage eval
 

@@ -132,9 +132,7 @@ class Vocabulary:
         rng.shuffle(head)
         content = head + tail
         cjk = list(
-            dict.fromkeys(
-                "".join(rng.choice(CJK_CHARS) for _ in range(rng.choice((2, 2, 3, 4)))) for _ in range(400)
-            )
+            dict.fromkeys("".join(rng.choice(CJK_CHARS) for _ in range(rng.choice((2, 2, 3, 4)))) for _ in range(400))
         )
         vocabulary = cls(words=[*FUNCTION_WORDS, *content], content=content, cjk=cjk, rng=rng)
         vocabulary._cumulative = _zipf_cumulative(len(vocabulary.words))

@@ -1,0 +1,66 @@
+"""One benchmark run: for each corpus size, generate, import, measure in process and over the wire, then report."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tests.bench import inprocess, remote
+from tests.bench.corpus import QueryStream, generate
+from tests.bench.load import FULL, QUICK
+from tests.bench.report import Results, table, to_json, write_json
+
+DEFAULT_SIZES = (1000, 10_000)
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass
+class Options:
+    """What to run: corpus sizes, the seed, where the JSON goes, and the short (--quick) budget."""
+
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    seed: int = 7
+    out: Path = Path("bench-results")
+    quick: bool = False
+    redis_url: str = DEFAULT_REDIS_URL
+
+
+def progress(message: str) -> None:
+    """A line on stderr, so that stdout carries only the table."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+async def measure_size(size: int, options: Options) -> Results:
+    """Every measurement for one corpus size, in a temporary folder removed afterwards."""
+    budget = QUICK if options.quick else FULL
+    results = Results(size)
+    with tempfile.TemporaryDirectory(prefix=f"sage-bench-{size}-") as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        corpus = generate(work / "corpus", size, options.seed)
+        results.figures["corpus_mb"] = round(corpus.bytes / 2**20, 1)
+        results.figures["generate_s"] = round(time.perf_counter() - started, 2)
+        progress(
+            f"{size} docs: corpus of {results.figures['corpus_mb']} MB written; importing and measuring in process"
+        )
+        stream = QueryStream(corpus.vocabulary, options.seed)
+        picks = await inprocess.measure(corpus, work, stream, budget, results)
+        progress(f"{size} docs: imported at {results.figures['import_docs_per_s']} docs/s; Redis tier")
+        await inprocess.measure_redis(work, options.redis_url, picks, budget, results)
+        progress(f"{size} docs: sage serve over REST and MCP, writes")
+        await remote.measure(corpus, work, work / "sage.db", stream, picks, options.seed, budget, results)
+    progress(f"{size} docs: done")
+    return results
+
+
+async def run(options: Options) -> tuple[list[Results], Path]:
+    """Measure every size, print the table on stdout, write the JSON; returns the results and the JSON's path."""
+    results = [await measure_size(size, options) for size in options.sizes]
+    print(table(results), flush=True)
+    settings = {**asdict(options), "out": str(options.out), "budget": asdict(QUICK if options.quick else FULL)}
+    path = write_json(options.out, to_json(results, settings))
+    progress(f"results written to {path}")
+    return results, path

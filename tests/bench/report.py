@@ -1,0 +1,205 @@
+"""What a run found: the measurements of each corpus size, the targets judged against them, the table and the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.bench.load import Latency
+
+
+@dataclass
+class Results:
+    """Everything measured for one corpus size."""
+
+    size: int
+    latencies: dict[str, Latency] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)  # single numbers: rates, sizes, times, counts
+    notes: list[str] = field(default_factory=list)
+
+    def latency(self, name: str) -> Latency | None:
+        return self.latencies.get(name)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A limit and what this run measured against it. Misses are reported, never fatal: machines are noisy."""
+
+    name: str
+    measured: float | None
+    limit: float
+    unit: str
+    higher_is_better: bool = False
+
+    @property
+    def passed(self) -> bool | None:
+        if self.measured is None or math.isnan(self.measured):
+            return None
+        return self.measured >= self.limit if self.higher_is_better else self.measured <= self.limit
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "MISS", None: "n/a"}[self.passed]
+
+    @property
+    def of_limit(self) -> float | None:
+        """measured / limit: below 1 is good for a ceiling, above 1 for a floor."""
+        if self.measured is None or math.isnan(self.measured) or self.limit == 0:
+            return None
+        return self.measured / self.limit
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0 or math.isnan(numerator + denominator):
+        return None
+    return round(numerator / denominator, 3)
+
+
+def targets(r: Results) -> list[Target]:
+    """The targets, judged on medians (p50) and ratios to floors measured in the same run where they have one."""
+
+    def get(name: str, what: str) -> float | None:
+        found = r.latency(name)
+        return None if found is None or found.n == 0 else float(getattr(found, what))
+
+    return [
+        Target(
+            "in-process search p50 / raw sqlite3 FTS5 p50",
+            _ratio(get("inproc/search/c1", "p50_ms"), get("sqlite-raw/search/c1", "p50_ms")),
+            1.5,
+            "x",
+        ),
+        Target("in-process get-by-id warm p99", get("inproc/get/c1", "p99_ms"), 1.0, "ms"),
+        Target(
+            "REST get-by-id warm req/s / bare Starlette req/s (c32)",
+            _ratio(get("rest/get/c32", "rps"), get("floor/get/c32", "rps")),
+            0.5,
+            "x",
+            higher_is_better=True,
+        ),
+        Target(
+            "MCP search p50 / REST search p50 (c1)",
+            _ratio(get("mcp/search/c1", "p50_ms"), get("rest/search/c1", "p50_ms")),
+            2.0,
+            "x",
+        ),
+        Target("MCP writes accepted/s at c32", get("mcp/write/c32", "rps"), 200, "/s", higher_is_better=True),
+        Target("MCP write p95 at c32", get("mcp/write/c32", "p95_ms"), 200, "ms"),
+        Target(
+            "write visible to search once acknowledged: failures", r.figures.get("write_visibility_failures"), 0, ""
+        ),
+        Target("import throughput", r.figures.get("import_docs_per_s"), 2000, "docs/s", higher_is_better=True),
+        Target("cold start to /ready (target at 10k docs)", r.figures.get("cold_start_s"), 2.0, "s"),
+        Target("server peak RSS (target at 100k docs)", r.figures.get("server_peak_rss_mb"), 300, "MB"),
+        Target("in-process search p99 (target at 100k docs)", get("inproc/search/c1", "p99_ms"), 50, "ms"),
+    ]
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+# Single numbers shown in the table, with their labels.
+FIGURES = {
+    "corpus_mb": "corpus Markdown (MB)",
+    "import_docs_per_s": "import (docs/s)",
+    "import_s": "import (s)",
+    "db_mb": "database on disk (MB)",
+    "cold_start_s": "cold start to /ready, import off (s, median)",
+    "cold_start_rescan_s": "cold start to /ready, re-scanning the unchanged corpus (s)",
+    "server_peak_rss_mb": "server peak RSS, VmHWM (MB)",
+    "server_rss_mb": "server RSS at the end (MB)",
+    "write_visibility_checked": "writes searched for after their ack",
+    "write_read_your_write_checked": "... of them by the writer at once (read-your-write)",
+    "write_visibility_failures": "writes not found by search after ack",
+}
+
+
+def table(results: list[Results]) -> str:
+    """The one table a run prints: every latency, the single figures, and the targets, per corpus size."""
+    lines: list[str] = []
+    header = f"{'docs':>7}  {'measurement':<34} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'req/s':>8} err"
+    rule = "-" * len(header)
+    lines += [header, rule]
+    for r in results:
+        for name, lat in r.latencies.items():
+            lines.append(
+                f"{r.size:>7}  {name:<34} {lat.n:>5} {_num(lat.p50_ms, 3):>9} {_num(lat.p99_ms, 3):>9} "
+                f"{_num(lat.mean_ms, 3):>9} {_num(lat.rps, 1):>8} {lat.errors:>3}"
+            )
+        for key, label in FIGURES.items():
+            if key in r.figures:
+                lines.append(f"{r.size:>7}  {label:<64} {_num(r.figures[key]):>10}")
+        lines.append(rule)
+    lines.append(f"{'docs':>7}  {'target':<56} {'measured':>10} {'limit':>8}  {'m/limit':>7}  verdict")
+    lines.append(rule)
+    for r in results:
+        for t in targets(r):
+            limit = f"{'>=' if t.higher_is_better else '<='}{_num(t.limit)}{t.unit}"
+            measured = "-" if t.measured is None else f"{_num(t.measured)}{t.unit}"
+            lines.append(f"{r.size:>7}  {t.name:<56} {measured:>10} {limit:>8}  {_num(t.of_limit):>7}  {t.verdict}")
+        for note in r.notes:
+            lines.append(f"{r.size:>7}  note: {note}")
+        lines.append(rule)
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "platform": platform.platform(),
+    }
+
+
+def to_json(results: list[Results], options: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document written to the output folder."""
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "options": options,
+        "results": [
+            {
+                "size": r.size,
+                "latencies": {name: asdict(lat) for name, lat in r.latencies.items()},
+                "figures": r.figures,
+                "notes": r.notes,
+                "targets": [
+                    {**asdict(t), "passed": t.passed, "verdict": t.verdict, "of_limit": t.of_limit} for t in targets(r)
+                ],
+            }
+            for r in results
+        ],
+    }
+
+
+def write_json(folder: Path, document: dict[str, Any]) -> Path:
+    """Write `document` under `folder` with a timestamped name; NaN becomes null so any JSON reader takes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = "-".join(str(r["size"]) for r in document["results"])
+    path = folder / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{sizes}.json"
+    path.write_text(json.dumps(_finite(document), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,96 @@
+"""`make bench` end to end on a tiny corpus: every measurement comes out, sane, in the table and the JSON.
+
+It asserts what the harness reports, never how fast SAGE is: speed targets live in the benchmark's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.bench.load import QUICK
+from tests.redis_support import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = 60
+LATENCIES = [
+    f"{where}/{op}/{level}"
+    for where in ("inproc", "rest", "mcp")
+    for op in ("search", "get", "context")
+    for level in ("c1", "c32")
+] + [
+    "sqlite-raw/search/c1",
+    "inproc/search-repeat/c1",
+    "inproc/get-cold/c1",
+    "inproc/get-warm/c1",
+    "inproc/get-disk-tier/c1",
+    "redis/get-cold/c1",
+    "redis/get-warm/c1",
+    "redis/get-redis-tier/c1",
+    "floor/get/c1",
+    "floor/get/c32",
+    "floor-sage-bind/get/c1",
+    "mcp/write/c1",
+    "mcp/write/c8",
+    "mcp/write/c32",
+]
+FIGURES = [
+    "corpus_mb",
+    "import_docs_per_s",
+    "import_s",
+    "db_mb",
+    "cold_start_s",
+    "cold_start_rescan_s",
+    "server_peak_rss_mb",
+    "server_rss_mb",
+]
+
+
+async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_server: RedisServer) -> None:
+    out = tmp_path / "results"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")} | {"TMPDIR": str(scratch)}
+    command = [sys.executable, "-m", "tests.bench", "--sizes", str(DOCS), "--quick", "--out", str(out)]
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [*command, "--seed", "3", "--redis-url", redis_server.url], cwd=ROOT, env=env, check=False
+        )
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, stderr[-3000:]
+
+    # The corpus, databases and caches lived in a temporary folder, removed at the end.
+    assert list(scratch.iterdir()) == []
+    [path] = out.glob("bench-*.json")
+    document = json.loads(path.read_text())
+    [result] = document["results"]
+    assert result["size"] == DOCS
+
+    for name in LATENCIES:
+        assert name in stdout, f"{name} missing from the printed table"
+        latency = result["latencies"][name]
+        assert latency["errors"] == 0, (name, latency["first_error"])
+        assert latency["n"] > 0 and latency["rps"] > 0, name
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"], name
+
+    figures = result["figures"]
+    for name in FIGURES:
+        assert figures[name] > 0, name
+    # Every write of the timed passes, plus the read-your-write ones, was searched for.
+    assert figures["write_visibility_checked"] == sum(QUICK.writes.values()) + figures["write_read_your_write_checked"]
+    assert figures["write_read_your_write_checked"] >= sum(QUICK.writes)
+    assert figures["write_visibility_failures"] == 0, result["notes"]
+
+    verdicts = {target["name"]: target["verdict"] for target in result["targets"]}
+    assert len(verdicts) == 11 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts
+    assert verdicts["write visible to search once acknowledged: failures"] == "PASS"
+    for target in result["targets"]:
+        assert target["measured"] is not None and math.isfinite(target["measured"]), target
+        assert target["name"] in stdout
