@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SAGE_DB_PATH=/data/sage.db \
     SAGE_CACHE_DIR=/data/cache \
-    SAGE_HOST=0.0.0.0
+    SAGE_HOST=0.0.0.0 \
+    MALLOC_ARENA_MAX=2
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

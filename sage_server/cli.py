@@ -490,6 +490,9 @@ def mcp(ctx: click.Context, transport: str, host: str | None, port: int | None) 
 
 
 def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) -> None:
+    from sage_server.serve import limit_malloc_arenas
+
+    limit_malloc_arenas()
     try:
         # uvloop, where it is installed (not on Windows), serves HTTP with noticeably less CPU a request.
         anyio.run(main_loop, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})

@@ -176,16 +176,29 @@ def filter_sql(layers: list[str] | None, tags: list[str] | None, alias: str = "d
 async def rank_documents(
     conn: aiosqlite.Connection, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
 ) -> list[sqlite3.Row]:
-    """Live documents matching `fts` by BM25 alone, best first (score: lower is better)."""
-    where, params = filter_sql(layers, tags)
+    """Live documents matching `fts` by BM25 alone, best first (score: lower is better).
+
+    Only live documents are indexed, so without filters the ranking runs on the index alone and only the page's
+    rows are joined: joining first made SQLite decode every matching row into the sort (2-3x slower at 100k).
+    """
     weights = ", ".join(str(w) for w in DOC_WEIGHTS)
-    sql = (
-        f"SELECT d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.tokens, d.revision, d.summary, "
-        f"bm25(docs_fts, {weights}) AS score "
-        f"FROM docs_fts JOIN documents d ON d.key = docs_fts.rowid "
-        f"WHERE docs_fts MATCH ? AND d.deleted_at IS NULL{where} ORDER BY score LIMIT ? OFFSET ?"
-    )
-    async with conn.execute(sql, [fts, *params, limit, offset]) as cursor:
+    columns = "d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.tokens, d.revision, d.summary"
+    if not layers and not tags:
+        sql = (
+            f"SELECT {columns}, r.score FROM (SELECT rowid, bm25(docs_fts, {weights}) AS score FROM docs_fts "
+            f"WHERE docs_fts MATCH ? ORDER BY score LIMIT ? OFFSET ?) r "
+            f"JOIN documents d ON d.key = r.rowid ORDER BY r.score"
+        )
+        params: list[object] = [fts, limit, offset]
+    else:
+        where, filters = filter_sql(layers, tags)
+        sql = (
+            f"SELECT {columns}, bm25(docs_fts, {weights}) AS score FROM docs_fts "
+            f"JOIN documents d ON d.key = docs_fts.rowid WHERE docs_fts MATCH ?{where} "
+            f"ORDER BY score LIMIT ? OFFSET ?"
+        )
+        params = [fts, *filters, limit, offset]
+    async with conn.execute(sql, params) as cursor:
         return list(await cursor.fetchall())
 
 

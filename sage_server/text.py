@@ -45,6 +45,8 @@ def cjk_index_text(*texts: str) -> str:
     """
     pieces: list[str] = []
     for text in texts:
+        if text.isascii():  # most text: nothing to scan for
+            continue
         for match in CJK_RUN.finditer(text):
             pieces.extend(bigrams(match.group()))
     return " ".join(pieces)
