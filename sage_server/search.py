@@ -123,9 +123,10 @@ def _normalized(text: str) -> str:
     return f" {' '.join(words)} "
 
 
-def trigger_matches(text: str, triggers: list[str]) -> int:
-    """How many of a document's trigger phrases occur in `text` (whole words; CJK as substrings)."""
-    plain = _normalized(text)
+def trigger_matches(text: str, triggers: list[str], plain: str | None = None) -> int:
+    """How many of a document's trigger phrases occur in `text` (whole words; CJK as substrings). `plain` is
+    `text` already normalized, for a caller matching one text against many documents."""
+    plain = plain if plain is not None else _normalized(text)
     count = 0
     for trigger in triggers:
         if has_cjk(trigger):
@@ -258,6 +259,7 @@ async def rank(
         texts = await bodies(conn, [item.row["key"] for item in head])
         patterns = term_patterns(query)
         meta_patterns = [p for p, t in zip(patterns, query.terms, strict=False) if t.kind != "cjk"]
+        plain_query = _normalized(query.text)
         for item in head:
             item.body = texts.get(item.row["key"], "")
             row = item.row
@@ -266,7 +268,7 @@ async def rank(
             in_meta = sum(1 for p in meta_patterns if p.search(meta))
             item.score += COVERAGE_WEIGHT * found / len(patterns)
             item.score += META_WEIGHT * in_meta / max(1, len(meta_patterns))
-            triggered = trigger_matches(query.text, json.loads(row["triggers"]))
+            triggered = trigger_matches(query.text, json.loads(row["triggers"]), plain_query)
             item.score += TRIGGER_WEIGHT * min(triggered, 2) / 2
         head.sort(key=lambda r: -r.score)
         ranked[:RERANK_WINDOW] = head

@@ -57,7 +57,6 @@ Compute = Callable[[], Awaitable[M]]
 Strings = list[str]
 PathList = list[Path]
 RankedList = list[search.Ranked]
-Keys = list[int]
 NewDocuments = list[tuple[DocumentIn, store.Source]]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return load_settings(values, environ={}, cwd=tmp_path, home=tmp_path).settings
+
+
+def sage_env(home: Path, **settings: str) -> dict[str, str]:
+    """The environment for a `sage` subprocess: this one without any SAGE_* variable, HOME at `home`, then
+    `settings` (e.g. SAGE_DB_PATH=...), so nothing from the machine leaks in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
+    return {**env, "HOME": str(home), **settings}
 
 
 def write_doc(folder: Path, relative: str, text: str) -> Path:

@@ -17,6 +17,7 @@ from sage_server.config import Settings
 from sage_server.errors import InvalidInput, Unavailable
 from sage_server.models import DocumentIn
 from sage_server.service import open_service
+from tests.conftest import sage_env
 
 pytestmark = pytest.mark.anyio
 
@@ -76,9 +77,8 @@ def test_retention_prunes_only_old_backups(tmp_path: Path) -> None:
 
 
 def test_cli_backup_verify_restore(tmp_path: Path, knowledge: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
-    env.update(
-        HOME=str(tmp_path),
+    env = sage_env(
+        tmp_path,
         SAGE_DB_PATH=str(tmp_path / "cli.db"),
         SAGE_BUNDLED_KNOWLEDGE="false",
         SAGE_KNOWLEDGE_DIRS=str(knowledge),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,27 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_doc
+from tests.conftest import sage_env, write_doc
 
 Sage = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
 def sage(tmp_path: Path, knowledge: Path) -> Sage:
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "SAGE_DB_PATH": str(tmp_path / "cli.db"),
-        "SAGE_BUNDLED_KNOWLEDGE": "false",
-        "SAGE_KNOWLEDGE_DIRS": str(knowledge),
-        "SAGE_LOG_LEVEL": "INFO",
-    }
-    env = {
-        k: v
-        for k, v in env.items()
-        if not k.startswith("SAGE_")
-        or k in {"SAGE_DB_PATH", "SAGE_BUNDLED_KNOWLEDGE", "SAGE_KNOWLEDGE_DIRS", "SAGE_LOG_LEVEL"}
-    }
+    env = sage_env(
+        tmp_path,
+        SAGE_DB_PATH=str(tmp_path / "cli.db"),
+        SAGE_BUNDLED_KNOWLEDGE="false",
+        SAGE_KNOWLEDGE_DIRS=str(knowledge),
+        SAGE_LOG_LEVEL="INFO",
+    )
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -19,7 +18,7 @@ import pytest
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import write_doc
+from tests.conftest import sage_env, write_doc
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,9 +74,8 @@ def start(tmp_path: Path, env_extra: dict[str, str] | None = None, args: tuple[s
         "---\nid: timeout-resilience\ntitle: Timeouts\ntriggers: [retry]\n---\n# Timeouts\n\nRetry with backoff.\n",
     )
     ports = [free_port() for _ in range(3)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
-    env.update(
-        HOME=str(tmp_path),
+    env = sage_env(
+        tmp_path,
         SAGE_DB_PATH=str(tmp_path / "serve.db"),
         SAGE_BUNDLED_KNOWLEDGE="false",
         SAGE_KNOWLEDGE_DIRS=str(knowledge),
@@ -166,8 +164,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
-        env.update(HOME=str(tmp_path), SAGE_DB_PATH=str(tmp_path / "p.db"), SAGE_BUNDLED_KNOWLEDGE="false")
+        env = sage_env(tmp_path, SAGE_DB_PATH=str(tmp_path / "p.db"), SAGE_BUNDLED_KNOWLEDGE="false")
         result = subprocess.run(
             [sys.executable, "-m", "sage_server", "serve", "--port", str(port)],
             cwd=tmp_path,
@@ -235,9 +232,8 @@ def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
     )
     assert install.returncode == 0, install.stderr[-2000:]
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
-    env.update(
-        HOME=str(tmp_path),
+    env = sage_env(
+        tmp_path,
         SAGE_DB_PATH=str(tmp_path / "docker.db"),
         SAGE_MCP_PORT=str(free_port()),
         SAGE_METRICS_PORT=str(free_port()),
