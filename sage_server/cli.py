@@ -506,7 +506,7 @@ def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) ->
 
 @main.command(name="eval")
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--k", default=5, show_default=True, help="Cut-off for recall@k and nDCG@k.")
+@click.option("--k", default=5, show_default=True, help="Cut-off for recall@k (1-10; MRR and nDCG look at the first 10 hits).")
 @click.option("--max-tokens", default=4000, show_default=True, help="Budget for context queries.")
 @click.option("--verbose", is_flag=True, help="Also list the queries that missed.")
 @json_option
@@ -525,14 +525,33 @@ def eval_command(
     def human() -> None:
         click.echo(
             f"search  ({report.search_queries} queries): recall@{k} {report.recall_at_k:.3f}  "
-            f"MRR {report.mrr:.3f}  nDCG@{k} {report.ndcg_at_k:.3f}"
+            f"MRR@10 {report.mrr:.3f}  nDCG@10 {report.ndcg_at_10:.3f}"
         )
         click.echo(
             f"context ({report.context_queries} tasks):   relevant found {report.context_hit_rate:.1%}  "
             f"budget on relevant {report.context_relevant_share:.1%}"
         )
+        if report.out_of_scope_queries:
+            rate = "n/a" if report.false_alarm_rate is None else f"{report.false_alarm_rate:.1%}"
+            click.echo(
+                f"out of scope ({report.out_of_scope_queries} queries): false alarms {rate} "
+                f"(first hit scoring above {report.false_alarm_threshold}, what 95% of in-scope first hits reach)"
+            )
+        if report.kinds:
+            click.echo("by kind:")
+        for figures in report.kinds:
+            if figures.mode == "search":
+                click.echo(
+                    f"  {figures.kind:<24} {figures.queries:>4} queries  recall@{k} {figures.recall_at_k:.3f}  "
+                    f"MRR@10 {figures.mrr:.3f}  nDCG@10 {figures.ndcg_at_10:.3f}"
+                )
+            else:
+                click.echo(
+                    f"  {figures.kind:<24} {figures.queries:>4} tasks    relevant found "
+                    f"{figures.context_hit_rate:.1%}  budget on relevant {figures.context_relevant_share:.1%}"
+                )
         for outcome in report.outcomes:
-            if verbose and (outcome.first_relevant_rank or 99) > 1:
+            if verbose and outcome.relevant and (outcome.first_relevant_rank or 99) > 1:
                 click.echo(
                     f"  rank {outcome.first_relevant_rank}  {outcome.mode:<7} {outcome.query!r} "
                     f"want {outcome.relevant} got {outcome.returned[:5]}"
