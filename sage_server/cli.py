@@ -506,7 +506,9 @@ def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) ->
 
 @main.command(name="eval")
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--k", default=5, show_default=True, help="Cut-off for recall@k (1-10; MRR and nDCG look at the first 10 hits).")
+@click.option(
+    "--k", default=5, show_default=True, help="Cut-off for recall@k (1-10; MRR and nDCG look at the first 10 hits)."
+)
 @click.option("--max-tokens", default=4000, show_default=True, help="Budget for context queries.")
 @click.option("--verbose", is_flag=True, help="Also list the queries that missed.")
 @json_option

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiosqlite
 
 from sage_server.models import ContextResult, ContextSection, OmittedSection
-from sage_server.search import ParsedQuery, Ranked, rank, term_patterns
+from sage_server.search import ParsedQuery, Plan, Ranked, rank, term_patterns
 from sage_server.text import estimate_tokens
 
 TOP_DOCUMENTS = 4
@@ -112,11 +112,11 @@ def _truncate(text: str, budget: int) -> str:
     return cut.rstrip() + note if cut.strip() else ""
 
 
-async def candidates(conn: aiosqlite.Connection, query: ParsedQuery, layers: list[str] | None) -> list[Candidate]:
-    """The sections worth reading for `query`, best first: the top documents' best-matching sections."""
-    ranked = await rank(conn, query, layers, None, TOP_DOCUMENTS) if query.terms else []
+async def candidates(conn: aiosqlite.Connection, plan: Plan, layers: list[str] | None) -> list[Candidate]:
+    """The sections worth reading for `plan`, best first: the top documents' best-matching sections."""
+    ranked = await rank(conn, plan, layers, None, TOP_DOCUMENTS) if plan.terms else []
     ranked = [r for r in ranked if r.score >= ranked[0].score * RELATIVE_SCORE_FLOOR]
-    return await _sections(conn, query, ranked) if ranked else []
+    return await _sections(conn, plan.searched, ranked) if ranked else []
 
 
 def assemble(task: str, max_tokens: int, lines: list[str], found: list[Candidate]) -> ContextResult:

@@ -1,12 +1,30 @@
-"""Full-text search: any user text becomes a safe FTS5 query, ranked by BM25 with field weights."""
+"""Search: any user text becomes a safe FTS5 query; BM25 finds candidates, which are re-scored by how much of the
+query each holds and how close together.
+
+A search runs in three steps:
+1. `plan`: every query term is looked up in the index's vocabulary, with the index's own stemmer, to learn how rare
+   it is (its IDF: a word found in most documents tells little).
+2. `rank`: SQLite FTS5 ranks documents by BM25 with field weights (documents holding every term are asked for first
+   when there are enough of them) and keeps the best CANDIDATES.
+3. Each candidate is scored from its text: BM25 relative to the best candidate, the share of the query's weight
+   (IDF) it holds (coverage), the share found within one short stretch of text (proximity: words typed together
+   were usually read together), the share in its title, tags, triggers or summary (meta), and whether its trigger
+   phrases occur in the query. The score is their weighted sum (at most 1), so it says how well a document
+   answers the query and not only how it compares with the others; `field_scores` and the parts are what
+   `sage search --explain` shows.
+Words no document holds are read, before a second ranking, as the start of longer words or as typos (`correct`).
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import math
+import os
 import re
 import sqlite3
+import weakref
 from dataclasses import dataclass, field
 
 import aiosqlite
@@ -15,18 +33,28 @@ from sage_server.errors import InvalidInput
 from sage_server.models import SearchHit
 from sage_server.text import CJK_CLASS, bigrams, has_cjk
 
-# Column weights for bm25(), in docs_fts column order: title, tags, triggers, summary, headings, body, cjk.
+# Index columns in docs_fts order, and their weights for bm25().
+FIELDS = ("title", "tags", "triggers", "summary", "headings", "body", "cjk")
 DOC_WEIGHTS = (10.0, 5.0, 6.0, 4.0, 3.0, 1.0, 4.0)
+# The tokenizer of docs_fts (migrations/0001_initial.sql), used to stem query words as the index did.
+TOKENIZER = "porter unicode61 remove_diacritics 2"
 MAX_TERMS = 64
-# Queries of up to this many terms first ask for documents holding all of them (see rank()).
-ALL_TERMS_FIRST = 6
-# Re-scoring of the best BM25 candidates (see rank()).
-RERANK_WINDOW = 30
-COVERAGE_TERMS = 16
-COVERAGE_WEIGHT = 0.25
-META_WEIGHT = 1.0
-TRIGGER_WEIGHT = 1.0
 MAX_QUERY_CHARS = 4000
+# How many of the best BM25 documents are re-scored, and how many holding every term make asking for any unneeded.
+CANDIDATES = 60
+ENOUGH_HOLDING_ALL = 30
+# Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
+ALL_TERMS_FIRST = 6
+# The parts of a score and their weights; they sum to 1.
+WEIGHTS = {"bm25": 0.25, "coverage": 0.25, "proximity": 0.25, "meta": 0.15, "triggers": 0.10}
+# Terms found within this many characters of each other count as found together (about a sentence).
+PROXIMITY_CHARS = 120
+# Occurrences of one term looked at in one document: enough to find it near the others.
+MAX_OCCURRENCES = 200
+# Words no document holds are read as prefixes or corrected from this length on: shorter ones match too much.
+MIN_PREFIX = 4
+# Snippets and re-scoring read at most this much of a body: their cost must not grow with the document.
+SNIPPET_SCAN_CHARS = 20_000
 
 _PHRASE = re.compile(r'"([^"]*)"')
 _WORD = re.compile(rf"(?P<cjk>[{CJK_CLASS}]+)|(?P<word>[^\W_{CJK_CLASS}]+)(?P<star>\*)?")
@@ -174,6 +202,148 @@ def filter_sql(layers: list[str] | None, tags: list[str] | None, alias: str = "d
     return sql, params
 
 
+@dataclass
+class PlannedTerm:
+    """A query term as searched, with how rare it is (IDF) and what became of what the user typed."""
+
+    term: Term
+    typed: str
+    df: int
+    idf: float
+    keys: tuple[str, ...]  # lower-case starts of the words that stand for the term in raw text
+    stem: str = ""
+    note: str = ""  # "" | "prefix": read as the start of longer words | "corrected": a typo replaced
+
+    def describe(self) -> str:
+        return describe(self.term)
+
+    @property
+    def unknown(self) -> bool:
+        """A plain word no indexed document holds: a typo, or a word cut short."""
+        return self.df == 0 and self.term.kind == "word" and self.term.text.isascii() and self.term.text.isalpha()
+
+
+@dataclass
+class Plan:
+    """A query ready to rank: its terms with their weights; `corrected` reads the query as searched when any term
+    was read as a prefix or corrected."""
+
+    query: ParsedQuery
+    terms: list[PlannedTerm]
+    documents: int
+    corrected: str | None = None
+
+    def fts(self) -> str:
+        return " OR ".join(t.term.fts() for t in self.terms)
+
+    def fts_all(self) -> str:
+        """The query that needs every term (asked first: see `rank`)."""
+        return " AND ".join(t.term.fts() for t in self.terms)
+
+    @property
+    def searched(self) -> ParsedQuery:
+        """The query as searched (prefixes and corrections applied), for snippets and section scores."""
+        return ParsedQuery([t.term for t in self.terms], self.query.text)
+
+    @property
+    def weight(self) -> float:
+        return sum(t.idf for t in self.terms) or 1.0
+
+
+def idf(df: int, documents: int) -> float:
+    """BM25's inverse document frequency (the form that never goes below zero)."""
+    return math.log(1 + (documents - min(df, documents) + 0.5) / (min(df, documents) + 0.5))
+
+
+_prepared: weakref.WeakSet[aiosqlite.Connection] = weakref.WeakSet()
+
+
+async def _stems(conn: aiosqlite.Connection, texts: list[str]) -> list[list[tuple[str, int]]]:
+    """For each text: its tokens as the index stems them, each with the number of documents holding it."""
+    if conn not in _prepared:
+        # A scratch full-text table in the connection's own temp schema (allowed on read-only connections) runs
+        # the index's own tokenizer, so a query word is looked up exactly as the index stored it.
+        await conn.execute(
+            f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.sage_words USING fts5 (w, tokenize = '{TOKENIZER}')"
+        )
+        await conn.execute(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS temp.sage_stems USING fts5vocab (temp, sage_words, 'instance')"
+        )
+        _prepared.add(conn)
+    values = ", ".join("(?, ?)" for _ in texts)
+    await conn.execute(
+        f"INSERT OR REPLACE INTO temp.sage_words (rowid, w) VALUES {values}",
+        [value for pair in enumerate(texts) for value in pair],
+    )
+    found: list[list[tuple[str, int]]] = [[] for _ in texts]
+    async with conn.execute(
+        "SELECT s.doc, s.term, coalesce(v.doc, 0) FROM temp.sage_stems s LEFT JOIN main.docs_vocab v "
+        "ON v.term = s.term WHERE s.doc < ? ORDER BY s.doc, s.offset",
+        (len(texts),),
+    ) as cursor:
+        for number, stem, df in await cursor.fetchall():
+            found[number].append((stem, df))
+    return found
+
+
+async def _prefix_df(conn: aiosqlite.Connection, prefix: str) -> int:
+    """Documents holding a word that starts with `prefix` (summed over those words: an upper bound)."""
+    async with conn.execute(
+        "SELECT coalesce(sum(doc), 0) FROM docs_vocab WHERE term >= ? AND term < ?", (prefix, prefix + "\U0010ffff")
+    ) as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _document_count(conn: aiosqlite.Connection) -> int:
+    # The largest key bounds the number of documents at the cost of one index probe (count(*) reads every row);
+    # IDF needs only its order of magnitude.
+    async with conn.execute("SELECT coalesce(max(key), 1) FROM documents") as cursor:
+        row = await cursor.fetchone()
+    return max(1, int(row[0]) if row else 1)
+
+
+def _keys(term: Term, stems: list[str]) -> tuple[str, ...]:
+    """What marks `term` in raw lower-case text, as word starts: for a word, the part its stem shares with it
+    ('calling'/'call' -> 'call', 'directory'/'directori' -> 'director')."""
+    if term.kind == "cjk":
+        return (term.text,)
+    if term.kind == "word" and stems:
+        shared = os.path.commonprefix([term.text, stems[0]])
+        return (shared if len(shared) >= 3 else term.text,)
+    return (term.text,)
+
+
+def _index_text(term: Term) -> str:
+    """The text whose tokens are the term's entries in the index (CJK is indexed as bigrams)."""
+    return " ".join(bigrams(term.text)) if term.kind == "cjk" and len(term.text) > 1 else term.text
+
+
+async def plan(conn: aiosqlite.Connection, query: ParsedQuery) -> Plan:
+    """Look every term up in the index's vocabulary: how many documents hold it, hence its weight (IDF)."""
+    documents = await _document_count(conn)
+    if not query.terms:
+        return Plan(query, [], documents)
+    stems = await _stems(conn, [_index_text(t) for t in query.terms])
+    planned = []
+    for term, tokens in zip(query.terms, stems, strict=True):
+        if term.kind == "prefix" or (term.kind == "cjk" and len(term.text) == 1):
+            df = min(documents, await _prefix_df(conn, tokens[0][0] if tokens else term.text))
+        else:
+            df = min((count for _, count in tokens), default=0)
+        planned.append(
+            PlannedTerm(
+                term,
+                term.text,
+                df,
+                idf(df, documents),
+                _keys(term, [s for s, _ in tokens]),
+                stem=tokens[0][0] if tokens else term.text,
+            )
+        )
+    return Plan(query, planned, documents)
+
+
 async def rank_documents(
     conn: aiosqlite.Connection, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
 ) -> list[sqlite3.Row]:
@@ -205,11 +375,14 @@ async def rank_documents(
 
 @dataclass
 class Ranked:
-    """A ranked document row, its final score (higher is better) and, for the re-scored head, its body's opening."""
+    """A ranked document row, its final score (higher is better), the parts of that score (each 0-1) and, for
+    the re-scored candidates, the opening of its body."""
 
     row: sqlite3.Row
     score: float
     body: str | None = None
+    parts: dict[str, float] = field(default_factory=dict)
+    found: list[str] = field(default_factory=list)
 
 
 async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, str]:
@@ -223,60 +396,140 @@ async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, str]:
         return {row[0]: row[1] for row in await cursor.fetchall()}
 
 
+def _starts(text: str, key: str, cjk: bool) -> list[int]:
+    """Offsets in `text` where a word starts with `key` (anywhere, for CJK), at most MAX_OCCURRENCES of them."""
+    found: list[int] = []
+    at = text.find(key)
+    while at >= 0 and len(found) < MAX_OCCURRENCES:
+        if cjk or at == 0 or not text[at - 1].isalnum():
+            found.append(at)
+        at = text.find(key, at + 1)
+    return found
+
+
+def _proximity(events: list[tuple[int, int]], weights: list[float]) -> float:
+    """The largest total weight of distinct terms found within PROXIMITY_CHARS of each other."""
+    events.sort()
+    counts = [0] * len(weights)
+    best = total = 0.0
+    low = 0
+    for position, term in events:
+        if counts[term] == 0:
+            total += weights[term]
+        counts[term] += 1
+        while position - events[low][0] > PROXIMITY_CHARS:
+            gone = events[low][1]
+            counts[gone] -= 1
+            if counts[gone] == 0:
+                total -= weights[gone]
+            low += 1
+        best = max(best, total)
+    return best
+
+
+def score_parts(plan: Plan, row: sqlite3.Row, body: str, bm25: float) -> tuple[dict[str, float], list[str]]:
+    """The parts of a candidate's score, each between 0 and 1, and the terms it holds (see the module docstring)."""
+    meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"])).lower()
+    text = body.lower()
+    weights = [t.idf for t in plan.terms]
+    events: list[tuple[int, int]] = []
+    covered = in_meta = 0.0
+    found = []
+    for number, term in enumerate(plan.terms):
+        cjk = term.term.kind == "cjk"
+        head = any(_starts(meta, key, cjk) for key in term.keys)
+        starts = [at for key in term.keys for at in _starts(text, key, cjk)]
+        events += [(at, number) for at in starts]
+        if head or starts:
+            covered += term.idf
+            found.append(term.describe())
+        in_meta += term.idf if head else 0.0
+    together = _proximity(events, weights) if len(plan.terms) > 1 else covered
+    triggered = trigger_matches(plan.query.text, json.loads(row["triggers"]), _normalized(plan.query.text))
+    parts = {
+        "bm25": bm25,
+        "coverage": covered / plan.weight,
+        "proximity": together / plan.weight,
+        "meta": in_meta / plan.weight,
+        "triggers": min(triggered, 2) / 2,
+    }
+    return parts, found
+
+
+def _total(parts: dict[str, float]) -> float:
+    return sum(WEIGHTS[name] * value for name, value in parts.items())
+
+
+async def candidates(
+    conn: aiosqlite.Connection, plan: Plan, layers: list[str] | None, tags: list[str] | None, window: int
+) -> list[sqlite3.Row]:
+    """The best `window` documents by BM25 for `plan`, asking first for those that hold every term.
+
+    When enough documents hold every term they are the answer; asking for them first spares BM25 from scoring
+    every document that holds any term (most of a large knowledge base when the words are common: 200+ ms at
+    100k documents). When fewer do, they are kept and the best documents holding any term are added.
+    """
+    rows: list[sqlite3.Row] = []
+    if 1 < len(plan.terms) <= ALL_TERMS_FIRST:
+        rows = await rank_documents(conn, plan.fts_all(), layers, tags, window, 0)
+        if len(rows) >= ENOUGH_HOLDING_ALL:
+            return rows
+    seen = {row["key"] for row in rows}
+    more = [row for row in await rank_documents(conn, plan.fts(), layers, tags, window, 0) if row["key"] not in seen]
+    return sorted([*rows, *more], key=lambda row: row["score"])
+
+
 async def rank(
     conn: aiosqlite.Connection,
-    query: ParsedQuery,
+    plan: Plan,
     layers: list[str] | None,
     tags: list[str] | None,
     limit: int,
     offset: int = 0,
 ) -> list[Ranked]:
-    """Documents for `query`, best first: BM25, then the top RERANK_WINDOW re-scored by term coverage.
+    """Documents for `plan`, best first: BM25 candidates, the best CANDIDATES of them re-scored from their text.
 
-    FTS5's BM25 gives a term found in over half the documents an IDF of ~0, so in a small or focused
-    knowledge base the words that matter most ('review' in a review guide) count for nothing. Re-scoring
-    the head by how many query terms a document holds, how many its title/tags/triggers/summary hold, and
-    whether its trigger phrases occur in the query restores them. The coverage is read from the text with
-    the snippet patterns: one more MATCH per term would cost more than the ranking itself.
+    Past the re-scored head (deep pages) documents follow in BM25 order, scored by their BM25 part alone.
     """
-    window = max(RERANK_WINDOW, offset + limit)
-    rows: list[sqlite3.Row] = []
-    if 1 < len(query.terms) <= ALL_TERMS_FIRST:
-        # Documents holding every word are the answer when there are enough of them; asking for them first
-        # spares BM25 from scoring every document that holds any word (most of a large knowledge base when the
-        # words are common: 200+ ms at 100k documents).
-        rows = await rank_documents(conn, query.fts_all(), layers, tags, RERANK_WINDOW, 0)
-        if len(rows) >= RERANK_WINDOW and window > RERANK_WINDOW:
-            rows = await rank_documents(conn, query.fts_all(), layers, tags, window, 0)
-        elif len(rows) < RERANK_WINDOW:
-            rows = []
-    if not rows:
-        rows = await rank_documents(conn, query.fts(), layers, tags, window, 0)
+    if not plan.terms:
+        return []
+    rows = await candidates(conn, plan, layers, tags, max(CANDIDATES, offset + limit))
     best = max((-row["score"] for row in rows), default=0.0)
-    ranked = [Ranked(row, (-row["score"] / best) if best > 0 else 0.0) for row in rows]
-    head = ranked[:RERANK_WINDOW]
-    if head and query.terms:
-        texts = await bodies(conn, [item.row["key"] for item in head])
-        patterns = term_patterns(query)
-        meta_patterns = [p for p, t in zip(patterns, query.terms, strict=False) if t.kind != "cjk"]
-        plain_query = _normalized(query.text)
-        for item in head:
-            item.body = texts.get(item.row["key"], "")
-            row = item.row
-            meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"]))
-            found = sum(1 for p in patterns if p.search(meta) or p.search(item.body))
-            in_meta = sum(1 for p in meta_patterns if p.search(meta))
-            item.score += COVERAGE_WEIGHT * found / len(patterns)
-            item.score += META_WEIGHT * in_meta / max(1, len(meta_patterns))
-            triggered = trigger_matches(query.text, json.loads(row["triggers"]), plain_query)
-            item.score += TRIGGER_WEIGHT * min(triggered, 2) / 2
-        head.sort(key=lambda r: -r.score)
-        ranked[:RERANK_WINDOW] = head
+    ranked = [Ranked(row, 0.0, parts={"bm25": -row["score"] / best if best > 0 else 0.0}) for row in rows]
+    head = ranked[:CANDIDATES]
+    texts = await bodies(conn, [item.row["key"] for item in head])
+    for item in head:
+        item.body = texts.get(item.row["key"], "")
+        item.parts, item.found = score_parts(plan, item.row, item.body, item.parts["bm25"])
+    for item in ranked:
+        item.score = _total(item.parts)
+    head.sort(key=lambda item: (-item.score, item.row["score"]))
+    ranked[:CANDIDATES] = head
     return ranked[offset : offset + limit]
 
 
-# Snippets scan at most this much of a body: their cost must not grow with the document.
-SNIPPET_SCAN_CHARS = 20_000
+async def field_scores(conn: aiosqlite.Connection, plan: Plan, keys: list[int]) -> dict[int, dict[str, float]]:
+    """BM25 of each document in `keys` counting one field at a time (with that field's weight), for --explain.
+
+    BM25 saturates, so the fields' figures do not add up exactly to the whole.
+    """
+    if not keys or not plan.terms:
+        return {}
+    columns = []
+    for number, name in enumerate(FIELDS):
+        weights = ", ".join(str(DOC_WEIGHTS[i] if i == number else 0.0) for i in range(len(FIELDS)))
+        columns.append(f"-bm25(docs_fts, {weights}) AS {name}")
+    async with conn.execute(
+        f"SELECT rowid, {', '.join(columns)} FROM docs_fts WHERE docs_fts MATCH ? "
+        f"AND rowid IN ({','.join('?' * len(keys))})",
+        [plan.fts(), *keys],
+    ) as cursor:
+        return {
+            row[0]: {name: round(row[i + 1], 4) for i, name in enumerate(FIELDS) if row[i + 1]}
+            for row in await cursor.fetchall()
+        }
+
+
 SNIPPET_WIDTH = 220
 _MARKUP = re.compile(r"(?m)^\s*#{1,6}\s+|\*\*|__|`+")
 
@@ -291,9 +544,13 @@ def _term_pieces(term: Term) -> list[str]:
     return [re.escape(term.text) + r"\w*"]
 
 
+# Section scores look for at most this many terms.
+PATTERN_TERMS = 16
+
+
 def term_patterns(query: ParsedQuery) -> list[re.Pattern[str]]:
     """One case-insensitive pattern per query term, for finding the terms in raw text."""
-    return [re.compile("|".join(_term_pieces(t)), re.IGNORECASE) for t in query.terms[:COVERAGE_TERMS]]
+    return [re.compile("|".join(_term_pieces(t)), re.IGNORECASE) for t in query.terms[:PATTERN_TERMS]]
 
 
 def _patterns(query: ParsedQuery) -> list[str]:
@@ -331,65 +588,100 @@ def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH) -> s
     return ("…" if begin else "") + " ".join(window.split()) + ("…" if end < len(body) else "")
 
 
-def _edit_distance(a: str, b: str) -> int:
+def bounded_edit_distance(a: str, b: str, limit: int) -> int:
+    """Levenshtein distance of `a` and `b` when it is at most `limit`, else `limit + 1` (computed in a band)."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
     previous = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        current = [i] + [limit + 1] * len(b)
+        low, high = max(1, i - limit), min(len(b), i + limit)
+        for j in range(low, high + 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != b[j - 1]))
+        if min(current) > limit:
+            return limit + 1
         previous = current
-    return previous[-1]
+    return min(previous[-1], limit + 1)
 
 
-async def _has_match(conn: aiosqlite.Connection, fts: str) -> bool:
-    async with conn.execute("SELECT 1 FROM docs_fts WHERE docs_fts MATCH ? LIMIT 1", (fts,)) as cursor:
-        return await cursor.fetchone() is not None
+def _neighbour_starts(word: str) -> list[str]:
+    """The first three letters of every word one edit away from `word`: a closest indexed word starts with one
+    of them, so the vocabulary is read in a few small ranges instead of whole."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    head = word[:4]
+    variants = {head}
+    for at in range(len(head) + 1):
+        variants.update(head[:at] + c + head[at:] for c in letters)  # a letter lost in typing
+        if at < len(head):
+            variants.add(head[:at] + head[at + 1 :])  # a letter typed twice or by mistake
+            variants.update(head[:at] + c + head[at + 1 :] for c in letters)
+        if at < len(head) - 1:
+            variants.add(head[:at] + head[at + 1] + head[at] + head[at + 2 :])
+    return sorted({v[:3] for v in variants if len(v) >= 3} | {word[:3]})
 
 
-async def correct(conn: aiosqlite.Connection, query: ParsedQuery) -> ParsedQuery | None:
-    """Replace words that match nothing by the closest indexed term (a typo fix); None if nothing changed.
+async def _closest(conn: aiosqlite.Connection, word: str) -> tuple[str, int] | None:
+    """The indexed word closest to `word` (1 edit for words up to 5 letters, 2 above) and its document count.
 
-    The index holds Porter stems ('migrat' for 'migrations'), so a word is also compared by its first
-    len(stem) letters, and the fix is searched as a prefix.
+    The index holds Porter stems ('migrat' for 'migrations'), so a stem is also compared with as many of the
+    word's first letters, at one edit more.
     """
+    limit = 1 if len(word) <= 5 else 2
+    async with conn.execute(
+        "SELECT v.term, v.doc FROM json_each(?) p CROSS JOIN docs_vocab v "
+        "WHERE v.term >= p.value AND v.term < p.value || char(1114111) AND length(v.term) BETWEEN ? AND ?",
+        (json.dumps(_neighbour_starts(word)), max(3, len(word) - 4), len(word) + 2),
+    ) as cursor:
+        rows = await cursor.fetchall()
+    best: tuple[int, int, str] | None = None
+    for candidate, docs in rows:
+        distance = bounded_edit_distance(word, candidate, limit)
+        if len(candidate) < len(word):
+            distance = min(distance, bounded_edit_distance(word[: len(candidate)], candidate, limit - 1) + 1)
+        if distance <= limit and (best is None or (distance, -docs) < best[:2]):
+            best = (distance, -docs, candidate)
+    return (best[2], -best[1]) if best else None
+
+
+async def correct(conn: aiosqlite.Connection, plan: Plan) -> Plan | None:
+    """Read the words no document holds: as the start of longer words when some indexed word begins with them
+    ('direc' -> direc*), else as a typo of the closest indexed word. None when no word changed."""
     changed = False
-    fixed: list[Term] = []
-    for term in query.terms:
-        if term.kind != "word" or len(term.text) < 4 or not term.text.isascii() or await _has_match(conn, term.fts()):
-            fixed.append(term)
+    terms: list[PlannedTerm] = []
+    for term in plan.terms:
+        word = term.term.text
+        if not term.unknown or len(word) < MIN_PREFIX:
+            terms.append(term)
             continue
-        word = term.text
-        low, high = word[0], chr(ord(word[0]) + 1)
-        async with conn.execute(
-            "SELECT term, doc FROM docs_vocab WHERE term >= ? AND term < ? AND length(term) BETWEEN ? AND ?",
-            (low, high, max(3, len(word) - 4), len(word) + 2),
-        ) as cursor:
-            candidates = await cursor.fetchall()
-        limit = 1 if len(word) <= 5 else 2
-        best: tuple[int, int, str] | None = None
-        for candidate, docs in candidates:
-            distance = min(_edit_distance(word, candidate), _edit_distance(word[: len(candidate)], candidate) + 1)
-            if distance <= limit and (best is None or (distance, -docs) < best[:2]):
-                best = (distance, -docs, candidate)
-        if best is None:
-            fixed.append(term)
-        else:
-            fixed.append(Term(best[2], "prefix"))
+        as_prefix = await _prefix_df(conn, term.stem)
+        if as_prefix:
+            df = min(as_prefix, plan.documents)
+            terms.append(
+                PlannedTerm(Term(word, "prefix"), word, df, idf(df, plan.documents), (word,), term.stem, "prefix")
+            )
             changed = True
-    return ParsedQuery(fixed) if changed else None
+            continue
+        closest = await _closest(conn, word)
+        if closest is None:
+            terms.append(term)
+            continue
+        fix, df = closest
+        terms.append(PlannedTerm(Term(fix, "prefix"), word, df, idf(df, plan.documents), (fix,), fix, "corrected"))
+        changed = True
+    if not changed:
+        return None
+    fixed = Plan(plan.query, terms, plan.documents)
+    fixed.corrected = " ".join(t.describe() for t in terms)
+    return fixed
 
 
-def describe(query: ParsedQuery) -> str:
-    """The query as a person would read it (for `corrected_query`)."""
-    parts = []
-    for term in query.terms:
-        if term.kind == "prefix":
-            parts.append(term.text + "*")
-        elif term.kind == "phrase":
-            parts.append(f'"{term.text}"')
-        else:
-            parts.append(term.text)
-    return " ".join(parts)
+def describe(term: Term) -> str:
+    """A term as a person would type it."""
+    if term.kind == "prefix":
+        return term.text + "*"
+    if term.kind == "phrase":
+        return f'"{term.text}"'
+    return term.text
 
 
 def to_hit(ranked: Ranked, snippet: str) -> SearchHit:

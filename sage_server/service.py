@@ -336,14 +336,18 @@ class KnowledgeService(BoundedViews):
         corrected: str | None = None
         ranked: RankedList | None = None
         texts: dict[int, str] = {}
+        plan: search.Plan | None = None
         with self.deadlines.partial("search", "search") as window:
             async with self.db.read() as conn:
-                ranked = await search.rank(conn, parsed, layers, tags, limit + 1, offset)
-                if len(ranked) <= limit and offset == 0:
-                    fixed = await search.correct(conn, parsed)
+                plan = await search.plan(conn, parsed)
+                ranked = await search.rank(conn, plan, layers, tags, limit + 1, offset)
+                # Words no document holds are typos or cut short: read them again once the rest has ranked (a
+                # deadline here still leaves an answer).
+                if offset == 0 and any(term.unknown for term in plan.terms):
+                    fixed = await search.correct(conn, plan)
                     if fixed is not None:
-                        parsed, corrected = fixed, search.describe(fixed)
-                        ranked = await search.rank(conn, parsed, layers, tags, limit + 1, 0)
+                        plan, corrected = fixed, fixed.corrected
+                        ranked = await search.rank(conn, plan, layers, tags, limit + 1, 0)
                 # Past the re-scored head (deep pages), bodies for the snippets are read here.
                 texts = await search.bodies(conn, [i.row["key"] for i in ranked[:limit] if i.body is None])
         if ranked is None:
@@ -351,7 +355,8 @@ class KnowledgeService(BoundedViews):
         hits = []
         for item in ranked[:limit]:
             body = item.body if item.body is not None else texts.get(item.row["key"], "")
-            hits.append(search.to_hit(item, search.make_snippet(body, parsed) or item.row["summary"]))
+            snippet = search.make_snippet(body, plan.searched if plan else parsed) or item.row["summary"]
+            hits.append(search.to_hit(item, snippet))
         more = len(ranked) > limit and not corrected
         return SearchResult(
             query=query,
@@ -382,9 +387,10 @@ class KnowledgeService(BoundedViews):
         # Past the context deadline the caller still gets the core essentials, marked partial.
         with self.deadlines.partial("context", "context") as window:
             async with self.db.read() as conn:
-                if parsed.terms:
-                    parsed = await search.correct(conn, parsed) or parsed
-                found = await context_packing.candidates(conn, parsed, layers)
+                plan = await search.plan(conn, parsed)
+                if any(term.unknown for term in plan.terms):
+                    plan = await search.correct(conn, plan) or plan
+                found = await context_packing.candidates(conn, plan, layers)
         result = context_packing.assemble(task, budget, lines, found)
         return result.model_copy(update={"partial": window.partial, "partial_reason": window.reason})
 
