@@ -46,13 +46,25 @@ ENOUGH_HOLDING_ALL = 30
 # Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
 ALL_TERMS_FIRST = 6
 # The parts of a score and their weights; they sum to 1.
-WEIGHTS = {"bm25": 0.25, "coverage": 0.25, "proximity": 0.25, "meta": 0.15, "triggers": 0.10}
+WEIGHTS = {"bm25": 0.15, "coverage": 0.15, "proximity": 0.5, "meta": 0.1, "triggers": 0.1}
 # Terms found within this many characters of each other count as found together (about a sentence).
 PROXIMITY_CHARS = 120
+PAIRS = True
+PAIR_SCALE = 60
+ORDERED = 0.5
 # Occurrences of one term looked at in one document: enough to find it near the others.
 MAX_OCCURRENCES = 200
 # Words no document holds are read as prefixes or corrected from this length on: shorter ones match too much.
 MIN_PREFIX = 4
+# Equally close corrections weighed against the query's other words.
+CORRECTION_CHOICES = 5
+# A word at most this many documents hold is checked for being a typo of one at least RARE_RATIO times as common.
+RARE_DOCUMENTS = 2
+RARE_RATIO = 50
+# One edit weighs as much as this (natural) log of how many more documents use a word.
+EDIT_COST = 2.0
+# How much the share of a correction's documents that hold the query's other words counts (as a log).
+CONTEXT_WEIGHT = 1.0
 # Snippets and re-scoring read at most this much of a body: their cost must not grow with the document.
 SNIPPET_SCAN_CHARS = 20_000
 
@@ -212,15 +224,34 @@ class PlannedTerm:
     idf: float
     keys: tuple[str, ...]  # lower-case starts of the words that stand for the term in raw text
     stem: str = ""
-    note: str = ""  # "" | "prefix": read as the start of longer words | "corrected": a typo replaced
+    note: str = ""  # "" | "prefix": read as the start of longer words | "corrected": a typo replaced | "or": see below
+    # A far more common word one or two edits away from a word only a document or two hold ('insted'): searched
+    # beside it, since such a word is as likely a typo as a rare term.
+    alternative: Term | None = None
 
     def describe(self) -> str:
+        if self.alternative is not None:
+            return f"({describe(self.term)} OR {describe(self.alternative)})"
         return describe(self.term)
+
+    def fts(self) -> str:
+        if self.alternative is not None:
+            return f"({self.term.fts()} OR {self.alternative.fts()})"
+        return self.term.fts()
+
+    @property
+    def plain(self) -> bool:
+        return self.term.kind == "word" and self.term.text.isascii() and self.term.text.isalpha()
 
     @property
     def unknown(self) -> bool:
         """A plain word no indexed document holds: a typo, or a word cut short."""
-        return self.df == 0 and self.term.kind == "word" and self.term.text.isascii() and self.term.text.isalpha()
+        return self.df == 0 and self.plain
+
+    @property
+    def rare(self) -> bool:
+        """A plain word of 5+ letters that only a document or two hold: perhaps a typo of a common word."""
+        return 0 < self.df <= RARE_DOCUMENTS and self.plain and len(self.term.text) >= 5
 
 
 @dataclass
@@ -234,16 +265,22 @@ class Plan:
     corrected: str | None = None
 
     def fts(self) -> str:
-        return " OR ".join(t.term.fts() for t in self.terms)
+        return " OR ".join(t.fts() for t in self.terms)
 
     def fts_all(self) -> str:
         """The query that needs every term (asked first: see `rank`)."""
-        return " AND ".join(t.term.fts() for t in self.terms)
+        return " AND ".join(t.fts() for t in self.terms)
 
     @property
     def searched(self) -> ParsedQuery:
         """The query as searched (prefixes and corrections applied), for snippets and section scores."""
-        return ParsedQuery([t.term for t in self.terms], self.query.text)
+        terms = [t.term for t in self.terms] + [t.alternative for t in self.terms if t.alternative is not None]
+        return ParsedQuery(terms, self.query.text)
+
+    @property
+    def doubtful(self) -> bool:
+        """Some word is unknown to the index or rare enough to be a typo (see `correct`)."""
+        return any(t.unknown or t.rare for t in self.terms)
 
     @property
     def weight(self) -> float:
@@ -407,6 +444,60 @@ def _starts(text: str, key: str, cjk: bool) -> list[int]:
     return found
 
 
+def _gap(first: list[int], second: list[int]) -> int | None:
+    """The smallest distance between an offset in `first` and one in `second` (both sorted)."""
+    if not first or not second:
+        return None
+    i = j = 0
+    best = abs(first[0] - second[0])
+    while i < len(first) and j < len(second):
+        best = min(best, abs(first[i] - second[j]))
+        if first[i] < second[j]:
+            i += 1
+        else:
+            j += 1
+    return best
+
+
+def _ordered_gap(first: list[int], second: list[int]) -> int | None:
+    """The smallest distance from an offset in `first` forward to one in `second` (both sorted)."""
+    best: int | None = None
+    j = 0
+    for at in first:
+        while j < len(second) and second[j] <= at:
+            j += 1
+        if j == len(second):
+            break
+        gap = second[j] - at
+        best = gap if best is None else min(best, gap)
+    return best
+
+
+def _pair_proximity(starts: list[list[int]], weights: list[float]) -> float:
+    """How close together the terms are, 0-1: every pair of terms (neighbours in the query, for long queries)
+    counts by its weight and by how near its closest occurrences are (1 when adjacent, 1/2 at PAIR_SCALE)."""
+    count = len(starts)
+    pairs = (
+        [(i, j) for i in range(count) for j in range(i + 1, count)]
+        if count <= ALL_TERMS_FIRST
+        else [(i, i + 1) for i in range(count - 1)]
+    )
+    total = found = 0.0
+    for i, j in pairs:
+        weight = weights[i] + weights[j]
+        total += weight
+        gap = _gap(starts[i], starts[j])
+        if gap is not None:
+            ahead = _ordered_gap(starts[i], starts[j]) if ORDERED < 1 else gap
+            close = 1 / (1 + gap / PAIR_SCALE)
+            if ahead is not None:
+                close = max(close * ORDERED, 1 / (1 + ahead / PAIR_SCALE))
+            else:
+                close *= ORDERED
+            found += weight * close
+    return found / total if total else 0.0
+
+
 def _proximity(events: list[tuple[int, int]], weights: list[float]) -> float:
     """The largest total weight of distinct terms found within PROXIMITY_CHARS of each other."""
     events.sort()
@@ -433,18 +524,25 @@ def score_parts(plan: Plan, row: sqlite3.Row, body: str, bm25: float) -> tuple[d
     text = body.lower()
     weights = [t.idf for t in plan.terms]
     events: list[tuple[int, int]] = []
+    per_term: list[list[int]] = []
     covered = in_meta = 0.0
     found = []
     for number, term in enumerate(plan.terms):
         cjk = term.term.kind == "cjk"
         head = any(_starts(meta, key, cjk) for key in term.keys)
-        starts = [at for key in term.keys for at in _starts(text, key, cjk)]
+        starts = sorted(at for key in term.keys for at in _starts(text, key, cjk))
         events += [(at, number) for at in starts]
+        per_term.append(starts)
         if head or starts:
             covered += term.idf
             found.append(term.describe())
         in_meta += term.idf if head else 0.0
-    together = _proximity(events, weights) if len(plan.terms) > 1 else covered
+    if len(plan.terms) == 1:
+        together = covered
+    elif PAIRS:
+        together = _pair_proximity(per_term, weights) * plan.weight
+    else:
+        together = _proximity(events, weights)
     triggered = trigger_matches(plan.query.text, json.loads(row["triggers"]), _normalized(plan.query.text))
     parts = {
         "bm25": bm25,
@@ -620,27 +718,98 @@ def _neighbour_starts(word: str) -> list[str]:
     return sorted({v[:3] for v in variants if len(v) >= 3} | {word[:3]})
 
 
-async def _closest(conn: aiosqlite.Connection, word: str) -> tuple[str, int] | None:
-    """The indexed word closest to `word` (1 edit for words up to 5 letters, 2 above) and its document count.
+# Endings Porter's stemmer takes off English words: an indexed stem ('oper') stands for the words made by adding
+# one back ('operation', 'operating'), and a typo is compared with those.
+ENDINGS = (
+    "",
+    *"""e s es d ed ing ings er ers ion ions ation ations ational ly al ally ment ments ness ity ities ive
+    ively ous able ible ize ized izes ization ise ate ates ated ating ator ance ence ent ant ism ist ingly ful fully
+    less ic ical ically ics ure ary ory age""".split(),
+)
 
-    The index holds Porter stems ('migrat' for 'migrations'), so a stem is also compared with as many of the
-    word's first letters, at one edit more.
-    """
+
+def _distance(word: str, candidate: str, limit: int) -> int:
+    """Edits between a typed word and the closest word an indexed stem stands for (see ENDINGS), at most limit+1."""
+    bases = [candidate]
+    if candidate.endswith("i"):
+        bases.append(candidate[:-1] + "y")  # Porter writes 'empty' as 'empti'
+    best = limit + 1
+    for base in bases:
+        for ending in ENDINGS:
+            if abs(len(base) + len(ending) - len(word)) <= limit:
+                best = min(best, bounded_edit_distance(word, base + ending, limit))
+                if best == 0:
+                    return 0
+    return best
+
+
+async def _closest(conn: aiosqlite.Connection, word: str) -> list[tuple[float, str, int]]:
+    """Indexed stems that may stand for `word` (at most 1 edit for words up to 5 letters, 2 above), likeliest
+    first: (how unlikely, stem, documents holding it). An edit weighs as much as a factor of e^2 in use."""
     limit = 1 if len(word) <= 5 else 2
     async with conn.execute(
         "SELECT v.term, v.doc FROM json_each(?) p CROSS JOIN docs_vocab v "
-        "WHERE v.term >= p.value AND v.term < p.value || char(1114111) AND length(v.term) BETWEEN ? AND ?",
-        (json.dumps(_neighbour_starts(word)), max(3, len(word) - 4), len(word) + 2),
+        "WHERE v.term >= p.value AND v.term < p.value || char(1114111) AND length(v.term) <= ?",
+        (json.dumps(_neighbour_starts(word)), len(word) + limit),
     ) as cursor:
         rows = await cursor.fetchall()
-    best: tuple[int, int, str] | None = None
+    found = []
     for candidate, docs in rows:
-        distance = bounded_edit_distance(word, candidate, limit)
-        if len(candidate) < len(word):
-            distance = min(distance, bounded_edit_distance(word[: len(candidate)], candidate, limit - 1) + 1)
-        if distance <= limit and (best is None or (distance, -docs) < best[:2]):
-            best = (distance, -docs, candidate)
-    return (best[2], -best[1]) if best else None
+        distance = _distance(word, candidate, limit)
+        if distance <= limit:
+            found.append((EDIT_COST * distance - math.log(docs + 1), candidate, docs))
+    return sorted(found)
+
+
+async def _together(conn: aiosqlite.Connection, fts: str) -> int:
+    """How many documents match `fts`, counted up to 1,000."""
+    async with conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM docs_fts WHERE docs_fts MATCH ? LIMIT 1000)", (fts,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _best_fix(
+    conn: aiosqlite.Connection, choices: list[tuple[float, str, int]], others: list[Term]
+) -> tuple[str, int]:
+    """The likeliest of the closest stems, judged also by how often each is found with the query's other words
+    (relative to how common it is): 'clsed file' reads 'closed', not 'cased'."""
+    if len(choices) == 1 or not others:
+        return choices[0][1], choices[0][2]
+    rest = " AND ".join(term.fts() for term in others)
+    best: tuple[float, str, int] | None = None
+    for cost, stem, docs in choices[:CORRECTION_CHOICES]:
+        share = await _together(conn, f'"{stem}"* AND {rest}') / max(docs, 1)
+        weighed = cost - CONTEXT_WEIGHT * math.log(share + 0.01)
+        if best is None or weighed < best[0]:
+            best = (weighed, stem, docs)
+    assert best is not None
+    return best[1], best[2]
+
+
+async def _maybe_typo(conn: aiosqlite.Connection, term: PlannedTerm, documents: int, others: list[Term]) -> PlannedTerm:
+    """`term` (a rare word) with a far more common word one or two edits away as its alternative, if there is one."""
+    choices = [c for c in await _closest(conn, term.term.text) if c[1] != term.stem and c[2] >= RARE_RATIO * term.df]
+    if not choices:
+        return term
+    fix, df = await _best_fix(conn, choices, [t for t in others if t is not term.term])
+    both = min(documents, term.df + df)
+    return PlannedTerm(
+        term.term,
+        term.typed,
+        both,
+        idf(both, documents),
+        term.keys + _stem_keys(fix),
+        term.stem,
+        "or",
+        Term(fix, "prefix"),
+    )
+
+
+def _stem_keys(stem: str) -> tuple[str, ...]:
+    """Word starts for an indexed stem in raw text ('empti' is written 'empty')."""
+    return (stem, stem[:-1] + "y") if stem.endswith("i") and len(stem) > 3 else (stem,)
 
 
 async def correct(conn: aiosqlite.Connection, plan: Plan) -> Plan | None:
@@ -648,8 +817,13 @@ async def correct(conn: aiosqlite.Connection, plan: Plan) -> Plan | None:
     ('direc' -> direc*), else as a typo of the closest indexed word. None when no word changed."""
     changed = False
     terms: list[PlannedTerm] = []
+    others = [term.term for term in plan.terms if term.df > 0]
     for term in plan.terms:
         word = term.term.text
+        if term.rare:
+            terms.append(await _maybe_typo(conn, term, plan.documents, others))
+            changed = changed or terms[-1].alternative is not None
+            continue
         if not term.unknown or len(word) < MIN_PREFIX:
             terms.append(term)
             continue
@@ -661,18 +835,18 @@ async def correct(conn: aiosqlite.Connection, plan: Plan) -> Plan | None:
             )
             changed = True
             continue
-        closest = await _closest(conn, word)
-        if closest is None:
+        choices = await _closest(conn, word)
+        if not choices:
             terms.append(term)
             continue
-        fix, df = closest
-        terms.append(PlannedTerm(Term(fix, "prefix"), word, df, idf(df, plan.documents), (fix,), fix, "corrected"))
+        fix, df = await _best_fix(conn, choices, others)
+        terms.append(
+            PlannedTerm(Term(fix, "prefix"), word, df, idf(df, plan.documents), _stem_keys(fix), fix, "corrected")
+        )
         changed = True
     if not changed:
         return None
-    fixed = Plan(plan.query, terms, plan.documents)
-    fixed.corrected = " ".join(t.describe() for t in terms)
-    return fixed
+    return Plan(plan.query, terms, plan.documents, " ".join(t.describe() for t in terms))
 
 
 def describe(term: Term) -> str:

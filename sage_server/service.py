@@ -343,7 +343,7 @@ class KnowledgeService(BoundedViews):
                 ranked = await search.rank(conn, plan, layers, tags, limit + 1, offset)
                 # Words no document holds are typos or cut short: read them again once the rest has ranked (a
                 # deadline here still leaves an answer).
-                if offset == 0 and any(term.unknown for term in plan.terms):
+                if offset == 0 and plan.doubtful:
                     fixed = await search.correct(conn, plan)
                     if fixed is not None:
                         plan, corrected = fixed, fixed.corrected
@@ -388,7 +388,7 @@ class KnowledgeService(BoundedViews):
         with self.deadlines.partial("context", "context") as window:
             async with self.db.read() as conn:
                 plan = await search.plan(conn, parsed)
-                if any(term.unknown for term in plan.terms):
+                if plan.doubtful:
                     plan = await search.correct(conn, plan) or plan
                 found = await context_packing.candidates(conn, plan, layers)
         result = context_packing.assemble(task, budget, lines, found)
