@@ -90,7 +90,7 @@ async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list
                 doc_id=doc.row["id"],
                 title=doc.row["title"],
                 layer=doc.row["layer"],
-                revision=doc.row["revision"],
+                revision=doc.body.revision if doc.body else 0,
                 ord=row["ord"],
                 heading=row["heading"],
                 text=_strip_heading(row["text"]),

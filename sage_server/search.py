@@ -18,6 +18,8 @@ Words no document holds are read, before a second ranking, as the start of longe
 from __future__ import annotations
 
 import base64
+import bisect
+import functools
 import hashlib
 import json
 import math
@@ -26,6 +28,7 @@ import re
 import sqlite3
 import weakref
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiosqlite
 
@@ -47,9 +50,9 @@ ENOUGH_HOLDING_ALL = 30
 ALL_TERMS_FIRST = 6
 # The parts of a score and their weights; they sum to 1.
 WEIGHTS = {"bm25": 0.15, "coverage": 0.15, "proximity": 0.5, "meta": 0.1, "triggers": 0.1}
-# Terms found within this many characters of each other count as found together (about a sentence).
-PROXIMITY_CHARS = 120
-PAIRS = True
+# Proximity: two terms this many characters apart count half as much as two side by side, and two found only in
+# the opposite order to the query's count ORDERED times as much (words typed together were usually read together,
+# in that order).
 PAIR_SCALE = 60
 ORDERED = 0.5
 # Occurrences of one term looked at in one document: enough to find it near the others.
@@ -67,6 +70,11 @@ EDIT_COST = 2.0
 CONTEXT_WEIGHT = 1.0
 # Snippets and re-scoring read at most this much of a body: their cost must not grow with the document.
 SNIPPET_SCAN_CHARS = 20_000
+# Words whose stems and document counts are remembered between queries (see Vocabulary).
+VOCABULARY_MEMORY = 4096
+# Document counts are exact up to this many, estimated above (see document_counts).
+COUNT_UP_TO = 500
+T = TypeVar("T")
 
 _PHRASE = re.compile(r'"([^"]*)"')
 _WORD = re.compile(rf"(?P<cjk>[{CJK_CLASS}]+)|(?P<word>[^\W_{CJK_CLASS}]+)(?P<star>\*)?")
@@ -157,6 +165,7 @@ def parse_query(text: str, phrases: bool = True) -> ParsedQuery:
     return ParsedQuery(unique[:MAX_TERMS], text)
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalized(text: str) -> str:
     """Lower-case words with a plural 's' dropped, space-padded, for matching trigger phrases."""
     words = [w[:-1] if len(w) > 3 and w.endswith("s") else w for w in re.findall(r"[^\W_]+", text.lower())]
@@ -295,11 +304,11 @@ def idf(df: int, documents: int) -> float:
 _prepared: weakref.WeakSet[aiosqlite.Connection] = weakref.WeakSet()
 
 
-async def _stems(conn: aiosqlite.Connection, texts: list[str]) -> list[list[tuple[str, int]]]:
-    """For each text: its tokens as the index stems them, each with the number of documents holding it."""
+async def _stems(conn: aiosqlite.Connection, texts: list[str]) -> list[list[str]]:
+    """Each text's tokens as the index stems them ('calling' -> call)."""
     if conn not in _prepared:
         # A scratch full-text table in the connection's own temp schema (allowed on read-only connections) runs
-        # the index's own tokenizer, so a query word is looked up exactly as the index stored it.
+        # the index's own tokenizer, so a query word is seen exactly as the index stored it.
         await conn.execute(
             f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.sage_words USING fts5 (w, tokenize = '{TOKENIZER}')"
         )
@@ -312,24 +321,32 @@ async def _stems(conn: aiosqlite.Connection, texts: list[str]) -> list[list[tupl
         f"INSERT OR REPLACE INTO temp.sage_words (rowid, w) VALUES {values}",
         [value for pair in enumerate(texts) for value in pair],
     )
-    found: list[list[tuple[str, int]]] = [[] for _ in texts]
+    found: list[list[str]] = [[] for _ in texts]
     async with conn.execute(
-        "SELECT s.doc, s.term, coalesce(v.doc, 0) FROM temp.sage_stems s LEFT JOIN main.docs_vocab v "
-        "ON v.term = s.term WHERE s.doc < ? ORDER BY s.doc, s.offset",
-        (len(texts),),
+        "SELECT doc, term FROM temp.sage_stems WHERE doc < ? ORDER BY doc, offset", (len(texts),)
     ) as cursor:
-        for number, stem, df in await cursor.fetchall():
-            found[number].append((stem, df))
+        for number, stem in await cursor.fetchall():
+            found[number].append(stem)
     return found
 
 
-async def _prefix_df(conn: aiosqlite.Connection, prefix: str) -> int:
-    """Documents holding a word that starts with `prefix` (summed over those words: an upper bound)."""
-    async with conn.execute(
-        "SELECT coalesce(sum(doc), 0) FROM docs_vocab WHERE term >= ? AND term < ?", (prefix, prefix + "\U0010ffff")
-    ) as cursor:
-        row = await cursor.fetchone()
-    return int(row[0]) if row else 0
+async def document_counts(conn: aiosqlite.Connection, expressions: list[str], documents: int) -> list[int]:
+    """How many documents match each FTS5 expression: exact up to COUNT_UP_TO, estimated above it.
+
+    Counting every match walks a common word's whole list of documents (milliseconds at 10,000 documents). FTS5
+    returns matches in key order, so the key of the COUNT_UP_TO-th match tells what share of the keys holds that
+    many matches, and the count is scaled up from there.
+    """
+    part = (
+        "SELECT {n}, count(*), coalesce(max(rowid), 0) FROM "
+        f"(SELECT rowid FROM docs_fts WHERE docs_fts MATCH ? LIMIT {COUNT_UP_TO})"
+    )
+    sql = " UNION ALL ".join(part.format(n=n) for n in range(len(expressions)))
+    counts = [0] * len(expressions)
+    async with conn.execute(sql, expressions) as cursor:
+        for number, count, last in await cursor.fetchall():
+            counts[number] = count if count < COUNT_UP_TO else min(documents, round(count * documents / last))
+    return counts
 
 
 async def _document_count(conn: aiosqlite.Connection) -> int:
@@ -356,26 +373,57 @@ def _index_text(term: Term) -> str:
     return " ".join(bigrams(term.text)) if term.kind == "cjk" and len(term.text) > 1 else term.text
 
 
-async def plan(conn: aiosqlite.Connection, query: ParsedQuery) -> Plan:
-    """Look every term up in the index's vocabulary: how many documents hold it, hence its weight (IDF)."""
-    documents = await _document_count(conn)
+class Vocabulary:
+    """What `plan` learned of query terms (their stems, how many documents hold them), kept until the index
+    changes: the same words come back query after query."""
+
+    def __init__(self, size: int = VOCABULARY_MEMORY) -> None:
+        self.size = size
+        self.generation: int | None = None
+        self.documents = 0
+        self.words: dict[str, tuple[list[str], int]] = {}
+
+    def at(self, generation: int | None) -> Vocabulary:
+        """This memory, emptied if it was filled at another generation of the index (None: always empty it)."""
+        if generation is None or generation != self.generation:
+            self.generation, self.documents = generation, 0
+            self.words.clear()
+        return self
+
+    def remember(self, table: dict[str, T], key: str, value: T) -> None:
+        if len(table) >= self.size:
+            del table[next(iter(table))]  # the oldest entry
+        table[key] = value
+
+
+async def plan(
+    conn: aiosqlite.Connection, query: ParsedQuery, memory: Vocabulary | None = None, generation: int | None = None
+) -> Plan:
+    """Look every term up in the index's vocabulary: how many documents hold it, hence its weight (IDF).
+
+    `memory` keeps what was looked up for later queries while the index stays at `generation`.
+    """
+    known = (memory or Vocabulary()).at(generation)
+    if not known.documents:
+        known.documents = await _document_count(conn)
+    documents = known.documents
     if not query.terms:
         return Plan(query, [], documents)
-    stems = await _stems(conn, [_index_text(t) for t in query.terms])
+    # Read into a local table: another search may empty the memory while this one waits on the database.
+    found = {term.fts(): known.words[term.fts()] for term in query.terms if term.fts() in known.words}
+    missing = [term for term in query.terms if term.fts() not in found]
+    if missing:
+        stems = await _stems(conn, [_index_text(term) for term in missing])
+        counts = await document_counts(conn, [term.fts() for term in missing], documents)
+        for term, tokens, count in zip(missing, stems, counts, strict=True):
+            found[term.fts()] = (tokens, count)
+            known.remember(known.words, term.fts(), (tokens, count))
     planned = []
-    for term, tokens in zip(query.terms, stems, strict=True):
-        if term.kind == "prefix" or (term.kind == "cjk" and len(term.text) == 1):
-            df = min(documents, await _prefix_df(conn, tokens[0][0] if tokens else term.text))
-        else:
-            df = min((count for _, count in tokens), default=0)
+    for term in query.terms:
+        tokens, df = found[term.fts()]
         planned.append(
             PlannedTerm(
-                term,
-                term.text,
-                df,
-                idf(df, documents),
-                _keys(term, [s for s, _ in tokens]),
-                stem=tokens[0][0] if tokens else term.text,
+                term, term.text, df, idf(df, documents), _keys(term, tokens), tokens[0] if tokens else term.text
             )
         )
     return Plan(query, planned, documents)
@@ -390,7 +438,8 @@ async def rank_documents(
     rows are joined: joining first made SQLite decode every matching row into the sort (2-3x slower at 100k).
     """
     weights = ", ".join(str(w) for w in DOC_WEIGHTS)
-    columns = "d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.tokens, d.revision, d.summary"
+    # Columns stored before the body only: reading one after it walks the body's overflow pages (see `bodies`).
+    columns = "d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary"
     if not layers and not tags:
         sql = (
             f"SELECT {columns}, r.score FROM (SELECT rowid, bm25(docs_fts, {weights}) AS score FROM docs_fts "
@@ -417,20 +466,30 @@ class Ranked:
 
     row: sqlite3.Row
     score: float
-    body: str | None = None
+    body: Body | None = None
     parts: dict[str, float] = field(default_factory=dict)
     found: list[str] = field(default_factory=list)
+    around: int | None = None  # where the query's words are densest in `body`, for the snippet
 
 
-async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, str]:
-    """The opening of each document's body, as much as snippets and re-scoring read."""
+@dataclass(frozen=True)
+class Body:
+    """The opening of a document's body, and the columns stored after it."""
+
+    text: str
+    tokens: int
+    revision: int
+
+
+async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, Body]:
+    """The opening of each document's body (as much as snippets and re-scoring read), its tokens and revision."""
     if not keys:
         return {}
     async with conn.execute(
-        f"SELECT key, substr(body, 1, ?) FROM documents WHERE key IN ({','.join('?' * len(keys))})",
+        f"SELECT key, substr(body, 1, ?), tokens, revision FROM documents WHERE key IN ({','.join('?' * len(keys))})",
         [SNIPPET_SCAN_CHARS, *keys],
     ) as cursor:
-        return {row[0]: row[1] for row in await cursor.fetchall()}
+        return {row[0]: Body(row[1], row[2], row[3]) for row in await cursor.fetchall()}
 
 
 def _starts(text: str, key: str, cjk: bool) -> list[int]:
@@ -448,28 +507,25 @@ def _gap(first: list[int], second: list[int]) -> int | None:
     """The smallest distance between an offset in `first` and one in `second` (both sorted)."""
     if not first or not second:
         return None
-    i = j = 0
-    best = abs(first[0] - second[0])
-    while i < len(first) and j < len(second):
-        best = min(best, abs(first[i] - second[j]))
-        if first[i] < second[j]:
-            i += 1
-        else:
-            j += 1
+    few, many = (first, second) if len(first) <= len(second) else (second, first)
+    best: int | None = None
+    for at in few:
+        i = bisect.bisect_left(many, at)
+        for j in (i - 1, i):
+            if 0 <= j < len(many) and (best is None or abs(many[j] - at) < best):
+                best = abs(many[j] - at)
     return best
 
 
 def _ordered_gap(first: list[int], second: list[int]) -> int | None:
     """The smallest distance from an offset in `first` forward to one in `second` (both sorted)."""
     best: int | None = None
-    j = 0
     for at in first:
-        while j < len(second) and second[j] <= at:
-            j += 1
-        if j == len(second):
+        i = bisect.bisect_right(second, at)
+        if i == len(second):
             break
-        gap = second[j] - at
-        best = gap if best is None else min(best, gap)
+        if best is None or second[i] - at < best:
+            best = second[i] - at
     return best
 
 
@@ -498,60 +554,56 @@ def _pair_proximity(starts: list[list[int]], weights: list[float]) -> float:
     return found / total if total else 0.0
 
 
-def _proximity(events: list[tuple[int, int]], weights: list[float]) -> float:
-    """The largest total weight of distinct terms found within PROXIMITY_CHARS of each other."""
-    events.sort()
-    counts = [0] * len(weights)
-    best = total = 0.0
-    low = 0
-    for position, term in events:
-        if counts[term] == 0:
-            total += weights[term]
+def _densest(starts: list[list[int]], width: int) -> int | None:
+    """The offset that opens the stretch of `width` characters holding the most distinct terms (for snippets)."""
+    events = sorted((at, term) for term, offsets in enumerate(starts) for at in offsets)
+    if not events:
+        return None
+    counts = [0] * len(starts)
+    distinct = best = low = 0
+    best_at = events[0][0]
+    for at, term in events:
+        distinct += counts[term] == 0
         counts[term] += 1
-        while position - events[low][0] > PROXIMITY_CHARS:
+        while at - events[low][0] > width:
             gone = events[low][1]
             counts[gone] -= 1
-            if counts[gone] == 0:
-                total -= weights[gone]
+            distinct -= counts[gone] == 0
             low += 1
-        best = max(best, total)
-    return best
+        if distinct > best:
+            best, best_at = distinct, events[low][0]
+    return best_at
 
 
-def score_parts(plan: Plan, row: sqlite3.Row, body: str, bm25: float) -> tuple[dict[str, float], list[str]]:
-    """The parts of a candidate's score, each between 0 and 1, and the terms it holds (see the module docstring)."""
+def rescore(plan: Plan, item: Ranked, query_plain: str) -> None:
+    """Fill in the parts of a candidate's score (each 0-1; see the module docstring), the terms it holds and where
+    its snippet should start. `query_plain` is the query as trigger matching reads it."""
+    row, body = item.row, item.body.text if item.body else ""
     meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"])).lower()
     text = body.lower()
-    weights = [t.idf for t in plan.terms]
-    events: list[tuple[int, int]] = []
     per_term: list[list[int]] = []
     covered = in_meta = 0.0
-    found = []
-    for number, term in enumerate(plan.terms):
+    item.found = []
+    for term in plan.terms:
         cjk = term.term.kind == "cjk"
         head = any(_starts(meta, key, cjk) for key in term.keys)
         starts = sorted(at for key in term.keys for at in _starts(text, key, cjk))
-        events += [(at, number) for at in starts]
         per_term.append(starts)
         if head or starts:
             covered += term.idf
-            found.append(term.describe())
+            item.found.append(term.describe())
         in_meta += term.idf if head else 0.0
-    if len(plan.terms) == 1:
-        together = covered
-    elif PAIRS:
-        together = _pair_proximity(per_term, weights) * plan.weight
-    else:
-        together = _proximity(events, weights)
-    triggered = trigger_matches(plan.query.text, json.loads(row["triggers"]), _normalized(plan.query.text))
-    parts = {
-        "bm25": bm25,
+    together = covered if len(plan.terms) == 1 else _pair_proximity(per_term, [t.idf for t in plan.terms]) * plan.weight
+    triggered = trigger_matches(plan.query.text, json.loads(row["triggers"]), query_plain)
+    item.parts = {
+        "bm25": item.parts["bm25"],
         "coverage": covered / plan.weight,
         "proximity": together / plan.weight,
         "meta": in_meta / plan.weight,
         "triggers": min(triggered, 2) / 2,
     }
-    return parts, found
+    # Lower-casing keeps offsets for all but a few letters (e.g. 'İ'); where it does not, snippets look again.
+    item.around = _densest(per_term, SNIPPET_WIDTH) if len(text) == len(body) else None
 
 
 def _total(parts: dict[str, float]) -> float:
@@ -596,9 +648,10 @@ async def rank(
     ranked = [Ranked(row, 0.0, parts={"bm25": -row["score"] / best if best > 0 else 0.0}) for row in rows]
     head = ranked[:CANDIDATES]
     texts = await bodies(conn, [item.row["key"] for item in head])
+    query_plain = _normalized(plan.query.text)
     for item in head:
-        item.body = texts.get(item.row["key"], "")
-        item.parts, item.found = score_parts(plan, item.row, item.body, item.parts["bm25"])
+        item.body = texts.get(item.row["key"], Body("", 0, 0))
+        rescore(plan, item, query_plain)
     for item in ranked:
         item.score = _total(item.parts)
     head.sort(key=lambda item: (-item.score, item.row["score"]))
@@ -656,8 +709,9 @@ def _patterns(query: ParsedQuery) -> list[str]:
     return sorted(pieces, key=len, reverse=True)  # longest first: a stem must not cut a longer match short
 
 
-def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH) -> str | None:
-    """The window of `body` that holds the most distinct query words, with each match in **bold**.
+def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH, around: int | None = None) -> str | None:
+    """The window of `body` that holds the most distinct query words (starting near `around` when ranking found
+    it already), with each match in **bold**.
 
     Built here rather than with FTS5's snippet(), whose cost grows with the size of the document and the number
     of matches in it (seconds for a few large documents full of the query's words).
@@ -667,16 +721,19 @@ def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH) -> s
         return None
     finder = re.compile("|".join(pieces), re.IGNORECASE)
     text = body[:SNIPPET_SCAN_CHARS]
-    matches = [(m.start(), m.group().lower()) for m in finder.finditer(text)]
-    if not matches:
-        return None
-    best_at, best_score, first = 0, -1, 0
-    for last, (start, _) in enumerate(matches):
-        while matches[first][0] < start - width:
-            first += 1
-        score = len({word for _, word in matches[first : last + 1]})
-        if score > best_score:
-            best_at, best_score = matches[first][0], score
+    if around is not None:
+        best_at = around
+    else:
+        matches = [(m.start(), m.group().lower()) for m in finder.finditer(text)]
+        if not matches:
+            return None
+        best_at, best_score, first = 0, -1, 0
+        for last, (start, _) in enumerate(matches):
+            while matches[first][0] < start - width:
+                first += 1
+            score = len({word for _, word in matches[first : last + 1]})
+            if score > best_score:
+                best_at, best_score = matches[first][0], score
     begin = max(0, best_at - width // 4)
     begin = text.rfind(" ", 0, begin) + 1 if begin else 0
     end = min(len(text), begin + width)
@@ -827,12 +884,10 @@ async def correct(conn: aiosqlite.Connection, plan: Plan) -> Plan | None:
         if not term.unknown or len(word) < MIN_PREFIX:
             terms.append(term)
             continue
-        as_prefix = await _prefix_df(conn, term.stem)
-        if as_prefix:
-            df = min(as_prefix, plan.documents)
-            terms.append(
-                PlannedTerm(Term(word, "prefix"), word, df, idf(df, plan.documents), (word,), term.stem, "prefix")
-            )
+        as_prefix = Term(word, "prefix")
+        [df] = await document_counts(conn, [as_prefix.fts()], plan.documents)
+        if df:
+            terms.append(PlannedTerm(as_prefix, word, df, idf(df, plan.documents), (word,), term.stem, "prefix"))
             changed = True
             continue
         choices = await _closest(conn, word)
@@ -859,8 +914,9 @@ def describe(term: Term) -> str:
 
 
 def to_hit(ranked: Ranked, snippet: str) -> SearchHit:
-    """A search hit from a ranked row."""
+    """A search hit from a ranked row whose body was read."""
     row = ranked.row
+    assert ranked.body is not None
     return SearchHit(
         id=row["id"],
         title=row["title"],
@@ -868,6 +924,6 @@ def to_hit(ranked: Ranked, snippet: str) -> SearchHit:
         tags=json.loads(row["tags"]),
         score=round(ranked.score, 4),
         snippet=" ".join(snippet.split()),  # one line: Markdown line breaks mean nothing in an excerpt
-        tokens=row["tokens"],
-        revision=row["revision"],
+        tokens=ranked.body.tokens,
+        revision=ranked.body.revision,
     )

@@ -70,6 +70,7 @@ class KnowledgeService(BoundedViews):
         self.deadlines = Deadlines.from_settings(settings)
         self.cache = TieredCache(settings, observer=self.metrics)
         self.generation = 0  # of the data this instance last saw; cache keys carry it
+        self.vocabulary = search.Vocabulary()  # what searches learned of the index's words, at that generation
         self.started = time.monotonic()
         self.last_import: ImportReport | None = None
         self.ready = False  # True once the configured folders have been imported
@@ -335,11 +336,11 @@ class KnowledgeService(BoundedViews):
         offset = search.decode_cursor(cursor, query_key)
         corrected: str | None = None
         ranked: RankedList | None = None
-        texts: dict[int, str] = {}
+        texts: dict[int, search.Body] = {}
         plan: search.Plan | None = None
         with self.deadlines.partial("search", "search") as window:
             async with self.db.read() as conn:
-                plan = await search.plan(conn, parsed)
+                plan = await search.plan(conn, parsed, self.vocabulary, self.generation)
                 ranked = await search.rank(conn, plan, layers, tags, limit + 1, offset)
                 # Words no document holds are typos or cut short: read them again once the rest has ranked (a
                 # deadline here still leaves an answer).
@@ -354,9 +355,11 @@ class KnowledgeService(BoundedViews):
             raise Timeout(window.reason or "search timed out", operation="search")
         hits = []
         for item in ranked[:limit]:
-            body = item.body if item.body is not None else texts.get(item.row["key"], "")
-            snippet = search.make_snippet(body, plan.searched if plan else parsed) or item.row["summary"]
-            hits.append(search.to_hit(item, snippet))
+            item.body = item.body or texts.get(item.row["key"])
+            if item.body is None:
+                break  # the deadline came before this deep page's rows were read: the hits before it are the answer
+            snippet = search.make_snippet(item.body.text, plan.searched if plan else parsed, around=item.around)
+            hits.append(search.to_hit(item, snippet or item.row["summary"]))
         more = len(ranked) > limit and not corrected
         return SearchResult(
             query=query,
@@ -387,7 +390,7 @@ class KnowledgeService(BoundedViews):
         # Past the context deadline the caller still gets the core essentials, marked partial.
         with self.deadlines.partial("context", "context") as window:
             async with self.db.read() as conn:
-                plan = await search.plan(conn, parsed)
+                plan = await search.plan(conn, parsed, self.vocabulary, self.generation)
                 if plan.doubtful:
                     plan = await search.correct(conn, plan) or plan
                 found = await context_packing.candidates(conn, plan, layers)
