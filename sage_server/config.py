@@ -46,11 +46,16 @@ class Settings(BaseModel):
     api_port: int = Field(8000, ge=0, le=65535, description="REST API port")
     mcp_port: int = Field(8001, ge=0, le=65535, description="MCP HTTP port")
     metrics_port: int = Field(9000, ge=0, le=65535, description="Prometheus metrics port")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds (loopback unless told)")
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Extra Host names MCP over HTTP accepts (DNS-rebinding protection), e.g. sage.internal",
     )
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
+    allow_anonymous: bool = Field(
+        False, description="Serve HTTP beyond loopback without any credential instead of generating an admin key"
+    )
+    max_filters: int = Field(50, ge=1, le=1000, description="Most tag (or layer) filters one query may carry")
     rate_limit_per_minute: int = Field(0, ge=0, description="HTTP requests a client may make a minute (0: no limit)")
     redis_url: str | None = Field(None, description="Redis URL for the shared cache tier")
     cache_memory: bool = Field(True, description="Use the in-process memory cache tier")

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_REVISION = 2**63 - 1  # SQLite's largest integer: a larger revision cannot name one
 _ID_RE = re.compile(ID_PATTERN)
 Change = Literal["create", "update", "delete", "remove", "restore"]
 

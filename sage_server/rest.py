@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +13,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sage_server.errors import InvalidInput, SageError, Unauthorized
+from sage_server.errors import (
+    InvalidInput,
+    PreconditionFailed,
+    StaleRevision,
+    UnsupportedMediaType,
+    clip,
+    invalid_input,
+)
 from sage_server.models import (
+    ID_PATTERN,
+    MAX_REVISION,
     ContextResult,
     Document,
     DocumentIn,
@@ -76,24 +85,16 @@ class DocumentBody(BaseModel):
 
 
 class RestoreBody(BaseModel):
-    revision: int = Field(ge=1)
+    revision: int = Field(ge=1, le=MAX_REVISION, description="The revision to make current again, from the history")
 
 
 class Ready(BaseModel):
     ready: bool
 
 
-def error_response(exc: SageError) -> JSONResponse:
-    """Translate a SageError into the one JSON error body."""
-    body = ErrorResponse(error=ErrorBody(status=exc.status, code=exc.code, message=exc.message, details=exc.details))
-    return JSONResponse(body.model_dump(mode="json"), status_code=exc.status)
-
-
-def _validation_error(exc: ValidationError) -> InvalidInput:
-    first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "body"
-    errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-    return InvalidInput(f"{field}: {first['msg']}", field=field, errors=errors)
+JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
+IF_MATCH = re.compile(r'^(?:W/)?"?([0-9]{1,19})"?$')
+_DOC_ID = re.compile(ID_PATTERN)
 
 
 def _query(request: Request, model: type[BaseModel]) -> Any:
@@ -103,35 +104,67 @@ def _query(request: Request, model: type[BaseModel]) -> Any:
         values = params.getlist(name)
         if values:
             raw[name] = values if info.annotation == list[str] else values[-1]
-    unknown = set(params) - set(model.model_fields)
+    unknown = sorted(set(params) - set(model.model_fields))
     if unknown:
-        raise InvalidInput(f"unknown query parameter {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
+        raise InvalidInput(f"unknown query parameter {clip(unknown[0])!r}", field=unknown[0])
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise _validation_error(exc) from exc
+        raise invalid_input(exc, model.model_json_schema()) from exc
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """The JSON body as `model`. Only a body declared as JSON is read (415 otherwise): a cross-site form or
+    text/plain post must never be taken for one."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if not JSON_TYPE.match(media_type):
+        raise UnsupportedMediaType(
+            f"the request body must be JSON sent as Content-Type: application/json, not {clip(media_type or 'none')!r}",
+            field="Content-Type",
+        )
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}", field="body") from exc
+    except RecursionError as exc:  # nested deeper than the parser's stack allows
+        raise InvalidInput("request body is nested too deeply", field="body") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and integers over Python's digit limit
+        raise InvalidInput(f"request body is not valid JSON: {clip(exc, 200)}", field="body") from exc
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from exc
+        raise invalid_input(exc, model.model_json_schema()) from exc
+    except RecursionError as exc:
+        raise InvalidInput("request body is nested too deeply", field="body") from exc
+
+
+def _doc_id(request: Request) -> str:
+    """The id in the path, checked before it reaches the service (and before it could be echoed back whole)."""
+    doc_id = str(request.path_params["doc_id"])
+    if not _DOC_ID.match(doc_id):
+        raise InvalidInput(
+            f"invalid id {clip(doc_id)!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            field="doc_id",
+        )
+    return doc_id
 
 
 def _if_match(request: Request) -> int | None:
-    value = request.headers.get("if-match")
-    if value is None or value.strip() == "*":
+    """The revision an If-Match header names (`"3"`, `W/"3"`, `3`); None without one or for `*`."""
+    value = request.headers.get("if-match", "").strip()
+    if not value or value == "*":
         return None
+    match = IF_MATCH.match(value)
+    if match is None:
+        raise InvalidInput(f'If-Match must be a document revision, e.g. "3" (got {clip(value)!r})', field="If-Match")
+    return int(match.group(1))
+
+
+async def _guarded(write: Awaitable[Document]) -> Document:
+    """A write with an If-Match precondition: a stale revision is 412 Precondition Failed (RFC 9110)."""
     try:
-        return int(value.strip().removeprefix("W/").strip('"'))
-    except ValueError as exc:
-        raise InvalidInput('If-Match must be a document revision, e.g. "3"', field="If-Match") from exc
+        return await write
+    except StaleRevision as exc:
+        raise PreconditionFailed(exc.message, **exc.details) from exc
 
 
 def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -170,31 +203,35 @@ async def list_documents(request: Request, kb: KnowledgeService) -> Response:
 
 
 async def get_document(request: Request, kb: KnowledgeService) -> Response:
-    doc = await kb.get(request.path_params["doc_id"])
+    doc = await kb.get(_doc_id(request))
     return _json(doc, headers={"ETag": f'"{doc.revision}"'})
 
 
 async def put_document(request: Request, kb: KnowledgeService) -> Response:
+    doc_id = _doc_id(request)
+    expected = _if_match(request)
     body: DocumentBody = await _body(request, DocumentBody)
     try:
-        doc_in = DocumentIn(id=request.path_params["doc_id"], **body.model_dump())
+        doc_in = DocumentIn(id=doc_id, **body.model_dump())
     except ValidationError as exc:
-        raise _validation_error(exc) from exc
-    saved = await kb.save(doc_in, expected_revision=_if_match(request))
+        raise invalid_input(exc, DocumentIn.model_json_schema()) from exc
+    saved = await _guarded(kb.save(doc_in, expected_revision=expected))
     return _json(saved, 201 if saved.revision == 1 else 200, headers={"ETag": f'"{saved.revision}"'})
 
 
 async def delete_document(request: Request, kb: KnowledgeService) -> Response:
-    return _json(await kb.delete(request.path_params["doc_id"], expected_revision=_if_match(request)))
+    doc_id = _doc_id(request)
+    return _json(await _guarded(kb.delete(doc_id, expected_revision=_if_match(request))))
 
 
 async def document_history(request: Request, kb: KnowledgeService) -> Response:
-    return _json(await kb.history(request.path_params["doc_id"]))
+    return _json(await kb.history(_doc_id(request)))
 
 
 async def restore_document(request: Request, kb: KnowledgeService) -> Response:
+    doc_id = _doc_id(request)
     body: RestoreBody = await _body(request, RestoreBody)
-    return _json(await kb.restore(request.path_params["doc_id"], body.revision))
+    return _json(await kb.restore(doc_id, body.revision))
 
 
 def _partial(result: SearchResult | ContextResult) -> dict[str, str]:
@@ -254,61 +291,88 @@ ENDPOINTS = [
 ]
 
 
-def _authorized(request: Request, api_key: str) -> bool:
-    supplied = request.headers.get("x-api-key") or ""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        supplied = auth[7:].strip()
-    return hmac.compare_digest(supplied.encode(), api_key.encode())
+def _dispatch(path: str, endpoints: list[Endpoint], kb: KnowledgeService) -> Route:
+    """One route per path, however many methods it has, so a 405 lists them all in `Allow`. SageErrors raised by a
+    handler are rendered by the app's exception handler."""
+    by_method = {e.method: e for e in endpoints}
+    if "GET" in by_method:
+        by_method.setdefault("HEAD", by_method["GET"])
 
-
-def _route(endpoint: Endpoint, kb: KnowledgeService, api_key: str | None) -> Route:
     async def handle(request: Request) -> Response:
-        if api_key and not endpoint.public and not _authorized(request, api_key):
-            response = error_response(Unauthorized("a valid API key is required (Authorization: Bearer <key>)"))
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        try:
-            return await endpoint.handler(request, kb)
-        except SageError as exc:
-            return error_response(exc)
+        return await by_method[request.method].handler(request, kb)
 
-    return Route(endpoint.path, handle, methods=[endpoint.method], name=f"{endpoint.method} {endpoint.path}")
+    return Route(path, handle, methods=list(by_method), name=path)
 
 
-def routes(kb: KnowledgeService, api_key: str | None, probes_only: bool = False) -> list[Route]:
-    """The REST routes over `kb` and /openapi.json; with `probes_only`, just /health and /ready."""
+def routes(kb: KnowledgeService, auth_required: bool, probes_only: bool = False) -> list[Route]:
+    """The REST routes over `kb` and /openapi.json; with `probes_only`, just /health and /ready. Authentication,
+    Host and Origin checks happen before any of them, in the app's front door."""
+    endpoints = [e for e in ENDPOINTS if e.public or not probes_only]
+    paths: dict[str, list[Endpoint]] = {}
+    for endpoint in endpoints:
+        paths.setdefault(endpoint.path, []).append(endpoint)
+    found = [_dispatch(path, group, kb) for path, group in paths.items()]
     if probes_only:
-        return [_route(e, kb, api_key) for e in ENDPOINTS if e.public]
-    spec = openapi()
+        return found
+    spec = openapi(kb.settings.layers, auth_required)
 
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(spec)
 
-    return [*(_route(e, kb, api_key) for e in ENDPOINTS), Route("/openapi.json", openapi_json, methods=["GET"])]
+    return [*found, Route("/openapi.json", openapi_json, methods=["GET"])]
 
 
-def openapi() -> dict[str, Any]:
-    """OpenAPI 3.1 for ENDPOINTS, with schemas generated from the pydantic models."""
+def _with_layers(schema: dict[str, Any], layers: list[str]) -> dict[str, Any]:
+    """`schema` with every `layer` property (or list of layers) limited to the configured layers."""
+    for name, prop in schema.get("properties", {}).items():
+        if name != "layer":
+            continue
+        for option in prop.get("anyOf") or [prop]:
+            if option.get("type") == "string":
+                option["enum"] = list(layers)
+            elif option.get("type") == "array":
+                option.setdefault("items", {})["enum"] = list(layers)
+    return schema
+
+
+def openapi(layers: list[str], auth_required: bool = False) -> dict[str, Any]:
+    """OpenAPI 3.1 for ENDPOINTS, with schemas generated from the pydantic models (layers as an enum of the
+    configured ones) and every status an operation answers."""
     ref = "#/components/schemas/{model}"
     schemas: dict[str, Any] = {}
 
     def schema_ref(model: type[BaseModel]) -> dict[str, str]:
         schema = model.model_json_schema(ref_template=ref)
         schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
+        schemas[model.__name__] = _with_layers(schema, layers)
         return {"$ref": ref.format(model=model.__name__)}
 
-    error = {"description": "Error", "content": {"application/json": {"schema": schema_ref(ErrorResponse)}}}
+    def error(description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema_ref(ErrorResponse)}}}
+
     paths: dict[str, Any] = {}
     for e in ENDPOINTS:
+        ok = {"description": "OK", "content": {"application/json": {"schema": schema_ref(e.response)}}}
+        responses: dict[str, Any] = {"200": ok}
+        if e.method == "PUT":
+            responses["200"] = {**ok, "description": "Updated (or unchanged)"}
+            responses["201"] = {**ok, "description": "Created"}
+        if "{doc_id}" in e.path:
+            responses["404"] = error("No document with that id (close ids suggested)")
+        if e.method in {"PUT", "DELETE"}:
+            responses["412"] = error("If-Match named a revision that is no longer current")
+        if e.body is not None:
+            responses["413"] = error("Body over the size limit")
+            responses["415"] = error("Body not sent as application/json")
+        if not e.public:
+            responses["422"] = error("An argument is invalid (the message names it)")
+            if auth_required:
+                responses["401"] = error("No valid credential")
+        responses["default"] = error("Error")
         op: dict[str, Any] = {
             "summary": e.summary,
             "operationId": f"{e.method.lower()}_{e.handler.__name__}",
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": schema_ref(e.response)}}},
-                "default": error,
-            },
+            "responses": responses,
         }
         params: list[dict[str, Any]] = []
         if "{doc_id}" in e.path:
@@ -317,11 +381,12 @@ def openapi() -> dict[str, Any]:
                     "name": "doc_id",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+                    "description": "Document id, e.g. timeout-resilience",
+                    "schema": {"type": "string", "pattern": ID_PATTERN},
                 }
             )
         if e.query is not None:
-            schema = e.query.model_json_schema()
+            schema = _with_layers(e.query.model_json_schema(), layers)
             for name, prop in schema["properties"].items():
                 param: dict[str, Any] = {
                     "name": name,
@@ -333,17 +398,32 @@ def openapi() -> dict[str, Any]:
                     param.update(style="form", explode=True)
                 params.append(param)
         if e.method in {"PUT", "DELETE"}:
-            params.append({"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}})
+            params.append(
+                {
+                    "name": "If-Match",
+                    "in": "header",
+                    "required": False,
+                    "description": 'The revision you read (its ETag, e.g. "3"): the write happens only if it is still '
+                    "current, else 412. Omit it (or send *) to write whatever the current revision.",
+                    "schema": {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?)$'},
+                }
+            )
         if params:
             op["parameters"] = params
         if e.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema_ref(e.body)}}}
-        if not e.public:
-            op["security"] = [{"apiKey": []}, {}]
+        if auth_required and not e.public:
+            op["security"] = [{"bearer": []}, {"apiKey": []}]
         paths.setdefault(e.path, {})[e.method.lower()] = op
-    return {
+    spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "SAGE knowledge server", "version": __version__},
         "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": schemas},
     }
+    if auth_required:
+        spec["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+    return spec

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 
 from sage_server import backup
 from sage_server.app import create_app, create_mcp_app, create_metrics_app
+from sage_server.auth import Authenticator, ensure_admin_key
 from sage_server.config import Settings
 from sage_server.errors import ConfigError, SageError
 from sage_server.logs import get_logger, log_event
@@ -117,11 +118,17 @@ async def periodic_backups(settings: Settings) -> None:
 
 async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "mcp", "metrics")) -> None:
     """Run the listeners (API, MCP, metrics by default) until SIGTERM or SIGINT, then shut down cleanly."""
+    ensure_admin_key(settings)  # secure by default: beyond loopback, HTTP needs a credential
+    log_event(
+        log, logging.INFO, "Authentication", operation="auth", rule=Authenticator.from_settings(settings).describe()
+    )
     sockets: list[socket.socket] = []
     try:
         for name in listeners:
             field, setting = SETTINGS_OF[name]
-            sockets.append(bind(settings.host, getattr(settings, field), setting))
+            # Metrics carry no credential check: their listener stays on loopback unless SAGE_METRICS_HOST says.
+            host = settings.metrics_host if name == "metrics" else settings.host
+            sockets.append(bind(host, getattr(settings, field), setting))
     except ConfigError:
         for sock in sockets:
             sock.close()

@@ -26,7 +26,16 @@ from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
 from sage_server.config import Settings, load_settings
 from sage_server.db import Database
-from sage_server.errors import Conflict, InvalidInput, MigrationError, NotFound, SageError, Timeout, Unavailable
+from sage_server.errors import (
+    Conflict,
+    InvalidInput,
+    MigrationError,
+    NotFound,
+    SageError,
+    StaleRevision,
+    Timeout,
+    Unavailable,
+)
 from sage_server.generation import GenerationWatcher
 from sage_server.logs import get_logger, log_event
 from sage_server.metrics import Metrics
@@ -221,7 +230,14 @@ class KnowledgeService(BoundedViews):
 
     # -- validation ------------------------------------------------------------------------------
 
+    def _check_filters(self, values: Strings | None, field: str) -> None:
+        # Each tag filter is a clause of the query: thousands exhaust SQLite ("Expression tree is too large").
+        if values and len(values) > self.settings.max_filters:
+            cap = self.settings.max_filters
+            raise InvalidInput(f"at most {cap} {field} filters are allowed, got {len(values)}", field=field)
+
     def _check_layers(self, layers: Strings | None) -> Strings | None:
+        self._check_filters(layers, "layer")
         for layer in layers or []:
             if layer not in self.settings.layers:
                 raise InvalidInput(f"unknown layer {layer!r} (known: {', '.join(self.settings.layers)})", field="layer")
@@ -277,6 +293,7 @@ class KnowledgeService(BoundedViews):
         """Live documents ordered by layer and id, a page at a time."""
         with self._operation("list", "read", layer=layer):
             self._check_limit(limit)
+            self._check_filters(tags, "tag")
             layers = self._check_layers([layer] if layer else None)
             args = (layers, tags, limit, cursor)
             return await self._cached("list", args, DocumentList, lambda: self._list(layers, tags, limit, cursor))
@@ -319,6 +336,7 @@ class KnowledgeService(BoundedViews):
             if not query.strip():
                 raise InvalidInput("query must not be empty", field="query")
             self._check_limit(limit)
+            self._check_filters(tags, "tag")
             layers = self._check_layers(layers)
             args = (query, layers, tags, limit, cursor)
             return await self._cached(
@@ -453,7 +471,7 @@ class KnowledgeService(BoundedViews):
                 current = 0 if row is None else row["revision"]
                 if expected_revision is not None and expected_revision != current:
                     state = "does not exist" if row is None else f"is at revision {current}"
-                    raise Conflict(
+                    raise StaleRevision(
                         f"document {doc.id!r} {state}, not revision {expected_revision}; re-read it and retry",
                         id=doc.id,
                         current_revision=current,
@@ -480,7 +498,7 @@ class KnowledgeService(BoundedViews):
                 if row is None or row["deleted_at"] is not None:
                     raise await self._not_found(doc_id)
                 if expected_revision is not None and expected_revision != row["revision"]:
-                    raise Conflict(
+                    raise StaleRevision(
                         f"document {doc_id!r} is at revision {row['revision']}, not {expected_revision}",
                         id=doc_id,
                         current_revision=row["revision"],

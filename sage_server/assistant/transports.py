@@ -10,28 +10,22 @@ from starlette.routing import BaseRoute, Route
 
 from sage_server.assistant.server import build_server
 from sage_server.config import Settings
+from sage_server.hosts import ANY_HOST, allowed_names
 from sage_server.service import open_service
-
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-# Binding every interface says nothing about the name clients will use, so it adds no allowed Host.
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
 def transport_security(settings: Settings) -> TransportSecuritySettings:
-    """DNS-rebinding protection: allow Host and Origin headers naming localhost, the configured host or one of
-    `allowed_hosts`, on any port."""
-    host = settings.host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 literal appears bracketed in Host and Origin headers
-    named = [host] if host not in (*LOCAL_HOSTS, *WILDCARD_HOSTS) else []
-    # Behind a proxy or in a container (bound to 0.0.0.0) clients use names only the operator knows.
-    hosts = list(dict.fromkeys([*LOCAL_HOSTS, *named, *settings.allowed_hosts]))
+    """The SDK's own DNS-rebinding check, from the same rule the front door applies to every route (see hosts.py):
+    Host and Origin headers naming localhost, the configured host or one of `allowed_hosts`, on any port."""
+    names = allowed_names(settings)
+    if ANY_HOST in names:  # the operator allows any Host: the front door still refuses foreign Origins on writes
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
-        allowed_hosts=[form for name in hosts for form in (name, f"{name}:*")],
+        allowed_hosts=[form for name in names for form in (name, f"{name}:*")],
         allowed_origins=[
             form
-            for name in hosts
+            for name in names
             for scheme in ("http", "https")
             for form in (f"{scheme}://{name}", f"{scheme}://{name}:*")
         ],
