@@ -201,7 +201,7 @@ def invalid_input(exc: ValidationError, schema: dict[str, Any] | None = None, pr
     for error in exc.errors(include_url=False):
         field = prefix + (".".join(str(part) for part in error["loc"]) or "value")
         top = str(error["loc"][0]) if error["loc"] else ""
-        message = "required" if error["type"] == "missing" else str(error["msg"])
+        message = "required" if error["type"] == "missing" else str(error["msg"]).removeprefix("Value error, ")
         # A bound or type is said as the range allowed; a pattern or a custom check keeps its own message.
         specific = error["type"] in ("value_error", "string_pattern_mismatch", "assertion_error")
         expected = _expected(properties.get(top)) if len(error["loc"]) == 1 and not specific else ""

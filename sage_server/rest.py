@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -53,24 +53,44 @@ class ErrorResponse(BaseModel):
 
 
 class ListQuery(BaseModel):
-    layer: str | None = None
+    layer: str | None = Field(None, min_length=1)
     tag: list[str] = Field(default_factory=list)
     limit: int = Field(50, ge=1, le=100)
     cursor: str | None = None
 
 
+# At least one character Python does not take for whitespace (the service strips the rest away): ECMAScript's \s,
+# which OpenAPI tools read, lacks the separators \x1c-\x1f and \x85 that str.strip() removes.
+NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _text(description: str) -> Any:
+    """A required text of up to 4000 characters, not all whitespace (said in the schema as a pattern)."""
+    return Field(min_length=1, max_length=4000, description=description, json_schema_extra={"pattern": NOT_BLANK})
+
+
 class SearchQuery(BaseModel):
-    q: str = Field(min_length=1, max_length=4000, description='Any text; "phrases" and prefix* work')
+    q: str = _text('Any text; "phrases" and prefix* work')
     layer: list[str] = Field(default_factory=list)
     tag: list[str] = Field(default_factory=list)
     limit: int = Field(10, ge=1, le=100)
     cursor: str | None = None
 
+    _q = field_validator("q")(_not_blank)
+
 
 class ContextQuery(BaseModel):
-    task: str = Field(min_length=1, max_length=4000)
+    task: str = _text("What you are about to do, e.g. add retries to the payment client")
     max_tokens: int | None = Field(None, ge=200, le=100_000)
     layer: list[str] = Field(default_factory=list)
+
+    _task = field_validator("task")(_not_blank)
 
 
 class DocumentBody(BaseModel):
@@ -405,7 +425,7 @@ def openapi(layers: list[str], auth_required: bool = False) -> dict[str, Any]:
                     "required": False,
                     "description": 'The revision you read (its ETag, e.g. "3"): the write happens only if it is still '
                     "current, else 412. Omit it (or send *) to write whatever the current revision.",
-                    "schema": {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?)$'},
+                    "schema": {"type": "string", "pattern": r'^(\*|(W/)?"?[0-9]{1,18}"?)?$'},
                 }
             )
         if params:

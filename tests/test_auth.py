@@ -4,7 +4,6 @@ endpoint, tested route by route over real uvicorn; and the admin key `sage serve
 from __future__ import annotations
 
 import json
-import os
 import socket
 import stat
 import subprocess
@@ -239,9 +238,7 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
-def test_a_key_is_generated_beyond_loopback_once_owner_only(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_key_is_generated_beyond_loopback_once_owner_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO")
     settings = make_settings(tmp_path, host="0.0.0.0", db_path=tmp_path / "data" / "sage.db")
     ensure_admin_key(settings)
