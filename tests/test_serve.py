@@ -256,7 +256,8 @@ def test_schemathesis_all_checks_pass(keyed_server: Running, tmp_path: Path) -> 
 
 
 def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
-    """The Dockerfile's `pip install .` (non-editable, fresh environment), then /health from that install."""
+    """The Dockerfile's `pip install .` (non-editable, fresh environment), then `sage serve --host 0.0.0.0` as its CMD
+    runs it: /health open for the HEALTHCHECK, the API behind the admin key generated in the data folder."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     install = subprocess.run(
@@ -264,25 +265,32 @@ def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
     )
     assert install.returncode == 0, install.stderr[-2000:]
     port = free_port()
+    data = tmp_path / "data"  # the image's /data volume
     env = sage_env(
         tmp_path,
-        SAGE_DB_PATH=str(tmp_path / "docker.db"),
+        SAGE_DB_PATH=str(data / "sage.db"),
         SAGE_MCP_PORT=str(free_port()),
         SAGE_METRICS_PORT=str(free_port()),
     )
-    process = subprocess.Popen(
-        [str(venv / "bin" / "sage"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    stderr_path = tmp_path / "docker-stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [str(venv / "bin" / "sage"), "serve", "--host", "0.0.0.0", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, seconds=60)
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert health["status"] == "healthy"
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").json()["documents"] >= 48
+        key = (data / "admin.key").read_text().strip()
+        assert key in stderr_path.read_text()  # `docker logs` shows it once
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").status_code == 401
+        info = httpx.get(f"http://localhost:{port}/v1/info", headers={"Authorization": f"Bearer {key}"})
+        assert info.json()["documents"] >= 48
     finally:
         process.terminate()
         assert process.wait(30) == 0
