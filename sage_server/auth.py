@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -72,16 +72,19 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-@dataclass(frozen=True)
 class StaticKey:
     """One fixed key: SAGE_API_KEY or the generated admin key. It names one principal (an admin by default)."""
 
-    label: str
-    secret: str = field(repr=False)
-    principal: Principal = Principal("admin")
+    def __init__(self, label: str, secret: str, principal: Principal = Principal("admin")) -> None:
+        self.label = label
+        self.principal = principal
+        self._digest = _digest(secret)  # the secret itself is not kept
+
+    def __repr__(self) -> str:
+        return f"StaticKey({self.label!r}, principal={self.principal.name!r})"
 
     async def resolve(self, token: str) -> Principal | None:
-        return self.principal if hmac.compare_digest(_digest(token), _digest(self.secret)) else None
+        return self.principal if hmac.compare_digest(_digest(token), self._digest) else None
 
 
 def presented_token(headers: Mapping[str, str]) -> str | None:

@@ -101,8 +101,8 @@ async def error_response(request: Request, exc: Exception) -> Response:
                 }
             },
         )
-        message = f"{error.public_message} (request id {request_id})"
-        details: dict[str, Any] = {"request_id": request_id}
+        message = f"{error.public_message} (request id {request_id})" if request_id else error.public_message
+        details: dict[str, Any] = {"request_id": request_id} if request_id else {}
     else:
         message, details = clip(error.message, MESSAGE_LIMIT), _bounded(error.details)
     body = {"error": {"status": error.status, "code": error.code, "message": message, "details": details}}
@@ -178,10 +178,13 @@ class FrontDoor:
     The principal is left in the scope: `state['principal']` for SAGE, and `user`/`auth` as the MCP SDK reads them
     (it binds a session to the credential that opened it; `get_access_token()` names the caller in a handler)."""
 
+    MAX_USERS = 1024  # SDK views of principals kept; principals are few (keys), but bounded all the same
+
     def __init__(self, app: ASGIApp, hosts: HostRule, authenticator: Authenticator) -> None:
         self.app = app
         self.hosts = hosts
         self.authenticator = authenticator
+        self._users: dict[Principal, tuple[AuthenticatedUser, AuthCredentials]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -199,9 +202,15 @@ class FrontDoor:
         if origin is not None and not self.hosts.origin_allowed(origin, host):
             raise Forbidden(f"requests from pages at {clip(origin)!r} are refused (cross-site)", origin=origin)
         principal = await self.authenticator.authenticate(headers)
-        user = AuthenticatedUser(_access_token(principal))
+        seen = self._users.get(principal)
+        if seen is None:
+            if len(self._users) >= self.MAX_USERS:
+                self._users.clear()
+            seen = AuthenticatedUser(_access_token(principal)), AuthCredentials(sorted(principal.scopes))
+            self._users[principal] = seen
+        user, credentials = seen
         scope["state"]["principal"] = principal
-        scope["user"], scope["auth"] = user, AuthCredentials(sorted(principal.scopes))
+        scope["user"], scope["auth"] = user, credentials
         context = auth_context_var.set(user)
         try:
             await self.app(scope, receive, send)
