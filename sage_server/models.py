@@ -270,6 +270,8 @@ class Info(BaseModel):
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+# A component that is switched off (backups with an interval of 0) is `disabled`, which counts as healthy.
+ComponentStatus = Literal["healthy", "degraded", "unhealthy", "disabled"]
 
 
 class Health(BaseModel):
@@ -277,7 +279,7 @@ class Health(BaseModel):
 
     status: HealthStatus
     version: str
-    components: dict[str, HealthStatus]
+    components: dict[str, ComponentStatus]
 
 
 # -- results cut to a token budget (MCP tools, REST) -------------------------------------------------------

@@ -330,10 +330,13 @@ async def generation(conn: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-async def database_id(conn: aiosqlite.Connection) -> str:
-    """The random identity this database was given when it was created (a restore gives it a new one)."""
-    async with conn.execute("SELECT value FROM meta WHERE key = 'database_id'") as cursor:
-        row = await cursor.fetchone()
-    if row is None:
-        raise LookupError("the database has no identity: it was not migrated")
-    return str(row[0])
+async def identity(conn: aiosqlite.Connection) -> tuple[str, datetime]:
+    """The random identity this database was given when it was created (a restore gives it a new one), and when
+    it was created."""
+    async with conn.execute("SELECT key, value FROM meta WHERE key IN ('database_id', 'created_at')") as cursor:
+        meta = {row[0]: row[1] for row in await cursor.fetchall()}
+    try:
+        created = datetime.fromisoformat(meta["created_at"])
+    except ValueError:  # only ever read for the age of the newest backup: a bad value must not stop the server
+        created = datetime.now(UTC)
+    return meta["database_id"], created
