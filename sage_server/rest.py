@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.requests import Request
@@ -32,7 +32,8 @@ from sage_server.models import (
     History,
     Info,
     SearchResult,
-    Translation,
+    check_id,
+    check_text,
 )
 from sage_server.service import KnowledgeService
 from sage_server.version import __version__
@@ -94,18 +95,62 @@ class ContextQuery(BaseModel):
     _task = field_validator("task")(_not_blank)
 
 
+# The document rules (models.DocumentIn) said as JSON-schema patterns, so the OpenAPI document describes exactly what
+# is accepted: REST takes text as sent (no control characters; a body may hold tabs and line breaks) and ids as they
+# are, where an import would strip and drop blanks first.
+NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+BODY_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+LANGUAGE = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$"
+Line = Annotated[str, Field(json_schema_extra={"pattern": NO_CONTROLS})]
+Id = Annotated[str, Field(json_schema_extra={"pattern": ID_PATTERN})]
+Language = Annotated[str, Field(pattern=LANGUAGE)]
+
+
+def _line(value: str) -> str:
+    return check_text(value)
+
+
+def _lines(values: list[str]) -> list[str]:
+    return [check_text(value) for value in values]
+
+
+def _ids(values: list[str]) -> list[str]:
+    return [check_id(value) for value in values]
+
+
+class TranslationBody(BaseModel):
+    """A title and summary in another language."""
+
+    title: str = Field("", max_length=300, json_schema_extra={"pattern": NO_CONTROLS})
+    summary: str = Field("", json_schema_extra={"pattern": NO_CONTROLS})
+
+    _text = field_validator("title", "summary")(_line)
+
+
 class DocumentBody(BaseModel):
     """A document to store under the id in the path."""
 
-    title: str = Field(min_length=1, max_length=300)
+    title: str = Field(min_length=1, max_length=300, json_schema_extra={"pattern": NO_CONTROLS})
     layer: str
-    body: str = Field(min_length=1)
-    tags: list[str] = Field(default_factory=list)
-    triggers: list[str] = Field(default_factory=list)
-    summary: str = ""
-    related: list[str] = Field(default_factory=list)
-    aliases: list[str] = Field(default_factory=list)
-    translations: dict[str, Translation] = Field(default_factory=dict)
+    body: str = Field(min_length=1, json_schema_extra={"pattern": BODY_TEXT})
+    tags: list[Line] = Field(default_factory=list)
+    triggers: list[Line] = Field(default_factory=list)
+    summary: str = Field("", json_schema_extra={"pattern": NO_CONTROLS})
+    related: list[Id] = Field(default_factory=list)
+    aliases: list[Id] = Field(default_factory=list)
+    translations: dict[Language, TranslationBody] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False}
+    )
+
+    _text = field_validator("title", "summary")(_line)
+    _lists = field_validator("tags", "triggers")(_lines)
+    _id_lists = field_validator("related", "aliases")(_ids)
+
+    @field_validator("body")
+    @classmethod
+    def _body(cls, value: str) -> str:
+        check_text(value.replace("\r", "\n"), body=True)  # a carriage return is a line break, stored as one
+        return value
 
 
 class RestoreBody(BaseModel):
@@ -118,7 +163,6 @@ class Ready(BaseModel):
 
 JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 IF_MATCH = re.compile(r'^(?:W/)?"?([0-9]{1,19})"?$')
-_DOC_ID = re.compile(ID_PATTERN)
 
 
 def _query(request: Request, model: type[BaseModel]) -> Any:
@@ -130,7 +174,7 @@ def _query(request: Request, model: type[BaseModel]) -> Any:
             raw[name] = values if info.annotation == list[str] else values[-1]
     unknown = sorted(set(params) - set(model.model_fields))
     if unknown:
-        raise InvalidInput(f"unknown query parameter {clip(unknown[0])!r}", field=unknown[0])
+        raise InvalidInput(f"unknown query parameter {clip(unknown[0])!r}", field=clip(unknown[0]))
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
@@ -163,13 +207,10 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
 
 def _doc_id(request: Request) -> str:
     """The id in the path, checked before it reaches the service (and before it could be echoed back whole)."""
-    doc_id = str(request.path_params["doc_id"])
-    if not _DOC_ID.match(doc_id):
-        raise InvalidInput(
-            f"invalid id {clip(doc_id)!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
-            field="doc_id",
-        )
-    return doc_id
+    try:
+        return check_id(str(request.path_params["doc_id"]))
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="doc_id") from exc
 
 
 def _if_match(request: Request) -> int | None:

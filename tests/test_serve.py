@@ -239,7 +239,7 @@ def test_schemathesis_all_checks_pass(keyed_server: Running, tmp_path: Path) -> 
             "--checks",
             "all",
             "--max-examples",
-            "25",
+            "50",
             "--phases",
             "examples,coverage,fuzzing",
             "--request-timeout",
@@ -253,7 +253,7 @@ def test_schemathesis_all_checks_pass(keyed_server: Running, tmp_path: Path) -> 
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:]
-    assert "ignored_auth" in result.stdout or "Selected: 12/12" in result.stdout
+    assert "Tested: 12" in result.stdout  # every operation, none skipped for want of the key
 
 
 def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
