@@ -272,6 +272,8 @@ def import_command(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -
         )
         for skipped in report.skipped:
             click.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+        for shadowed in report.shadowed:
+            click.echo(f"bundled {shadowed.id} is shadowed by your {shadowed.by}", err=True)
 
     emit(report, as_json, human)
     if report.skipped:
