@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.requests import Request
@@ -54,47 +54,6 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class ListQuery(BaseModel):
-    layer: str | None = Field(None, min_length=1)
-    tag: list[str] = Field(default_factory=list)
-    limit: int = Field(50, ge=1, le=100)
-    cursor: str | None = None
-
-
-# At least one character Python does not take for whitespace (the service strips the rest away): ECMAScript's \s,
-# which OpenAPI tools read, lacks the separators \x1c-\x1f and \x85 that str.strip() removes.
-NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
-
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be blank")
-    return value
-
-
-def _text(description: str) -> Any:
-    """A required text of up to 4000 characters, not all whitespace (said in the schema as a pattern)."""
-    return Field(min_length=1, max_length=4000, description=description, json_schema_extra={"pattern": NOT_BLANK})
-
-
-class SearchQuery(BaseModel):
-    q: str = _text('Any text; "phrases" and prefix* work')
-    layer: list[str] = Field(default_factory=list)
-    tag: list[str] = Field(default_factory=list)
-    limit: int = Field(10, ge=1, le=100)
-    cursor: str | None = None
-
-    _q = field_validator("q")(_not_blank)
-
-
-class ContextQuery(BaseModel):
-    task: str = _text("What you are about to do, e.g. add retries to the payment client")
-    max_tokens: int | None = Field(None, ge=200, le=100_000)
-    layer: list[str] = Field(default_factory=list)
-
-    _task = field_validator("task")(_not_blank)
-
-
 # The document rules (models.DocumentIn) said as JSON-schema patterns, so the OpenAPI document describes exactly what
 # is accepted: REST takes text as sent (no control characters; a body may hold tabs and line breaks) and ids as they
 # are, where an import would strip and drop blanks first.
@@ -116,6 +75,54 @@ def _lines(values: list[str]) -> list[str]:
 
 def _ids(values: list[str]) -> list[str]:
     return [check_id(value) for value in values]
+
+
+# A tag filter names a tag, which is never empty and holds no control character.
+TagFilter = Annotated[str, Field(min_length=1, json_schema_extra={"pattern": NO_CONTROLS})]
+
+
+class ListQuery(BaseModel):
+    layer: str | None = Field(None, min_length=1)
+    tag: list[TagFilter] = Field(default_factory=list)
+    limit: int = Field(50, ge=1, le=100)
+    cursor: str | None = None
+
+    _tags = field_validator("tag")(_lines)
+
+
+# At least one character Python does not take for whitespace (the service strips the rest away): ECMAScript's \s,
+# which OpenAPI tools read, lacks the separators \x1c-\x1f and \x85 that str.strip() removes.
+NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _text(description: str) -> Any:
+    """A required text of up to 4000 characters, not all whitespace (said in the schema as a pattern)."""
+    return Field(min_length=1, max_length=4000, description=description, json_schema_extra={"pattern": NOT_BLANK})
+
+
+class SearchQuery(BaseModel):
+    q: str = _text('Any text; "phrases" and prefix* work')
+    layer: list[str] = Field(default_factory=list)
+    tag: list[TagFilter] = Field(default_factory=list)
+    limit: int = Field(10, ge=1, le=100)
+    cursor: str | None = None
+
+    _q = field_validator("q")(_not_blank)
+    _tags = field_validator("tag")(_lines)
+
+
+class ContextQuery(BaseModel):
+    task: str = _text("What you are about to do, e.g. add retries to the payment client")
+    max_tokens: int | None = Field(None, ge=200, le=100_000)
+    layer: list[str] = Field(default_factory=list)
+
+    _task = field_validator("task")(_not_blank)
 
 
 class TranslationBody(BaseModel):
@@ -171,7 +178,7 @@ def _query(request: Request, model: type[BaseModel]) -> Any:
     for name, info in model.model_fields.items():
         values = params.getlist(name)
         if values:
-            raw[name] = values if info.annotation == list[str] else values[-1]
+            raw[name] = values if get_origin(info.annotation) is list else values[-1]
     unknown = sorted(set(params) - set(model.model_fields))
     if unknown:
         raise InvalidInput(f"unknown query parameter {clip(unknown[0])!r}", field=clip(unknown[0]))

@@ -224,6 +224,8 @@ async def test_too_many_tag_filters_are_422_not_a_database_error(
         assert error_of(response)["message"] == f"at most {cap} tag filters are allowed, got 5000"
         assert "Expression tree" not in response.text
         assert (await http.get(path, params=[*extra, *many[:cap]])).status_code == 200
+    for odd in ("", "a\x0bb"):  # no tag is empty or holds a control character: such a filter is a mistake
+        assert (await http.get("/v1/knowledge", params={"tag": odd})).status_code == 422
     message = error_text(await mcp.call_tool("sage_search", {"query": "retry", "tags": [f"t{n}" for n in range(60)]}))
     assert f"at most {cap} tag filters" in message
 
