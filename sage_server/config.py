@@ -49,7 +49,7 @@ class Settings(BaseModel):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds (loopback unless told)")
     allowed_hosts: list[str] = Field(
         default_factory=list,
-        description="Extra Host names MCP over HTTP accepts (DNS-rebinding protection), e.g. sage.internal",
+        description="Extra Host names every HTTP route but the probes accepts ('*': any), e.g. kb.internal",
     )
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
     allow_anonymous: bool = Field(
