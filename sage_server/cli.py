@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import sys
@@ -502,6 +503,10 @@ def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) ->
         if settings.debug:
             traceback.print_exc()
         _fail(f"{exc.code}: {exc.message}" if exc.code != "config_error" else exc.message, exc.exit_code)
+    finally:
+        # The process ends next: spare it the cyclic garbage collection of everything the server built, which
+        # took ~0.8 s of the exit after SIGTERM (nothing left needs it: the service is closed, logs are flushed).
+        gc.freeze()
 
 
 @main.command(name="eval")
