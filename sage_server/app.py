@@ -10,7 +10,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -43,6 +43,12 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return rest.error_response(error)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client went away (or was cut off for sending its body too slowly) before its request was read: not a
+    # server error, and nobody receives this answer. 499 is nginx's "client closed request", for the access log.
+    return Response(status_code=499)
+
+
 def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool) -> Starlette:
     kb = service or KnowledgeService(settings)
     server = build_server(kb)
@@ -68,7 +74,12 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
     app = Starlette(
         routes=all_routes,
         lifespan=lifespan,
-        exception_handlers={404: _not_found, 405: _not_found, Exception: _internal_error},
+        exception_handlers={
+            404: _not_found,
+            405: _not_found,
+            ClientDisconnect: _client_gone,
+            Exception: _internal_error,
+        },
         middleware=[
             Middleware(RequestContext, metrics=kb.metrics),
             *(

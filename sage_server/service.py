@@ -436,7 +436,8 @@ class KnowledgeService(BoundedViews):
         except (sqlite3.Error, SageError) as exc:
             log_event(log, logging.ERROR, "Health check failed", operation="health", error=str(exc))
             knowledge = "unhealthy"
-        components: dict[str, HealthStatus] = {"core": "healthy", "cache": self.cache.health(), "knowledge": knowledge}
+        cache = await self.cache.check()  # pings Redis (at most once a second): a dead Redis shows without traffic
+        components: dict[str, HealthStatus] = {"core": "healthy", "cache": cache, "knowledge": knowledge}
         worst = max(components.values(), key=["healthy", "degraded", "unhealthy"].index)
         return Health(status=worst, version=__version__, components=components)
 
