@@ -17,6 +17,8 @@ from sage_server.config import Settings
 from sage_server.logs import get_logger, log_event
 
 log = get_logger("http")
+# After a 408 or 431, how long the connection lingers, discarding input, before it is closed.
+LINGER_SECONDS: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         super().data_received(data)  # cancels the idle timer, then feeds the parser (the hooks below)
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
         if self._reading == "headers":
             self._header_bytes += len(data)  # headers still incomplete: httptools buffers them
@@ -214,7 +216,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._held = None
         self.closed_log.closed(reason)
         self.transport.write(_error(status, message))
-        self.transport.close()
+        if self.transport.can_write_eof():
+            # Close our side only and drop what still comes for a moment: closing with the client's bytes unread
+            # makes the kernel answer with a reset, which can destroy our answer before the client reads it.
+            self.transport.write_eof()
+            self.flow.resume_reading()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
 
     def _set_deadline(self, seconds: float, callback: Callable[[], None]) -> None:
         self._cancel_deadline()
