@@ -3,23 +3,55 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Letters and digits of any script, '_', '.' and '-' (see ids.py for the ids SAGE derives itself).
+ID_PATTERN = r"^\w[\w.-]{0,127}$"
 _ID_RE = re.compile(ID_PATTERN)
+_LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 Change = Literal["create", "update", "delete", "remove", "restore"]
+# Line breaks and tabs are text in a body; every other control character (NUL, ESC and the rest of C0 and C1) would
+# reach terminals and logs as it is, so it is refused everywhere.
+BODY_WHITESPACE = "\t\n"
+ECHO_CHARS = 80
+
+
+def echo(value: str, limit: int = ECHO_CHARS) -> str:
+    """`value` as it may be quoted back in a message: repr()-escaped and cut to `limit` characters."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
 def check_id(value: str) -> str:
     """Return `value` if it is a valid document id, else raise ValueError naming the rule."""
     if not _ID_RE.match(value):
         raise ValueError(
-            f"invalid id {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid id {echo(value)}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
         )
     return value
+
+
+def check_text(value: str, allowed: str = "") -> str:
+    """Return `value` if it holds no control character other than those in `allowed`, else raise ValueError."""
+    for position, char in enumerate(value):
+        if unicodedata.category(char) == "Cc" and char not in allowed:
+            raise ValueError(f"control character U+{ord(char):04X} at position {position}; remove it")
+    return value
+
+
+class Translation(BaseModel):
+    """A document's title and summary in another language (frontmatter `title_zh`, `summary_zh`)."""
+
+    title: str = Field("", max_length=300)
+    summary: str = ""
+
+    @field_validator("title", "summary")
+    @classmethod
+    def _no_controls(cls, value: str) -> str:
+        return check_text(value.strip())
 
 
 class DocumentIn(BaseModel):
@@ -32,17 +64,46 @@ class DocumentIn(BaseModel):
     tags: list[str] = Field(default_factory=list)
     triggers: list[str] = Field(default_factory=list, description="Keywords that make it relevant to a task")
     summary: str = ""
+    related: list[str] = Field(default_factory=list, description="Ids of related documents")
+    aliases: list[str] = Field(default_factory=list, description="Ids of documents merged into this one")
+    translations: dict[str, Translation] = Field(
+        default_factory=dict, description="Title and summary by language code, e.g. {'zh': {'title': '...'}}"
+    )
 
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
         return check_id(value)
 
+    @field_validator("title", "layer", "summary")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return check_text(value)
+
+    @field_validator("body")
+    @classmethod
+    def _body_text(cls, value: str) -> str:
+        # Windows line endings are line breaks, not content: stored as '\n' like every other line break.
+        return check_text(value.replace("\r\n", "\n").replace("\r", "\n"), BODY_WHITESPACE)
+
     @field_validator("tags", "triggers")
     @classmethod
     def _clean_list(cls, value: list[str]) -> list[str]:
-        cleaned = [v.strip() for v in value if v.strip()]
+        cleaned = [check_text(v.strip()) for v in value if v.strip()]
         return list(dict.fromkeys(cleaned))
+
+    @field_validator("related", "aliases")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(check_id(v.strip()) for v in value if v.strip()))
+
+    @field_validator("translations")
+    @classmethod
+    def _languages(cls, value: dict[str, Translation]) -> dict[str, Translation]:
+        for language in value:
+            if not _LANGUAGE_RE.match(language):
+                raise ValueError(f"language {echo(language)} is not a language code such as 'zh' or 'pt-BR'")
+        return value
 
 
 class Document(BaseModel):
@@ -55,6 +116,9 @@ class Document(BaseModel):
     triggers: list[str]
     summary: str
     body: str
+    related: list[str]
+    aliases: list[str]
+    translations: dict[str, Translation]
     source_path: str | None
     content_hash: str
     tokens: int
@@ -172,6 +236,14 @@ class SkippedFile(BaseModel):
     reason: str
 
 
+class ShadowedFile(BaseModel):
+    """A bundled document left out because a user's document has its id (the user's always wins)."""
+
+    path: str
+    id: str
+    by: str = Field(description="The user's file (or 'the API') that holds the id")
+
+
 class ImportReport(BaseModel):
     """What one import run did."""
 
@@ -181,6 +253,7 @@ class ImportReport(BaseModel):
     unchanged: int = 0
     removed: int = 0
     skipped: list[SkippedFile] = Field(default_factory=list)
+    shadowed: list[ShadowedFile] = Field(default_factory=list)
     duration_ms: float = 0.0
 
 

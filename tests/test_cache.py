@@ -415,7 +415,7 @@ async def wait_connected(watcher: GenerationWatcher, within: float = 5) -> None:
 async def test_a_write_on_one_instance_reaches_the_other_within_a_second(tmp_path: Path, namespace: str) -> None:
     settings = local_settings(tmp_path, redis_url=SHARED_REDIS, cache_namespace=namespace)
     on_a, on_b = Generations(), Generations()
-    async with GenerationWatcher(settings, on_a) as a, GenerationWatcher(settings, on_b) as b:
+    async with GenerationWatcher(settings, "db", on_a) as a, GenerationWatcher(settings, "db", on_b) as b:
         await wait_connected(a)
         await wait_connected(b)
         await a.publish(7)
@@ -429,17 +429,20 @@ async def test_a_write_on_one_instance_reaches_the_other_within_a_second(tmp_pat
 async def test_a_late_subscriber_catches_up_from_the_stored_generation(tmp_path: Path, namespace: str) -> None:
     settings = local_settings(tmp_path, redis_url=SHARED_REDIS, cache_namespace=namespace)
     on_b = Generations()
-    async with GenerationWatcher(settings, lambda generation: None) as a:
+    async with GenerationWatcher(settings, "db", lambda generation: None) as a:
         await wait_connected(a)
         await a.publish(12)
-        async with GenerationWatcher(settings, on_b):
+        async with GenerationWatcher(settings, "db", on_b):
             assert await on_b.wait(within=1) == 12
 
 
 async def test_watcher_degrades_quietly_while_redis_is_down(tmp_path: Path, redis_server: RedisServer) -> None:
     settings = local_settings(tmp_path, redis_url=redis_server.url)
     on_b = Generations()
-    async with GenerationWatcher(settings, lambda generation: None) as a, GenerationWatcher(settings, on_b) as b:
+    async with (
+        GenerationWatcher(settings, "db", lambda generation: None) as a,
+        GenerationWatcher(settings, "db", on_b) as b,
+    ):
         await wait_connected(a)
         await wait_connected(b)
         redis_server.kill()
@@ -455,7 +458,7 @@ async def test_watcher_degrades_quietly_while_redis_is_down(tmp_path: Path, redi
 
 
 async def test_watcher_without_redis_does_nothing(tmp_path: Path) -> None:
-    async with GenerationWatcher(local_settings(tmp_path), lambda generation: None) as watcher:
+    async with GenerationWatcher(local_settings(tmp_path), "db", lambda generation: None) as watcher:
         await watcher.publish(1)
     assert watcher.newest == 1 and not watcher.connected
 

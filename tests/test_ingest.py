@@ -19,7 +19,7 @@ pytestmark = pytest.mark.anyio
 async def test_start_imports_configured_folders(service: KnowledgeService) -> None:
     report = service.last_import
     assert report is not None and (report.created, report.skipped) == (4, [])
-    plain = await service.get("plain-note")
+    plain = await service.get("scenarios.plain-note")
     assert (plain.layer, plain.title) == ("scenarios", "Production Incident Notes")
     assert plain.summary == "Stabilise first, then find the cause."
     assert plain.source_path and plain.source_path.endswith("plain-note.md")
@@ -36,13 +36,13 @@ async def test_reimport_is_incremental(service: KnowledgeService, knowledge: Pat
     report = await service.import_paths([knowledge])
     assert (report.unchanged, report.created, report.updated, report.removed) == (2, 1, 1, 1)
     assert (await service.get("timeout-resilience")).revision == 2
-    assert (await service.history("plain-note")).deleted
+    assert (await service.history("scenarios.plain-note")).deleted
     assert [h.id for h in (await service.search("hedging")).hits] == ["timeout-resilience"]
     assert (await service.info()).generation == generation + 1
 
     write_doc(knowledge, "scenarios/plain-note.md", "# Production Incident Notes\n\nBack again.\n")
     report = await service.import_paths([knowledge])
-    assert report.updated == 1 and not (await service.get("plain-note")).deleted
+    assert report.updated == 1 and not (await service.get("scenarios.plain-note")).deleted
     await assert_index_consistent(service)
 
 
@@ -136,7 +136,7 @@ async def test_single_file_and_derived_ids(service: KnowledgeService, tmp_path: 
     path = write_doc(notes, "Team Notes/Deploy Checklist.md", "Steps before a deploy.\n")
     report = await service.import_paths([notes])
     assert report.created == 1
-    created = await service.get("team-notes-deploy-checklist")
+    created = await service.get("Team-Notes.Deploy-Checklist")
     assert (created.layer, created.title) == ("practices", "Deploy Checklist")
     path.write_text("Steps before a deploy, revised.\n")
     assert (await service.import_paths([path])).updated == 1
