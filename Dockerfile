@@ -7,6 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SAGE_DB_PATH=/data/sage.db \
     SAGE_CACHE_DIR=/data/cache \
+    SAGE_BACKUP_DIR=/data/backups \
     SAGE_HOST=0.0.0.0 \
     MALLOC_ARENA_MAX=2
 

@@ -98,8 +98,7 @@ def create_metrics_app(service: KnowledgeService) -> Starlette:
     """The metrics listener: Prometheus text at /metrics (documents by layer are counted at scrape time)."""
 
     async def metrics(request: Request) -> Response:
-        service.metrics.set_documents((await service.info()).layers)
-        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+        return Response(await service.scrape_metrics(), media_type=service.metrics.content_type)
 
     return Starlette(
         routes=[Route("/metrics", metrics, methods=["GET"])], exception_handlers={404: _not_found, 405: _not_found}

@@ -267,6 +267,8 @@ def import_command(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -
         )
         for skipped in report.skipped:
             click.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+        for shadowed in report.shadowed:
+            click.echo(f"bundled {shadowed.id} is shadowed by your {shadowed.by}", err=True)
 
     emit(report, as_json, human)
     if report.skipped:
@@ -294,20 +296,29 @@ def history(ctx: click.Context, doc_id: str, as_json: bool) -> None:
 @click.argument("doc_id", required=False)
 @click.argument("revision", type=int, required=False)
 @click.option("--backup", "backup_path", type=click.Path(path_type=Path), help="Restore the database from a backup.")
+@click.option(
+    "--no-checksum", is_flag=True, help="Restore a backup that has no .sha256 beside it (it is still verified)."
+)
 @json_option
 @click.pass_context
 def restore(
-    ctx: click.Context, doc_id: str | None, revision: int | None, backup_path: Path | None, as_json: bool
+    ctx: click.Context,
+    doc_id: str | None,
+    revision: int | None,
+    backup_path: Path | None,
+    no_checksum: bool,
+    as_json: bool,
 ) -> None:
     """Make REVISION of document DOC_ID current again (also undeletes it), or, with --backup PATH, replace the
-    whole database with a verified backup (the current one is kept beside it; stop servers first)."""
+    whole database with a backup that matches its checksum and verifies (the current one is kept beside it).
+    Refused while a SAGE server has the database open: stop it first."""
     if backup_path is not None:
         if doc_id is not None:
             _fail("give either DOC_ID REVISION or --backup PATH, not both", 2)
         from sage_server import backup
 
         db_path = _settings(ctx).db_path
-        saved = _guarded(ctx, lambda: backup.restore(backup_path, db_path))
+        saved = _guarded(ctx, lambda: backup.restore(backup_path, db_path, checksum=not no_checksum))
         click.echo(
             f"restored {db_path} from {backup_path}" + (f"; the previous database is at {saved}" if saved else "")
         )
@@ -330,7 +341,13 @@ def backup_command(ctx: click.Context, backup_dir: Path | None, as_json: bool) -
 
     settings = _settings(ctx)
     target = backup_dir or settings.backup_dir
-    report = _guarded(ctx, lambda: backup.backup(settings.db_path, target, settings.backup_retention_days))
+
+    def make() -> backup.BackupReport:
+        made = backup.backup(settings.db_path, target, settings.backup_retention_days)
+        backup.record(target, report=made)  # a manual backup counts: the schedule and /health see it
+        return made
+
+    report = _guarded(ctx, make)
     emit(
         report,
         as_json,

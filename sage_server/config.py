@@ -209,6 +209,11 @@ def load_settings(
     return LoadedSettings(settings=settings, sources=all_sources)
 
 
+def config_files(settings: Settings, cwd: Path | None = None, home: Path | None = None) -> list[Path]:
+    """The configuration files SAGE reads, whether they exist or not: the user's, the project's, and .env."""
+    return [(home or _home()) / ".sage" / "config.yaml", settings.config_path, (cwd or Path.cwd()) / ".env"]
+
+
 def describe(loaded: LoadedSettings) -> list[tuple[str, str, str, str]]:
     """Rows of (setting, env var, effective value, source), secrets masked."""
     rows = []

@@ -136,8 +136,9 @@ def _invalid(exc: ValidationError) -> SkipFile:
     return SkipFile(f"field {'.'.join(str(p) for p in first['loc'])}: {message}")
 
 
-def parse_file(path: Path, root: Path, settings: Settings) -> ParsedFile:
-    """Read one Markdown file into a document, or raise SkipFile with the reason."""
+def parse_file(path: Path, root: Path, settings: Settings, *, bundled: bool = False) -> ParsedFile:
+    """Read one Markdown file into a document, or raise SkipFile with the reason. `bundled` marks a file of the
+    knowledge that ships with SAGE."""
     try:
         size = path.stat().st_size
         if size > settings.max_file_bytes:
@@ -190,7 +191,7 @@ def parse_file(path: Path, root: Path, settings: Settings) -> ParsedFile:
         doc=doc,
         source_hash=hashlib.sha256(raw).hexdigest(),
         id_parts=parts,
-        bundled=_inside(path, knowledge_dir().resolve()),
+        bundled=bundled,
     )
 
 
@@ -198,8 +199,10 @@ def collect(paths: list[Path], settings: Settings) -> Collected:
     """Read every Markdown file under `paths` (folders or single files). Which file gets which id, when several
     claim one, is decided with the stored documents in view (see reconcile.py)."""
     result = Collected()
+    bundled_root = knowledge_dir().resolve()
     for given in paths:
         root = given.expanduser().resolve()
+        bundled = _inside(root, bundled_root)
         if root.is_dir():
             result.folders.append(str(root))
             entries: Iterator[tuple[Path, str | None]] = scan(root)
@@ -213,7 +216,7 @@ def collect(paths: list[Path], settings: Settings) -> Collected:
             try:
                 if problem:
                     raise SkipFile(problem)
-                result.files.append(parse_file(path, root, settings))
+                result.files.append(parse_file(path, root, settings, bundled=bundled))
             except SkipFile as exc:
                 result.skipped.append(SkippedFile(path=str(path), reason=str(exc)))
     return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from datetime import datetime
 from typing import Literal
 
@@ -14,9 +13,11 @@ ID_PATTERN = r"^\w[\w.-]{0,127}$"
 _ID_RE = re.compile(ID_PATTERN)
 _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 Change = Literal["create", "update", "delete", "remove", "restore"]
-# Line breaks and tabs are text in a body; every other control character (NUL, ESC and the rest of C0 and C1) would
-# reach terminals and logs as it is, so it is refused everywhere.
-BODY_WHITESPACE = "\t\n"
+# Control characters (Unicode category Cc: C0, DEL and C1) would reach terminals and logs as they are (NUL, ESC...),
+# so they are refused everywhere, except line breaks and tabs in a body. A regex, not a loop over characters: bodies
+# are read whole on every import.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BODY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 ECHO_CHARS = 80
 
 
@@ -34,11 +35,12 @@ def check_id(value: str) -> str:
     return value
 
 
-def check_text(value: str, allowed: str = "") -> str:
-    """Return `value` if it holds no control character other than those in `allowed`, else raise ValueError."""
-    for position, char in enumerate(value):
-        if unicodedata.category(char) == "Cc" and char not in allowed:
-            raise ValueError(f"control character U+{ord(char):04X} at position {position}; remove it")
+def check_text(value: str, *, body: bool = False) -> str:
+    """Return `value` if it holds no control character (a `body` may hold tabs and line breaks), else raise
+    ValueError naming the first one and where it is."""
+    found = (_BODY_CONTROL if body else _CONTROL).search(value)
+    if found:
+        raise ValueError(f"control character U+{ord(found.group()):04X} at position {found.start()}; remove it")
     return value
 
 
@@ -84,7 +86,7 @@ class DocumentIn(BaseModel):
     @classmethod
     def _body_text(cls, value: str) -> str:
         # Windows line endings are line breaks, not content: stored as '\n' like every other line break.
-        return check_text(value.replace("\r\n", "\n").replace("\r", "\n"), BODY_WHITESPACE)
+        return check_text(value.replace("\r\n", "\n").replace("\r", "\n"), body=True)
 
     @field_validator("tags", "triggers")
     @classmethod
@@ -270,6 +272,8 @@ class Info(BaseModel):
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+# A component that is switched off (backups with an interval of 0) is `disabled`, which counts as healthy.
+ComponentStatus = Literal["healthy", "degraded", "unhealthy", "disabled"]
 
 
 class Health(BaseModel):
@@ -277,7 +281,7 @@ class Health(BaseModel):
 
     status: HealthStatus
     version: str
-    components: dict[str, HealthStatus]
+    components: dict[str, ComponentStatus]
 
 
 # -- results cut to a token budget (MCP tools, REST) -------------------------------------------------------

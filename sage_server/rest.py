@@ -23,6 +23,7 @@ from sage_server.models import (
     History,
     Info,
     SearchResult,
+    Translation,
 )
 from sage_server.service import KnowledgeService
 from sage_server.version import __version__
@@ -73,6 +74,9 @@ class DocumentBody(BaseModel):
     tags: list[str] = Field(default_factory=list)
     triggers: list[str] = Field(default_factory=list)
     summary: str = ""
+    related: list[str] = Field(default_factory=list)
+    aliases: list[str] = Field(default_factory=list)
+    translations: dict[str, Translation] = Field(default_factory=dict)
 
 
 class RestoreBody(BaseModel):

@@ -17,11 +17,11 @@ import anyio.to_thread
 import uvicorn
 from starlette.types import ASGIApp
 
-from sage_server import backup
 from sage_server.app import create_app, create_mcp_app, create_metrics_app
 from sage_server.config import Settings
-from sage_server.errors import ConfigError, SageError
+from sage_server.errors import ConfigError
 from sage_server.logs import get_logger, log_event
+from sage_server.schedule import BackupSchedule
 from sage_server.service import KnowledgeService
 
 log = get_logger("serve")
@@ -93,28 +93,6 @@ SETTINGS_OF = {
 }
 
 
-async def periodic_backups(settings: Settings) -> None:
-    """Back up the database every `backup_interval_hours` (spec 9.1: daily, kept `backup_retention_days`)."""
-    while True:
-        await anyio.sleep(settings.backup_interval_hours * 3600)
-        try:
-            report = await anyio.to_thread.run_sync(
-                backup.backup, settings.db_path, settings.backup_dir, settings.backup_retention_days
-            )
-        except SageError as exc:
-            log_event(log, logging.ERROR, "Backup failed", operation="backup", error=exc.message)
-        else:
-            log_event(
-                log,
-                logging.INFO,
-                "Backup written",
-                operation="backup",
-                path=report.path,
-                documents=report.documents,
-                pruned=len(report.pruned),
-            )
-
-
 async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "mcp", "metrics")) -> None:
     """Run the listeners (API, MCP, metrics by default) until SIGTERM or SIGINT, then shut down cleanly."""
     sockets: list[socket.socket] = []
@@ -144,7 +122,7 @@ async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "m
                 async with anyio.create_task_group() as work:
                     work.start_soon(service.import_configured)
                     if settings.backup_interval_hours > 0 and service.fallback_reason is None:
-                        work.start_soon(periodic_backups, settings)
+                        work.start_soon(BackupSchedule(settings, service).run)
 
         async with anyio.create_task_group() as tg:
             for server, sock in zip(servers, sockets, strict=True):

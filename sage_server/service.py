@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,18 +20,20 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
+from sage_server import backup, ingest, reconcile, search, store
 from sage_server import context as context_packing
-from sage_server import ingest, reconcile, search, store
 from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
 from sage_server.config import Settings, load_settings
 from sage_server.db import Database
 from sage_server.errors import Conflict, InvalidInput, MigrationError, NotFound, SageError, Timeout, Unavailable
 from sage_server.generation import GenerationWatcher
+from sage_server.locks import FileLock, serving_lock_path
 from sage_server.logs import get_logger, log_event
 from sage_server.metrics import Metrics
 from sage_server.migrate import migrate
 from sage_server.models import (
+    ComponentStatus,
     ContextResult,
     Document,
     DocumentIn,
@@ -69,6 +72,8 @@ class KnowledgeService(BoundedViews):
         self.cache = TieredCache(settings, observer=self.metrics)
         self.generation = 0  # of the data this instance last saw; cache keys carry it
         self.database_id = ""  # the database's identity, which cache keys carry too (set when it is opened)
+        self.created_at = datetime.now(UTC)  # when the database was created (read when it is opened)
+        self.backup_error: str | None = None  # a backup failure this process saw but could not record
         self.started = time.monotonic()
         self.last_import: ImportReport | None = None
         self.ready = False  # True once the configured folders have been imported
@@ -112,19 +117,28 @@ class KnowledgeService(BoundedViews):
             await self.import_configured()
 
     async def _open_database(self) -> None:
-        writer = await self.db.open_writer()
+        # Held shared while open, by every SAGE process using this file: `sage restore --backup` needs it exclusively.
+        in_use = FileLock(serving_lock_path(self.db.path), shared=True)
         try:
-            applied = await migrate(writer, migrations_dir())
+            if not in_use.acquire():
+                raise Unavailable(f"{self.db.path} is being restored from a backup; try again in a moment")
+        except OSError as exc:  # no lock where the folder cannot be written: opening the database says why
+            log_event(log, logging.WARNING, "No in-use lock beside the database", operation="start", error=str(exc))
+        try:
+            applied = await migrate(await self.db.open_writer(), migrations_dir())
             await self.db.open_readers()
             async with self.db.read() as conn:
                 self.generation = await store.generation(conn)
-                self.database_id = await store.database_id(conn)
+                self.database_id, self.created_at = await store.identity(conn)
         except sqlite3.DatabaseError as exc:
             await self.db.close()
+            in_use.release()
             raise Unavailable(f"cannot use database {self.db.path}: {exc}", path=str(self.db.path)) from exc
         except BaseException:
             await self.db.close()
+            in_use.release()
             raise
+        self._resources.callback(in_use.release)
         if applied:
             log_event(log, logging.INFO, "Database migrated", operation="migrate", applied=applied)
 
@@ -441,9 +455,27 @@ class KnowledgeService(BoundedViews):
         except (sqlite3.Error, SageError) as exc:
             log_event(log, logging.ERROR, "Health check failed", operation="health", error=str(exc))
             knowledge = "unhealthy"
-        components: dict[str, HealthStatus] = {"core": "healthy", "cache": self.cache.health(), "knowledge": knowledge}
-        worst = max(components.values(), key=["healthy", "degraded", "unhealthy"].index)
-        return Health(status=worst, version=__version__, components=components)
+        components: dict[str, ComponentStatus] = {
+            "core": "healthy",
+            "cache": self.cache.health(),
+            "knowledge": knowledge,
+            "backup": self._backup_health(),
+        }
+        worst = max(components.values(), key=["disabled", "healthy", "degraded", "unhealthy"].index)
+        return Health(status="healthy" if worst == "disabled" else worst, version=__version__, components=components)
+
+    def _backup_health(self) -> ComponentStatus:
+        if self.fallback_reason:
+            return "disabled"  # a temporary copy of the bundled core: nothing of the user's to back up
+        interval = self.settings.backup_interval_hours
+        return backup.health_status(self.settings.backup_dir, interval, self.created_at, self.backup_error)
+
+    async def scrape_metrics(self) -> bytes:
+        """The Prometheus exposition, with the gauges that are read at scrape time brought up to date."""
+        self.metrics.set_documents((await self.info()).layers)
+        state = backup.read_state(self.settings.backup_dir)
+        self.metrics.set_backup_success(state.last_success.timestamp() if state.last_success else None)
+        return self.metrics.render()
 
     # -- writes ----------------------------------------------------------------------------------
 

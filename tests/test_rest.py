@@ -38,7 +38,7 @@ async def test_health_is_the_spec_document(http: httpx.AsyncClient) -> None:
     response = await http.get("/health")
     assert response.status_code == 200
     body = response.json()
-    assert body["status"] == "healthy" and set(body["components"]) == {"core", "cache", "knowledge"}
+    assert body["status"] == "healthy" and set(body["components"]) == {"core", "cache", "knowledge", "backup"}
     assert body["version"]
     assert response.headers["x-request-id"]
 
@@ -188,3 +188,13 @@ async def test_operation_logs_carry_the_request_id(http: httpx.AsyncClient, capl
     lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "sage.core"]
     save = next(line for line in lines if line["context"].get("operation") == "save")
     assert save["context"]["request_id"] == "req-77" and save["context"]["audit"] is True
+
+
+async def test_control_characters_are_refused_naming_the_field(http: httpx.AsyncClient) -> None:
+    doc = {"title": "Red \u001b[31m alert", "layer": "practices", "body": "text"}
+    response = await http.put("/v1/knowledge/controls", json=doc)
+    assert response.status_code == 422
+    assert response.json()["error"]["details"]["field"] == "title"
+    assert "control character U+001B" in response.json()["error"]["message"]
+    tabs = {"title": "Fine", "layer": "practices", "body": "line\r\n\tindented"}
+    assert (await http.put("/v1/knowledge/controls", json=tabs)).json()["body"] == "line\n\tindented"

@@ -18,6 +18,7 @@ import pytest
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
+from sage_server import backup
 from tests.conftest import sage_env, write_doc
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -254,3 +255,26 @@ def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(30) == 0
+
+
+async def test_backs_up_at_start_and_refuses_a_restore_while_serving(server: Running, tmp_path: Path) -> None:
+    folder = tmp_path / ".sage" / "backups"
+    deadline = time.monotonic() + 30
+    while backup.read_state(folder).last_success is None:
+        assert time.monotonic() < deadline, "no backup at start"
+        time.sleep(0.05)
+    path = backup.read_state(folder).last_backup
+    assert path and backup.checksum_path(Path(path)).is_file()
+    assert httpx.get(f"{server.api}/health").json()["components"]["backup"] == "healthy"
+    assert scrape(server)[("sage_backup_last_success_timestamp_seconds", ())] > 0
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "sage_server", "restore", "--backup", path],
+        cwd=tmp_path,
+        env=sage_env(tmp_path, SAGE_DB_PATH=str(tmp_path / "serve.db")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "in use by a running SAGE server" in refused.stderr
+    assert httpx.get(f"{server.api}/v1/knowledge/timeout-resilience").status_code == 200
