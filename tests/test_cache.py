@@ -504,7 +504,8 @@ async def test_a_late_subscriber_catches_up_from_the_stored_generation(tmp_path:
         await wait_connected(a)
         await a.publish(12)
         async with GenerationWatcher(settings, "db", on_b):
-            assert await on_b.wait(within=1) == 12
+            # Catching up is the point here, not speed (a busy machine may cost the first connection a retry).
+            assert await on_b.wait(within=5) == 12
 
 
 async def test_watcher_degrades_quietly_while_redis_is_down(tmp_path: Path, redis_server: RedisServer) -> None:
