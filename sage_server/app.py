@@ -10,7 +10,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -29,9 +29,9 @@ log = get_logger("app")
 BODY_OVERHEAD = 2
 
 
-# One rendering for every error, on every listener: SageErrors raised by routes and Starlette's 404/405 (with
-# Allow). Anything else is rendered by RequestContext, the outermost middleware.
-EXCEPTION_HANDLERS = {HTTPException: error_response, SageError: error_response}
+# One rendering for every error, on every listener: SageErrors raised by routes, Starlette's 404/405 (with Allow) and
+# a client gone before its body was read. Anything else is rendered by RequestContext, the outermost middleware.
+EXCEPTION_HANDLERS = {HTTPException: error_response, SageError: error_response, ClientDisconnect: error_response}
 
 
 def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool) -> Starlette:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import sys
@@ -505,6 +506,10 @@ def _run_server(settings: Settings, main_loop: Callable[[], Awaitable[None]]) ->
         anyio.run(main_loop, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})
     except KeyboardInterrupt:
         pass
+    finally:
+        # The process ends next: spare it the cyclic garbage collection of everything the server built, which
+        # took ~0.8 s of the exit after SIGTERM (nothing left needs it: the service is closed, logs are flushed).
+        gc.freeze()
 
 
 @main.command(name="eval")

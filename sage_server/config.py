@@ -77,6 +77,26 @@ class Settings(BaseModel):
     breaker_reset_seconds: float = Field(
         30.0, gt=0, description="Seconds an open circuit breaker waits before one probe call"
     )
+    max_requests_in_flight: int = Field(
+        100, ge=1, description="HTTP requests served at once (API and MCP listeners together); 503 past it"
+    )
+    idle_timeout_seconds: int = Field(5, ge=1, description="A connection that sends nothing this long is closed")
+    header_timeout_seconds: int = Field(
+        10, ge=1, description="A request's line and headers must arrive within this long of its first byte (408)"
+    )
+    body_timeout_seconds: int = Field(
+        30, ge=1, description="A request's body must arrive within this long after its headers (408)"
+    )
+    max_header_bytes: int = Field(65_536, ge=1024, description="Largest request line and headers accepted (431)")
+    mcp_session_idle_seconds: int = Field(
+        300, ge=1, description="An MCP session (2025-11-25 handshake) with no request this long is closed"
+    )
+    mcp_max_sessions: int = Field(
+        500, ge=1, description="Live MCP sessions per listener; at the cap the oldest idle one is closed"
+    )
+    shutdown_grace_seconds: int = Field(
+        10, ge=0, description="On SIGTERM/SIGINT, requests in flight get this long to finish"
+    )
 
     @field_validator("layers")
     @classmethod

@@ -18,6 +18,13 @@ def clip(value: object, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]}… ({len(text)} characters)"
 
 
+def error_document(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one JSON error shape of every HTTP answer: `{"error": {status, code, message, details}}`. The app renders
+    it through middleware.error_response; the layers in front of the app (the in-flight gate, the connection
+    guards) that must answer before any app runs build theirs here too."""
+    return {"error": {"status": status, "code": code, "message": message, "details": details or {}}}
+
+
 class SageError(Exception):
     """Base of every error SAGE raises on purpose. `status` is the HTTP status, `code` a stable name.
 

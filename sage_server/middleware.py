@@ -16,7 +16,7 @@ from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +30,7 @@ from sage_server.errors import (
     RateLimited,
     SageError,
     clip,
+    error_document,
 )
 from sage_server.hosts import HostRule
 from sage_server.logs import REQUEST, get_logger, log_event
@@ -82,6 +83,10 @@ async def error_response(request: Request, exc: Exception) -> Response:
     headers (Allow, Retry-After, WWW-Authenticate). Registered as the apps' exception handler and called by the
     outermost middleware for anything raised outside the routes. An internal error's text goes to the log with the
     request id; the client gets the code, a generic sentence and the id."""
+    if isinstance(exc, ClientDisconnect):
+        # The client went away (or was cut off for sending its body too slowly) before its request was read: not a
+        # server error, and nobody receives this answer. 499 is nginx's "client closed request", for the access log.
+        return Response(status_code=499)
     error = _as_sage_error(request, exc)
     request_id = str(request.scope.get("state", {}).get("request_id", ""))
     if error.internal:
@@ -105,7 +110,7 @@ async def error_response(request: Request, exc: Exception) -> Response:
         details: dict[str, Any] = {"request_id": request_id} if request_id else {}
     else:
         message, details = clip(error.message, MESSAGE_LIMIT), _bounded(error.details)
-    body = {"error": {"status": error.status, "code": error.code, "message": message, "details": details}}
+    body = error_document(error.status, error.code, message, details)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 

@@ -475,7 +475,7 @@ class KnowledgeService(BoundedViews):
             knowledge = "unhealthy"
         components: dict[str, ComponentStatus] = {
             "core": "healthy",
-            "cache": self.cache.health(),
+            "cache": await self.cache.check(),  # pings Redis (at most once a second): seen without traffic
             "knowledge": knowledge,
             "backup": self._backup_health(),
         }
