@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from sage_server.errors import clip
+
 # Letters and digits of any script, '_', '.' and '-' (see ids.py for the ids SAGE derives itself).
 ID_PATTERN = r"^\w[\w.-]{0,127}$"
 MAX_REVISION = 2**63 - 1  # SQLite's largest integer: a larger revision cannot name one
@@ -19,19 +21,13 @@ Change = Literal["create", "update", "delete", "remove", "restore"]
 # are read whole on every import.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _BODY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-ECHO_CHARS = 80
-
-
-def echo(value: str, limit: int = ECHO_CHARS) -> str:
-    """`value` as it may be quoted back in a message: repr()-escaped and cut to `limit` characters."""
-    return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
 def check_id(value: str) -> str:
     """Return `value` if it is a valid document id, else raise ValueError naming the rule."""
     if not _ID_RE.match(value):
         raise ValueError(
-            f"invalid id {echo(value)}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+            f"invalid id {clip(value)!r}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
         )
     return value
 
@@ -105,7 +101,7 @@ class DocumentIn(BaseModel):
     def _languages(cls, value: dict[str, Translation]) -> dict[str, Translation]:
         for language in value:
             if not _LANGUAGE_RE.match(language):
-                raise ValueError(f"language {echo(language)} is not a language code such as 'zh' or 'pt-BR'")
+                raise ValueError(f"language {clip(language)!r} is not a language code such as 'zh' or 'pt-BR'")
         return value
 
 
