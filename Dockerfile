@@ -7,6 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SAGE_DB_PATH=/data/sage.db \
     SAGE_CACHE_DIR=/data/cache \
+    SAGE_BACKUP_DIR=/data/backups \
     SAGE_HOST=0.0.0.0 \
     MALLOC_ARENA_MAX=2
 
@@ -24,6 +25,9 @@ USER sage
 VOLUME ["/data"]
 WORKDIR /data
 
+# Beyond loopback with no SAGE_API_KEY, the first start generates an admin key in /data/admin.key and prints it once
+# (`docker logs`); SAGE_ALLOW_ANONYMOUS=true serves without one. Metrics (9000) carry no credential check, so they
+# listen inside the container only unless SAGE_METRICS_HOST=0.0.0.0 is set.
 EXPOSE 8000 8001 9000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status == 200 else 1)"]

@@ -10,16 +10,18 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from sage_server import rest
 from sage_server.assistant import build_server, mcp_routes
+from sage_server.auth import Authenticator
 from sage_server.config import Settings
 from sage_server.errors import SageError
+from sage_server.hosts import HostRule
 from sage_server.logs import get_logger, log_event
-from sage_server.middleware import BodyLimit, RateLimit, RequestContext
+from sage_server.middleware import BodyLimit, FrontDoor, RateLimit, RequestContext, error_response
 from sage_server.service import KnowledgeService
 
 log = get_logger("app")
@@ -27,27 +29,16 @@ log = get_logger("app")
 BODY_OVERHEAD = 2
 
 
-async def _not_found(request: Request, exc: Exception) -> Response:
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
-    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-    message = f"no route for {request.method} {request.url.path}" if status == 404 else str(getattr(exc, "detail", ""))
-    return JSONResponse(
-        {"error": {"status": status, "code": code, "message": message, "details": {}}}, status_code=status
-    )
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    # The outermost layer: log once with the traceback, answer the one error shape without internals.
-    log.exception("Unhandled error", extra={"context": {"operation": "http", "path": request.url.path}})
-    error = SageError("internal error; the server log has the details")
-    return rest.error_response(error)
+# One rendering for every error, on every listener: SageErrors raised by routes, Starlette's 404/405 (with Allow) and
+# a client gone before its body was read. Anything else is rendered by RequestContext, the outermost middleware.
+EXCEPTION_HANDLERS = {HTTPException: error_response, SageError: error_response, ClientDisconnect: error_response}
 
 
 def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool) -> Starlette:
     kb = service or KnowledgeService(settings)
     server = build_server(kb)
-    api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    routes: list[BaseRoute] = [*rest.routes(kb, api_key, probes_only=not with_rest)]
+    authenticator = Authenticator.from_settings(settings)
+    routes: list[BaseRoute] = [*rest.routes(kb, authenticator.required, probes_only=not with_rest)]
     all_routes = [*routes, *mcp_routes(server, settings)]
 
     @asynccontextmanager
@@ -68,7 +59,7 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
     app = Starlette(
         routes=all_routes,
         lifespan=lifespan,
-        exception_handlers={404: _not_found, 405: _not_found, Exception: _internal_error},
+        exception_handlers=EXCEPTION_HANDLERS,
         middleware=[
             Middleware(RequestContext, metrics=kb.metrics),
             *(
@@ -76,6 +67,7 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
                 if settings.rate_limit_per_minute
                 else []
             ),
+            Middleware(FrontDoor, hosts=HostRule.from_settings(settings), authenticator=authenticator),
             Middleware(BodyLimit, max_bytes=settings.max_file_bytes * BODY_OVERHEAD),
         ],
     )
@@ -98,9 +90,6 @@ def create_metrics_app(service: KnowledgeService) -> Starlette:
     """The metrics listener: Prometheus text at /metrics (documents by layer are counted at scrape time)."""
 
     async def metrics(request: Request) -> Response:
-        service.metrics.set_documents((await service.info()).layers)
-        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+        return Response(await service.scrape_metrics(), media_type=service.metrics.content_type)
 
-    return Starlette(
-        routes=[Route("/metrics", metrics, methods=["GET"])], exception_handlers={404: _not_found, 405: _not_found}
-    )
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])], exception_handlers=EXCEPTION_HANDLERS)

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from sage_server.errors import InvalidInput, Unavailable
+from sage_server.errors import Conflict, InvalidInput, Unavailable
+from sage_server.locks import FileLock, serving_lock_path
 from sage_server.migrate import migration_files
-from sage_server.models import DocumentIn
+from sage_server.models import ComponentStatus
 from sage_server.resources import migrations_dir
-from sage_server.store import content_hash
+from sage_server.store import content_hash, to_content
 
 BACKUP_GLOB = "sage-*.db"
+STATE_FILE = "state.json"
 
 
 class Check(BaseModel):
@@ -44,7 +47,22 @@ class BackupReport(BaseModel):
     bytes: int
     sha256: str
     documents: int
+    seconds: float
     pruned: list[str]
+
+
+class BackupState(BaseModel):
+    """What the backup folder remembers across restarts and shares between the servers using it."""
+
+    last_success: datetime | None = None
+    last_backup: str | None = None
+    last_failure: datetime | None = None
+    last_error: str | None = None
+
+    @property
+    def failing(self) -> bool:
+        """The most recent attempt failed."""
+        return self.last_failure is not None and (self.last_success is None or self.last_failure > self.last_success)
 
 
 @dataclass(frozen=True)
@@ -73,17 +91,18 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
 
 
 def verify(path: Path, thorough: bool = False) -> VerifyReport:
-    """Check a SAGE database: SQLite's integrity, the full-text indexes against their rows, the migrations against
-    the shipped files; with `thorough`, every document's content hash and revision chain too."""
+    """Check a SAGE database: SQLite's integrity, the full-text index against exactly the live documents, the
+    migrations against the shipped files; with `thorough`, every document's content hash and revision chain too."""
     # Read-write only because FTS5's integrity check is an INSERT in form; everything runs in a transaction
     # that is rolled back, so verifying changes nothing.
     conn = _connect(path, readonly=False)
     conn.isolation_level = None
+    conn.row_factory = sqlite3.Row
     conn.execute("BEGIN")
     checks: list[Check] = []
     try:
         for query in QUICK_CHECKS:
-            rows = conn.execute(query.sql).fetchall()
+            rows = [tuple(row) for row in conn.execute(query.sql).fetchall()]
             ok = rows == [(query.expect_ok,)] if query.expect_ok else rows == []
             checks.append(Check(name=query.name, ok=ok, detail="ok" if ok else f"{len(rows)} problems: {rows[:3]}"))
         checks.append(_schema(conn))
@@ -113,31 +132,30 @@ def _schema(conn: sqlite3.Connection) -> Check:
 
 
 def _fts(conn: sqlite3.Connection, table: str) -> Check:
-    # FTS5's own check; rank 1 makes it compare the index with the external content rows, not just itself.
+    # FTS5's own check. Rank 1 makes it compare the index with its content, a view of exactly the live documents
+    # (migration 0002), not only with itself: a missing, extra or stale entry fails, a soft-deleted one does not.
+    # A database from before that migration indexed a table holding deleted rows too: only its structure is
+    # checked (opening it with SAGE migrates it and rebuilds the index).
+    live_view = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'indexed_documents'").fetchone() is not None
     try:
-        conn.execute(f"INSERT INTO {table} ({table}, rank) VALUES ('integrity-check', 1)")
-        return Check(name=f"index {table}", ok=True, detail="ok")
+        conn.execute(f"INSERT INTO {table} ({table}, rank) VALUES ('integrity-check', ?)", (1 if live_view else 0,))
+        detail = "ok" if live_view else "structure ok (rebuilt against the live documents when SAGE opens it)"
+        return Check(name=f"index {table}", ok=True, detail=detail)
     except sqlite3.Error as exc:
         return Check(name=f"index {table}", ok=False, detail=str(exc))
 
 
 def _hashes(conn: sqlite3.Connection) -> Check:
     bad: list[str] = []
-    rows = conn.execute("SELECT id, title, layer, tags, triggers, summary, body, content_hash FROM documents")
     count = 0
-    for doc_id, title, layer, tags, triggers, summary, body, stored in rows:
+    for row in conn.execute("SELECT * FROM documents"):
         count += 1
-        doc = DocumentIn(
-            id=doc_id,
-            title=title,
-            layer=layer,
-            body=body,
-            tags=json.loads(tags),
-            triggers=json.loads(triggers),
-            summary=summary,
-        )
-        if content_hash(doc) != stored:
-            bad.append(doc_id)
+        try:
+            same = content_hash(to_content(row["id"], row)) == row["content_hash"]
+        except (ValidationError, ValueError):
+            same = False  # a row no save could have written
+        if not same:
+            bad.append(row["id"])
     detail = f"{count} documents match their hashes" if not bad else f"{len(bad)} differ: {bad[:5]}"
     return Check(name="content hashes", ok=not bad, detail=detail)
 
@@ -153,9 +171,23 @@ def _revisions(conn: sqlite3.Connection) -> Check:
     )
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_path(backup_path: Path) -> Path:
+    """Where the checksum of a backup is written: `sage-<time>.db.sha256` beside it."""
+    return backup_path.with_name(backup_path.name + ".sha256")
+
+
 def backup(db_path: Path, backup_dir: Path, retention_days: int) -> BackupReport:
-    """Copy the live database with SQLite's online backup (consistent while others write), verify the copy, then
-    remove backups older than `retention_days`."""
+    """Copy the live database with SQLite's online backup (consistent while others write), verify the copy, write
+    its checksum beside it, then remove backups older than `retention_days`."""
+    started = time.perf_counter()
     source = _connect(db_path, readonly=True)
     backup_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -178,13 +210,14 @@ def backup(db_path: Path, backup_dir: Path, retention_days: int) -> BackupReport
         failed = [c.name for c in report.checks if not c.ok]
         raise Unavailable(f"the backup of {db_path} failed verification ({', '.join(failed)}); nothing was kept")
     partial.replace(target)
-    digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    target.with_suffix(".db.sha256").write_text(f"{digest}  {target.name}\n")
+    digest = _sha256(target)
+    checksum_path(target).write_text(f"{digest}  {target.name}\n")
     return BackupReport(
         path=str(target),
         bytes=target.stat().st_size,
         sha256=digest,
         documents=documents,
+        seconds=round(time.perf_counter() - started, 3),
         pruned=prune(backup_dir, retention_days, keep=target),
     )
 
@@ -196,18 +229,92 @@ def prune(backup_dir: Path, retention_days: int, keep: Path | None = None) -> li
     for path in sorted(backup_dir.glob(BACKUP_GLOB)):
         if path != keep and path.stat().st_mtime < cutoff:
             path.unlink()
-            path.with_suffix(".db.sha256").unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)
             removed.append(str(path))
     return removed
 
 
-def restore(backup_path: Path, db_path: Path) -> str | None:
-    """Replace the database with a verified backup. The current database is first saved beside it
-    (`<name>.pre-restore-<time>.db`), whose path is returned. Stop servers using the database first."""
+def read_state(backup_dir: Path) -> BackupState:
+    """The backup folder's record of the last success and failure (empty when there is none, or it is unreadable:
+    the next backup writes a fresh one)."""
+    try:
+        return BackupState.model_validate_json((backup_dir / STATE_FILE).read_bytes())
+    except (OSError, ValidationError):
+        return BackupState()
+
+
+def record(backup_dir: Path, *, report: BackupReport | None = None, error: str | None = None) -> BackupState:
+    """Remember a backup's success (`report`) or failure (`error`) in the backup folder."""
+    state = read_state(backup_dir)
+    now = datetime.now(UTC)
+    if report is not None:
+        state = state.model_copy(update={"last_success": now, "last_backup": report.path})
+    if error is not None:
+        state = state.model_copy(update={"last_failure": now, "last_error": error})
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    temporary = backup_dir / f".{STATE_FILE}.{os.getpid()}"
+    temporary.write_text(state.model_dump_json(indent=2))
+    temporary.replace(backup_dir / STATE_FILE)  # atomic: a reader never sees half a file
+    return state
+
+
+def health_status(
+    backup_dir: Path, interval_hours: float, since: datetime, error: str | None = None
+) -> ComponentStatus:
+    """The `backup` component of /health: disabled when backups are off; degraded when the last backup failed
+    (`error` is a failure this process saw but could not record) or the newest is older than two intervals
+    (counted from `since`, when the database was created, if there has been none)."""
+    if interval_hours <= 0:
+        return "disabled"
+    state = read_state(backup_dir)
+    if error is not None or state.failing:
+        return "degraded"
+    newest = state.last_success or since
+    age = (datetime.now(UTC) - newest).total_seconds()
+    return "degraded" if age > 2 * interval_hours * 3600 else "healthy"
+
+
+def check_checksum(backup_path: Path) -> None:
+    """Refuse a backup whose bytes differ from the checksum written beside it, or that has none."""
+    expected_file = checksum_path(backup_path)
+    try:
+        expected = expected_file.read_text(encoding="utf-8").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError) as exc:
+        raise InvalidInput(
+            f"{backup_path}: no readable checksum beside it ({expected_file.name}); a backup written by `sage backup` "
+            "has one. To restore a copy without it anyway, pass --no-checksum; nothing was changed",
+            path=str(backup_path),
+        ) from exc
+    actual = _sha256(backup_path)
+    if actual != expected:
+        raise InvalidInput(
+            f"{backup_path}: its sha256 is {actual[:16]}…, but {expected_file.name} says {expected[:16]}…; the file "
+            "changed after the backup was written; nothing was changed",
+            path=str(backup_path),
+        )
+
+
+def restore(backup_path: Path, db_path: Path, *, checksum: bool = True) -> str | None:
+    """Replace the database with a verified backup, and give it a new identity (so no cache entry made before can
+    answer for it). The current database is first saved beside it (`<name>.pre-restore-<time>.db`), whose path is
+    returned. Refused while any SAGE process has the database open."""
+    if checksum and backup_path.is_file():
+        check_checksum(backup_path)
     report = verify(backup_path)
     if not report.ok:
         failed = "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.ok)
         raise InvalidInput(f"{backup_path} is not a sound SAGE backup ({failed}); nothing was changed")
+    with FileLock(serving_lock_path(db_path)) as in_use:
+        if not in_use.acquire():
+            raise Conflict(
+                f"{db_path} is in use by a running SAGE server (sage serve or sage mcp); stop it first (Ctrl-C or "
+                "SIGTERM, `docker stop`, or your service manager), then restore; nothing was changed",
+                path=str(db_path),
+            )
+        return _replace_database(backup_path, db_path)
+
+
+def _replace_database(backup_path: Path, db_path: Path) -> str | None:
     saved: str | None = None
     if db_path.exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -226,6 +333,8 @@ def restore(backup_path: Path, db_path: Path) -> str | None:
         try:
             source.backup(dest)  # page by page inside one transaction on the destination: all or nothing
             dest.execute("PRAGMA journal_mode=WAL")
+            with dest:
+                dest.execute("UPDATE meta SET value = ? WHERE key = 'database_id'", (uuid.uuid4().hex,))
         finally:
             dest.close()
     finally:

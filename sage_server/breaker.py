@@ -88,12 +88,16 @@ class CircuitBreaker:
         self._probe_started = now
         return True
 
-    def success(self) -> None:
-        """Record a call the dependency answered (a miss or not-found included)."""
+    def success(self) -> bool:
+        """Record a call the dependency answered (a miss or not-found included). True when this closed the
+        breaker: the dependency is back, and what the caller kept from the faulty time (pooled connections) is
+        best dropped."""
         self._consecutive = 0
         self._probe_started = None
         if self._state != "closed":
             self._set("closed")
+            return True
+        return False
 
     def failure(self) -> None:
         """Record a dependency fault: an error or a timeout."""

@@ -312,6 +312,12 @@ class RedisTier:
         """Raise unless the server answers."""
         await self._cache.raw("ping")
 
+    async def reset(self) -> None:
+        """Close the pool's idle connections; new ones are opened on demand. Connections that lived through a
+        failure (a frozen server, a timeout mid-reply) may hold half-read replies or dead sockets. Connections
+        busy with a command are left to finish it."""
+        await self._cache.client.connection_pool.disconnect(inuse_connections=False)
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self._cache.close()
@@ -321,6 +327,8 @@ class RedisTier:
 # or the lookup's deadline had passed), or it faulted.
 _SKIPPED: Final = object()
 _FAULT: Final = object()
+# /health pings Redis itself, at most this often (answers in between reuse the last result).
+HEALTH_CHECK_SECONDS: Final = 1.0
 
 
 class TieredCache:
@@ -359,6 +367,8 @@ class TieredCache:
         self._redis_ok = True
         self._probe_every = min(1.0, settings.breaker_reset_seconds)
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._checked_at: float | None = None
+        self._checking = False
 
     async def start(self) -> None:
         """Index the disk tier, ping Redis, start the Redis probe; `close()` from the same task, in LIFO order.
@@ -433,6 +443,22 @@ class TieredCache:
             return "healthy"
         return "healthy" if self._redis_ok and self.redis_breaker.state == "closed" else "degraded"
 
+    async def check(self) -> Literal["healthy", "degraded"]:
+        """`health()` after asking Redis itself, so that a dead Redis shows without traffic: a ping under the
+        cache deadline, at most once every HEALTH_CHECK_SECONDS (concurrent checks share the one in progress).
+        The ping counts like any call: a failure marks the tier down, and its breaker skips it when open."""
+        if self.redis is None:
+            return self.health()
+        now = anyio.current_time()
+        if not self._checking and (self._checked_at is None or now - self._checked_at >= HEALTH_CHECK_SECONDS):
+            self._checking = True
+            try:
+                await self._call(self.redis, now + self.limit, self.redis.ping)
+            finally:
+                self._checking = False
+                self._checked_at = anyio.current_time()
+        return self.health()
+
     async def _call(self, tier: Tier, deadline: float, func: Callable[..., Awaitable[T]], *args: Any) -> T | object:
         """`func(*args)` under the deadline and the tier's breaker, or _SKIPPED, or _FAULT (logged and counted)."""
         breaker = self.redis_breaker if tier is self.redis else None
@@ -451,8 +477,9 @@ class TieredCache:
             else:
                 self._faults[tier.name].ok()
                 if breaker is not None:
-                    breaker.success()
                     self._redis_ok = True
+                    if breaker.success():
+                        await self._reset_redis()
                 return result
         if scope.cancelled_caught:
             kind = "timeout"
@@ -462,6 +489,15 @@ class TieredCache:
             breaker.failure()
             self._redis_ok = False
         return _FAULT
+
+    async def _reset_redis(self) -> None:
+        """Start the recovered Redis tier on fresh connections (a frozen-then-resumed server left the tier cold
+        for seconds on its old ones). Under the caller's deadline; a failed reset leaves the pool as it was."""
+        assert self.redis is not None
+        try:
+            await self.redis.reset()
+        except Exception as exc:  # the cache is never the truth: nothing but cancellation leaves this layer
+            log_event(logger, logging.WARNING, "Redis pool reset failed", component="redis", error=str(exc))
 
     async def _probe_redis(self) -> None:
         assert self.redis is not None and self.redis_breaker is not None

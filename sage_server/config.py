@@ -46,11 +46,16 @@ class Settings(BaseModel):
     api_port: int = Field(8000, ge=0, le=65535, description="REST API port")
     mcp_port: int = Field(8001, ge=0, le=65535, description="MCP HTTP port")
     metrics_port: int = Field(9000, ge=0, le=65535, description="Prometheus metrics port")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds (loopback unless told)")
     allowed_hosts: list[str] = Field(
         default_factory=list,
-        description="Extra Host names MCP over HTTP accepts (DNS-rebinding protection), e.g. sage.internal",
+        description="Extra Host names every HTTP route but the probes accepts ('*': any), e.g. kb.internal",
     )
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
+    allow_anonymous: bool = Field(
+        False, description="Serve HTTP beyond loopback without any credential instead of generating an admin key"
+    )
+    max_filters: int = Field(50, ge=1, le=1000, description="Most tag (or layer) filters one query may carry")
     rate_limit_per_minute: int = Field(0, ge=0, description="HTTP requests a client may make a minute (0: no limit)")
     redis_url: str | None = Field(None, description="Redis URL for the shared cache tier")
     cache_memory: bool = Field(True, description="Use the in-process memory cache tier")
@@ -71,6 +76,26 @@ class Settings(BaseModel):
     breaker_failures: int = Field(5, ge=1, description="Consecutive dependency faults that open a circuit breaker")
     breaker_reset_seconds: float = Field(
         30.0, gt=0, description="Seconds an open circuit breaker waits before one probe call"
+    )
+    max_requests_in_flight: int = Field(
+        100, ge=1, description="HTTP requests served at once (API and MCP listeners together); 503 past it"
+    )
+    idle_timeout_seconds: int = Field(5, ge=1, description="A connection that sends nothing this long is closed")
+    header_timeout_seconds: int = Field(
+        10, ge=1, description="A request's line and headers must arrive within this long of its first byte (408)"
+    )
+    body_timeout_seconds: int = Field(
+        30, ge=1, description="A request's body must arrive within this long after its headers (408)"
+    )
+    max_header_bytes: int = Field(65_536, ge=1024, description="Largest request line and headers accepted (431)")
+    mcp_session_idle_seconds: int = Field(
+        300, ge=1, description="An MCP session (2025-11-25 handshake) with no request this long is closed"
+    )
+    mcp_max_sessions: int = Field(
+        500, ge=1, description="Live MCP sessions per listener; at the cap the oldest idle one is closed"
+    )
+    shutdown_grace_seconds: int = Field(
+        10, ge=0, description="On SIGTERM/SIGINT, requests in flight get this long to finish"
     )
 
     @field_validator("layers")
@@ -207,6 +232,11 @@ def load_settings(
         raise ConfigError(f"{where}: setting {key!r}: {first['msg']} (got {first.get('input')!r})") from exc
     all_sources = {name: sources.get(name, "default") for name in Settings.model_fields}
     return LoadedSettings(settings=settings, sources=all_sources)
+
+
+def config_files(settings: Settings, cwd: Path | None = None, home: Path | None = None) -> list[Path]:
+    """The configuration files SAGE reads, whether they exist or not: the user's, the project's, and .env."""
+    return [(home or _home()) / ".sage" / "config.yaml", settings.config_path, (cwd or Path.cwd()) / ".env"]
 
 
 def describe(loaded: LoadedSettings) -> list[tuple[str, str, str, str]]:

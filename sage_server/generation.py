@@ -41,9 +41,15 @@ class GenerationWatcher:
     """
 
     def __init__(
-        self, settings: Settings, on_generation: Callable[[int], None], *, reconnect_seconds: float = 0.5
+        self,
+        settings: Settings,
+        database_id: str,
+        on_generation: Callable[[int], None],
+        *,
+        reconnect_seconds: float = 0.5,
     ) -> None:
-        self.channel = self.key = f"{settings.cache_namespace}:generation"
+        # Per database: generations of two databases sharing a Redis (and a namespace) mean nothing to each other.
+        self.channel = self.key = f"{settings.cache_namespace}:{database_id}:generation"
         self.instance = uuid.uuid4().hex
         self.newest = 0
         self.connected = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from sage_server.config import Settings
+from sage_server.ids import document_id, path_parts
 from sage_server.markdown import FrontmatterError, first_heading, split_frontmatter
-from sage_server.models import DocumentIn, SkippedFile
+from sage_server.models import DocumentIn, SkippedFile, Translation
+from sage_server.resources import knowledge_dir
 
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
-_SLUG = re.compile(r"[^a-z0-9]+")
+# Frontmatter `title_zh: ...` / `summary_pt-BR: ...`: a document's title and summary in another language.
+_TRANSLATED = re.compile(r"^(title|summary)_([a-z]{2,3}(?:-[A-Za-z0-9]{2,8})?)$")
+_FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
 
 
 class SkipFile(Exception):
@@ -26,12 +37,17 @@ class SkipFile(Exception):
 
 @dataclass(frozen=True)
 class ParsedFile:
-    """A file turned into a document, with the hash of its bytes for incremental re-import."""
+    """A file turned into a document, with the hash of its bytes for incremental re-import.
+
+    `id_parts` are the name parts its id was derived from (see ids.py), or None when the frontmatter gave the id.
+    `bundled` marks the knowledge that ships with SAGE, which gives way to a user's document with the same id.
+    """
 
     path: str
     doc: DocumentIn
     source_hash: str
-    id_from_path: bool = False
+    id_parts: tuple[str, ...] | None = None
+    bundled: bool = False
 
 
 @dataclass
@@ -62,11 +78,19 @@ def scan(root: Path) -> Iterator[tuple[Path, str | None]]:
             if path.is_symlink() and not _inside(path.resolve(), root):
                 yield path, "symlink points outside the imported folder; not followed"
             else:
-                yield path, None
+                yield path, _not_regular(path)
 
 
-def _slug(text: str) -> str:
-    return _SLUG.sub("-", text.lower()).strip("-")
+def _not_regular(path: Path) -> str | None:
+    """Why `path` cannot be read as a file, found without opening it (reading a FIFO would wait forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return f"{kind}, not a regular file; skipped without reading it"
 
 
 def _string_list(meta: dict[str, Any], key: str) -> list[str]:
@@ -97,8 +121,24 @@ def _first_paragraph(body: str, limit: int = 240) -> str:
     return ""
 
 
-def parse_file(path: Path, root: Path, settings: Settings) -> ParsedFile:
-    """Read one Markdown file into a document, or raise SkipFile with the reason."""
+def _translations(meta: dict[str, Any]) -> dict[str, Translation]:
+    found: dict[str, dict[str, str]] = {}
+    for key in meta:
+        match = _TRANSLATED.match(key)
+        if match:
+            found.setdefault(match.group(2), {})[match.group(1)] = _string(meta, key) or ""
+    return {language: Translation(**fields) for language, fields in found.items()}
+
+
+def _invalid(exc: ValidationError) -> SkipFile:
+    first = exc.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return SkipFile(f"field {'.'.join(str(p) for p in first['loc'])}: {message}")
+
+
+def parse_file(path: Path, root: Path, settings: Settings, *, bundled: bool = False) -> ParsedFile:
+    """Read one Markdown file into a document, or raise SkipFile with the reason. `bundled` marks a file of the
+    knowledge that ships with SAGE."""
     try:
         size = path.stat().st_size
         if size > settings.max_file_bytes:
@@ -122,40 +162,47 @@ def parse_file(path: Path, root: Path, settings: Settings) -> ParsedFile:
         raise SkipFile("no Markdown content after the frontmatter")
 
     relative = path.relative_to(root)
-    folders = list(relative.parts[:-1])
-    if folders and folders[0] in settings.layers:
-        folder_layer: str | None = folders.pop(0)
-    else:
-        folder_layer = root.name if root.name in settings.layers else None
+    in_layer_folder = len(relative.parts) > 1 and relative.parts[0] in settings.layers
+    root_layer = root.name if root.name in settings.layers and not in_layer_folder else None
+    folder_layer = relative.parts[0] if in_layer_folder else root_layer
     layer = _string(meta, "layer") or folder_layer or settings.default_layer
     if layer not in settings.layers:
         raise SkipFile(f"unknown layer {layer!r} (known: {', '.join(settings.layers)})")
-    doc_id = _string(meta, "id") or "-".join(_slug(p) for p in [*folders, path.stem] if _slug(p))
+    explicit_id = _string(meta, "id")
+    parts = None if explicit_id else tuple(path_parts(relative, root_layer))
     title = _string(meta, "title") or first_heading(body) or path.stem.replace("-", " ").replace("_", " ").title()
     try:
         doc = DocumentIn(
-            id=doc_id,
+            id=explicit_id or document_id(parts or ()),
             title=title,
             layer=layer,
             body=body.strip() + "\n",
             tags=[t.lower() for t in _string_list(meta, "tags")],
             triggers=_string_list(meta, "triggers"),
             summary=_string(meta, "summary") or _first_paragraph(body),
+            related=_string_list(meta, "related"),
+            aliases=_string_list(meta, "aliases"),
+            translations=_translations(meta),
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise SkipFile(f"field {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+        raise _invalid(exc) from exc
     return ParsedFile(
-        path=str(path), doc=doc, source_hash=hashlib.sha256(raw).hexdigest(), id_from_path=_string(meta, "id") is None
+        path=str(path),
+        doc=doc,
+        source_hash=hashlib.sha256(raw).hexdigest(),
+        id_parts=parts,
+        bundled=bundled,
     )
 
 
 def collect(paths: list[Path], settings: Settings) -> Collected:
-    """Read every Markdown file under `paths` (folders or single files). Duplicate ids keep the first file."""
+    """Read every Markdown file under `paths` (folders or single files). Which file gets which id, when several
+    claim one, is decided with the stored documents in view (see reconcile.py)."""
     result = Collected()
-    owners: dict[str, str] = {}
+    bundled_root = knowledge_dir().resolve()
     for given in paths:
         root = given.expanduser().resolve()
+        bundled = _inside(root, bundled_root)
         if root.is_dir():
             result.folders.append(str(root))
             entries: Iterator[tuple[Path, str | None]] = scan(root)
@@ -169,12 +216,7 @@ def collect(paths: list[Path], settings: Settings) -> Collected:
             try:
                 if problem:
                     raise SkipFile(problem)
-                parsed = parse_file(path, root, settings)
-                if parsed.doc.id in owners:
-                    raise SkipFile(f"duplicate id {parsed.doc.id!r}: already used by {owners[parsed.doc.id]}")
+                result.files.append(parse_file(path, root, settings, bundled=bundled))
             except SkipFile as exc:
                 result.skipped.append(SkippedFile(path=str(path), reason=str(exc)))
-                continue
-            owners[parsed.doc.id] = str(path)
-            result.files.append(parsed)
     return result

@@ -59,6 +59,11 @@ class Metrics:
             "sage_http_request_duration_seconds", "HTTP request duration", ["route"], registry=r
         )
         self.documents = Gauge("sage_documents", "Live documents by layer", ["layer"], registry=r)
+        self.backup_success = Gauge(
+            "sage_backup_last_success_timestamp_seconds",
+            "Unix time of the newest knowledge-base backup (0: none yet)",
+            registry=r,
+        )
 
     def operation(self, name: str, seconds: float, error_kind: str | None = None) -> None:
         """Record one service operation and, if it failed, its error kind."""
@@ -97,6 +102,10 @@ class Metrics:
         """Refresh the documents-by-layer gauge (done at scrape time, not on every write)."""
         for layer, count in counts.items():
             self.documents.labels(layer).set(count)
+
+    def set_backup_success(self, timestamp: float | None) -> None:
+        """Refresh the time of the newest backup (read from the backup folder at scrape time)."""
+        self.backup_success.set(timestamp or 0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""

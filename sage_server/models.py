@@ -8,18 +8,49 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+from sage_server.errors import clip
+
+# Letters and digits of any script, '_', '.' and '-' (see ids.py for the ids SAGE derives itself).
+ID_PATTERN = r"^\w[\w.-]{0,127}$"
+MAX_REVISION = 2**63 - 1  # SQLite's largest integer: a larger revision cannot name one
 _ID_RE = re.compile(ID_PATTERN)
+_LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 Change = Literal["create", "update", "delete", "remove", "restore"]
+# Control characters (Unicode category Cc: C0, DEL and C1) would reach terminals and logs as they are (NUL, ESC...),
+# so they are refused everywhere, except line breaks and tabs in a body. A regex, not a loop over characters: bodies
+# are read whole on every import.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BODY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def check_id(value: str) -> str:
     """Return `value` if it is a valid document id, else raise ValueError naming the rule."""
     if not _ID_RE.match(value):
         raise ValueError(
-            f"invalid id {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid id {clip(value)!r}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
         )
     return value
+
+
+def check_text(value: str, *, body: bool = False) -> str:
+    """Return `value` if it holds no control character (a `body` may hold tabs and line breaks), else raise
+    ValueError naming the first one and where it is."""
+    found = (_BODY_CONTROL if body else _CONTROL).search(value)
+    if found:
+        raise ValueError(f"control character U+{ord(found.group()):04X} at position {found.start()}; remove it")
+    return value
+
+
+class Translation(BaseModel):
+    """A document's title and summary in another language (frontmatter `title_zh`, `summary_zh`)."""
+
+    title: str = Field("", max_length=300)
+    summary: str = ""
+
+    @field_validator("title", "summary")
+    @classmethod
+    def _no_controls(cls, value: str) -> str:
+        return check_text(value.strip())
 
 
 class DocumentIn(BaseModel):
@@ -32,17 +63,46 @@ class DocumentIn(BaseModel):
     tags: list[str] = Field(default_factory=list)
     triggers: list[str] = Field(default_factory=list, description="Keywords that make it relevant to a task")
     summary: str = ""
+    related: list[str] = Field(default_factory=list, description="Ids of related documents")
+    aliases: list[str] = Field(default_factory=list, description="Ids of documents merged into this one")
+    translations: dict[str, Translation] = Field(
+        default_factory=dict, description="Title and summary by language code, e.g. {'zh': {'title': '...'}}"
+    )
 
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
         return check_id(value)
 
+    @field_validator("title", "layer", "summary")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return check_text(value)
+
+    @field_validator("body")
+    @classmethod
+    def _body_text(cls, value: str) -> str:
+        # Windows line endings are line breaks, not content: stored as '\n' like every other line break.
+        return check_text(value.replace("\r\n", "\n").replace("\r", "\n"), body=True)
+
     @field_validator("tags", "triggers")
     @classmethod
     def _clean_list(cls, value: list[str]) -> list[str]:
-        cleaned = [v.strip() for v in value if v.strip()]
+        cleaned = [check_text(v.strip()) for v in value if v.strip()]
         return list(dict.fromkeys(cleaned))
+
+    @field_validator("related", "aliases")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(check_id(v.strip()) for v in value if v.strip()))
+
+    @field_validator("translations")
+    @classmethod
+    def _languages(cls, value: dict[str, Translation]) -> dict[str, Translation]:
+        for language in value:
+            if not _LANGUAGE_RE.match(language):
+                raise ValueError(f"language {clip(language)!r} is not a language code such as 'zh' or 'pt-BR'")
+        return value
 
 
 class Document(BaseModel):
@@ -55,6 +115,9 @@ class Document(BaseModel):
     triggers: list[str]
     summary: str
     body: str
+    related: list[str]
+    aliases: list[str]
+    translations: dict[str, Translation]
     source_path: str | None
     content_hash: str
     tokens: int
@@ -172,6 +235,14 @@ class SkippedFile(BaseModel):
     reason: str
 
 
+class ShadowedFile(BaseModel):
+    """A bundled document left out because a user's document has its id (the user's always wins)."""
+
+    path: str
+    id: str
+    by: str = Field(description="The user's file (or 'the API') that holds the id")
+
+
 class ImportReport(BaseModel):
     """What one import run did."""
 
@@ -181,6 +252,7 @@ class ImportReport(BaseModel):
     unchanged: int = 0
     removed: int = 0
     skipped: list[SkippedFile] = Field(default_factory=list)
+    shadowed: list[ShadowedFile] = Field(default_factory=list)
     duration_ms: float = 0.0
 
 
@@ -197,6 +269,8 @@ class Info(BaseModel):
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
+# A component that is switched off (backups with an interval of 0) is `disabled`, which counts as healthy.
+ComponentStatus = Literal["healthy", "degraded", "unhealthy", "disabled"]
 
 
 class Health(BaseModel):
@@ -204,7 +278,7 @@ class Health(BaseModel):
 
     status: HealthStatus
     version: str
-    components: dict[str, HealthStatus]
+    components: dict[str, ComponentStatus]
 
 
 # -- results cut to a token budget (MCP tools, REST) -------------------------------------------------------

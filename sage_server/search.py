@@ -379,11 +379,11 @@ class Vocabulary:
 
     def __init__(self, size: int = VOCABULARY_MEMORY) -> None:
         self.size = size
-        self.generation: int | None = None
+        self.generation: object = None
         self.documents = 0
         self.words: dict[str, tuple[list[str], int]] = {}
 
-    def at(self, generation: int | None) -> Vocabulary:
+    def at(self, generation: object) -> Vocabulary:
         """This memory, emptied if it was filled at another generation of the index (None: always empty it)."""
         if generation is None or generation != self.generation:
             self.generation, self.documents = generation, 0
@@ -397,7 +397,7 @@ class Vocabulary:
 
 
 async def plan(
-    conn: aiosqlite.Connection, query: ParsedQuery, memory: Vocabulary | None = None, generation: int | None = None
+    conn: aiosqlite.Connection, query: ParsedQuery, memory: Vocabulary | None = None, generation: object = None
 ) -> Plan:
     """Look every term up in the index's vocabulary: how many documents hold it, hence its weight (IDF).
 
@@ -479,6 +479,7 @@ class Body:
     text: str
     tokens: int
     revision: int
+    alternates: str = ""  # titles and summaries in other languages, newline-separated
 
 
 async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, Body]:
@@ -486,10 +487,11 @@ async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, Body]
     if not keys:
         return {}
     async with conn.execute(
-        f"SELECT key, substr(body, 1, ?), tokens, revision FROM documents WHERE key IN ({','.join('?' * len(keys))})",
+        "SELECT key, substr(body, 1, ?), tokens, revision, alt_titles || char(10) || alt_summaries FROM documents "
+        f"WHERE key IN ({','.join('?' * len(keys))})",
         [SNIPPET_SCAN_CHARS, *keys],
     ) as cursor:
-        return {row[0]: Body(row[1], row[2], row[3]) for row in await cursor.fetchall()}
+        return {row[0]: Body(row[1], row[2], row[3], row[4]) for row in await cursor.fetchall()}
 
 
 def _starts(text: str, key: str, cjk: bool) -> list[int]:
@@ -579,7 +581,8 @@ def rescore(plan: Plan, item: Ranked, query_plain: str) -> None:
     """Fill in the parts of a candidate's score (each 0-1; see the module docstring), the terms it holds and where
     its snippet should start. `query_plain` is the query as trigger matching reads it."""
     row, body = item.row, item.body.text if item.body else ""
-    meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"])).lower()
+    alternates = item.body.alternates if item.body else ""
+    meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"], alternates)).lower()
     text = body.lower()
     per_term: list[list[int]] = []
     covered = in_meta = 0.0

@@ -6,10 +6,9 @@ import contextlib
 import ctypes
 import errno
 import logging
-import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import anyio
@@ -17,16 +16,18 @@ import anyio.to_thread
 import uvicorn
 from starlette.types import ASGIApp
 
-from sage_server import backup
 from sage_server.app import create_app, create_mcp_app, create_metrics_app
+from sage_server.auth import Authenticator, ensure_admin_key
 from sage_server.config import Settings
-from sage_server.errors import ConfigError, SageError
+from sage_server.connections import ConnectionLimits, guarded_protocol
+from sage_server.errors import ConfigError
+from sage_server.limits import RequestGate
 from sage_server.logs import get_logger, log_event
+from sage_server.schedule import BackupSchedule
 from sage_server.service import KnowledgeService
+from sage_server.signals import StopSignals
 
 log = get_logger("serve")
-# In-flight requests get this long to finish after SIGTERM/SIGINT before connections are closed.
-GRACEFUL_SECONDS = 10
 
 
 class _Server(uvicorn.Server):
@@ -52,6 +53,24 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         libc.mallopt(M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
         pass  # not glibc (musl, say): nothing to bound
+
+
+OPEN_FILES_CEILING = 65_536
+
+
+def raise_open_file_limit() -> None:
+    """Let the process hold as many sockets as the system allows it (the soft limit up to the hard one, capped):
+    with the usual soft limit of 1024, a few hundred idle clients would use up the descriptors and new
+    connections, probes included, would be refused before any of our limits could act."""
+    try:
+        import resource
+    except ImportError:
+        return  # Windows: no such limit to raise
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_CEILING)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def bind(host: str, port: int, setting: str) -> socket.socket:
@@ -80,7 +99,9 @@ def _config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        http=guarded_protocol(ConnectionLimits.from_settings(settings)),
+        timeout_keep_alive=settings.idle_timeout_seconds,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         log_level=settings.log_level.lower(),
     )
 
@@ -93,45 +114,43 @@ SETTINGS_OF = {
 }
 
 
-async def periodic_backups(settings: Settings) -> None:
-    """Back up the database every `backup_interval_hours` (spec 9.1: daily, kept `backup_retention_days`)."""
-    while True:
-        await anyio.sleep(settings.backup_interval_hours * 3600)
-        try:
-            report = await anyio.to_thread.run_sync(
-                backup.backup, settings.db_path, settings.backup_dir, settings.backup_retention_days
-            )
-        except SageError as exc:
-            log_event(log, logging.ERROR, "Backup failed", operation="backup", error=exc.message)
-        else:
-            log_event(
-                log,
-                logging.INFO,
-                "Backup written",
-                operation="backup",
-                path=report.path,
-                documents=report.documents,
-                pruned=len(report.pruned),
-            )
-
-
 async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "mcp", "metrics")) -> None:
     """Run the listeners (API, MCP, metrics by default) until SIGTERM or SIGINT, then shut down cleanly."""
+    ensure_admin_key(settings)  # secure by default: beyond loopback, HTTP needs a credential
+    log_event(
+        log, logging.INFO, "Authentication", operation="auth", rule=Authenticator.from_settings(settings).describe()
+    )
     sockets: list[socket.socket] = []
     try:
         for name in listeners:
             field, setting = SETTINGS_OF[name]
-            sockets.append(bind(settings.host, getattr(settings, field), setting))
+            # Metrics carry no credential check: their listener stays on loopback unless SAGE_METRICS_HOST says.
+            host = settings.metrics_host if name == "metrics" else settings.host
+            sockets.append(bind(host, getattr(settings, field), setting))
     except ConfigError:
         for sock in sockets:
             sock.close()
         raise
 
+    raise_open_file_limit()
+    # Caught from here on: a signal during startup is acted on once serving begins, never a kill mid-start.
+    with StopSignals() as signals:
+        await _serve(settings, listeners, sockets, signals)
+
+
+async def _serve(
+    settings: Settings, listeners: tuple[Listener, ...], sockets: list[socket.socket], signals: StopSignals
+) -> None:
     service = KnowledgeService(settings)
     await service.start(import_now=False, fallback=True)
-    factories = {
-        "api": lambda: create_app(settings, service),
-        "mcp": lambda: create_mcp_app(settings, service),
+    # One gate for the API and MCP listeners: the in-flight limit is per instance. Metrics scrapes are not limited.
+    gate = RequestGate(
+        settings.max_requests_in_flight,
+        on_reject=lambda method, status: service.metrics.http_request("refused", method, status, 0.0),
+    )
+    factories: dict[Listener, Callable[[], ASGIApp]] = {
+        "api": lambda: gate.wrap(create_app(settings, service)),
+        "mcp": lambda: gate.wrap(create_mcp_app(settings, service)),
         "metrics": lambda: create_metrics_app(service),
     }
     apps = [factories[name]() for name in listeners]
@@ -144,22 +163,30 @@ async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "m
                 async with anyio.create_task_group() as work:
                     work.start_soon(service.import_configured)
                     if settings.backup_interval_hours > 0 and service.fallback_reason is None:
-                        work.start_soon(periodic_backups, settings)
+                        work.start_soon(BackupSchedule(settings, service).run)
 
-        async with anyio.create_task_group() as tg:
-            for server, sock in zip(servers, sockets, strict=True):
-                tg.start_soon(server.serve, [sock])
-            tg.start_soon(in_background)
-            ports = {name: sock.getsockname()[1] for name, sock in zip(listeners, sockets, strict=True)}
-            log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, **ports)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log_event(log, logging.INFO, "Shutting down", operation="serve", signal=signal.Signals(signum).name)
-                    background.cancel()
-                    for server in servers:
-                        server.should_exit = True
-                    # Servers finish in-flight requests (bounded by GRACEFUL_SECONDS), then the group ends.
-                    break
+        async def stop_on_signal() -> None:
+            signum = await signals.wait()
+            log_event(log, logging.INFO, "Shutting down", operation="serve", signal=signum.name)
+            background.cancel()
+            # Event streams end now (they never finish by themselves); other requests in flight get
+            # shutdown_grace_seconds to finish while the servers stop accepting, then the servers return.
+            gate.close()
+            for server in servers:
+                server.should_exit = True
+            while True:  # still caught, so that a second signal cannot kill the process halfway through closing
+                signum = await signals.wait()
+                log_event(log, logging.INFO, "Already shutting down", operation="serve", signal=signum.name)
+
+        async with anyio.create_task_group() as watching:
+            watching.start_soon(stop_on_signal)
+            async with anyio.create_task_group() as tg:
+                for server, sock in zip(servers, sockets, strict=True):
+                    tg.start_soon(server.serve, [sock])
+                tg.start_soon(in_background)
+                ports = {name: sock.getsockname()[1] for name, sock in zip(listeners, sockets, strict=True)}
+                log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, **ports)
+            watching.cancel_scope.cancel()
     finally:
         await service.close()
         log_event(log, logging.INFO, "Stopped", operation="serve")

@@ -12,26 +12,37 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-import aiosqlite
 import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
+from sage_server import backup, ingest, reconcile, search, store
 from sage_server import context as context_packing
-from sage_server import ingest, search, store
 from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
 from sage_server.config import Settings, load_settings
 from sage_server.db import Database
-from sage_server.errors import Conflict, InvalidInput, MigrationError, NotFound, SageError, Timeout, Unavailable
+from sage_server.errors import (
+    Conflict,
+    InvalidInput,
+    MigrationError,
+    NotFound,
+    SageError,
+    StaleRevision,
+    Timeout,
+    Unavailable,
+)
 from sage_server.generation import GenerationWatcher
+from sage_server.locks import FileLock, serving_lock_path
 from sage_server.logs import get_logger, log_event
 from sage_server.metrics import Metrics
 from sage_server.migrate import migrate
 from sage_server.models import (
+    ComponentStatus,
     ContextResult,
     Document,
     DocumentIn,
@@ -42,7 +53,6 @@ from sage_server.models import (
     ImportReport,
     Info,
     SearchResult,
-    SkippedFile,
 )
 from sage_server.resources import knowledge_dir, migrations_dir
 from sage_server.timeouts import Deadlines, Level
@@ -70,6 +80,9 @@ class KnowledgeService(BoundedViews):
         self.deadlines = Deadlines.from_settings(settings)
         self.cache = TieredCache(settings, observer=self.metrics)
         self.generation = 0  # of the data this instance last saw; cache keys carry it
+        self.database_id = ""  # the database's identity, which cache keys carry too (set when it is opened)
+        self.created_at = datetime.now(UTC)  # when the database was created (read when it is opened)
+        self.backup_error: str | None = None  # a backup failure this process saw but could not record
         self.vocabulary = search.Vocabulary()  # what searches learned of the index's words, at that generation
         self.started = time.monotonic()
         self.last_import: ImportReport | None = None
@@ -105,7 +118,7 @@ class KnowledgeService(BoundedViews):
             await self._open_database()
         await self._resources.enter_async_context(self.cache)
         if self.settings.redis_url and self.settings.cache_redis:
-            self._watcher = GenerationWatcher(self.settings, self._saw_generation)
+            self._watcher = GenerationWatcher(self.settings, self.database_id, self._saw_generation)
             await self._resources.enter_async_context(self._watcher)
         tasks = await self._resources.enter_async_context(anyio.create_task_group())
         self._resources.callback(tasks.cancel_scope.cancel)  # runs first on close: stop the poller
@@ -114,18 +127,28 @@ class KnowledgeService(BoundedViews):
             await self.import_configured()
 
     async def _open_database(self) -> None:
-        writer = await self.db.open_writer()
+        # Held shared while open, by every SAGE process using this file: `sage restore --backup` needs it exclusively.
+        in_use = FileLock(serving_lock_path(self.db.path), shared=True)
         try:
-            applied = await migrate(writer, migrations_dir())
+            if not in_use.acquire():
+                raise Unavailable(f"{self.db.path} is being restored from a backup; try again in a moment")
+        except OSError as exc:  # no lock where the folder cannot be written: opening the database says why
+            log_event(log, logging.WARNING, "No in-use lock beside the database", operation="start", error=str(exc))
+        try:
+            applied = await migrate(await self.db.open_writer(), migrations_dir())
             await self.db.open_readers()
             async with self.db.read() as conn:
                 self.generation = await store.generation(conn)
+                self.database_id, self.created_at = await store.identity(conn)
         except sqlite3.DatabaseError as exc:
             await self.db.close()
+            in_use.release()
             raise Unavailable(f"cannot use database {self.db.path}: {exc}", path=str(self.db.path)) from exc
         except BaseException:
             await self.db.close()
+            in_use.release()
             raise
+        self._resources.callback(in_use.release)
         if applied:
             log_event(log, logging.INFO, "Database migrated", operation="migrate", applied=applied)
 
@@ -167,7 +190,9 @@ class KnowledgeService(BoundedViews):
     async def _cached(self, operation: str, args: tuple[object, ...], model: type[M], compute: Compute[M]) -> M:
         """Read through the cache tiers; the key carries the generation, so a write makes older entries unreachable."""
         digest = hashlib.sha256(json.dumps(args, default=str).encode()).hexdigest()[:32]
-        key = f"g{self.generation}:{operation}:{digest}"
+        # The database's identity keeps databases sharing a cache folder or a Redis apart, and a restored database
+        # (which gets a new identity) from the entries of the one it replaced; the generation keeps writes apart.
+        key = f"{self.database_id}:g{self.generation}:{operation}:{digest}"
         raw = await self.cache.get(key)
         if raw is not None:
             try:
@@ -222,7 +247,14 @@ class KnowledgeService(BoundedViews):
 
     # -- validation ------------------------------------------------------------------------------
 
+    def _check_filters(self, values: Strings | None, field: str) -> None:
+        # Each tag filter is a clause of the query: thousands exhaust SQLite ("Expression tree is too large").
+        if values and len(values) > self.settings.max_filters:
+            cap = self.settings.max_filters
+            raise InvalidInput(f"at most {cap} {field} filters are allowed, got {len(values)}", field=field)
+
     def _check_layers(self, layers: Strings | None) -> Strings | None:
+        self._check_filters(layers, "layer")
         for layer in layers or []:
             if layer not in self.settings.layers:
                 raise InvalidInput(f"unknown layer {layer!r} (known: {', '.join(self.settings.layers)})", field="layer")
@@ -260,6 +292,9 @@ class KnowledgeService(BoundedViews):
     async def _get(self, doc_id: str) -> Document:
         async with self.db.read() as conn:
             row = await store.fetch_row(conn, doc_id)
+            if row is None or row["deleted_at"] is not None:
+                # A document merged into another lives on as an alias of the one that absorbed it.
+                row = await store.fetch_by_alias(conn, doc_id) or row
         if row is None:
             raise await self._not_found(doc_id)
         if row["deleted_at"] is not None:
@@ -278,6 +313,7 @@ class KnowledgeService(BoundedViews):
         """Live documents ordered by layer and id, a page at a time."""
         with self._operation("list", "read", layer=layer):
             self._check_limit(limit)
+            self._check_filters(tags, "tag")
             layers = self._check_layers([layer] if layer else None)
             args = (layers, tags, limit, cursor)
             return await self._cached("list", args, DocumentList, lambda: self._list(layers, tags, limit, cursor))
@@ -320,6 +356,7 @@ class KnowledgeService(BoundedViews):
             if not query.strip():
                 raise InvalidInput("query must not be empty", field="query")
             self._check_limit(limit)
+            self._check_filters(tags, "tag")
             layers = self._check_layers(layers)
             args = (query, layers, tags, limit, cursor)
             return await self._cached(
@@ -340,7 +377,7 @@ class KnowledgeService(BoundedViews):
         plan: search.Plan | None = None
         with self.deadlines.partial("search", "search") as window:
             async with self.db.read() as conn:
-                plan = await search.plan(conn, parsed, self.vocabulary, self.generation)
+                plan = await search.plan(conn, parsed, self.vocabulary, (self.database_id, self.generation))
                 ranked = await search.rank(conn, plan, layers, tags, limit + 1, offset)
                 # Words no document holds are typos or cut short: read them again once the rest has ranked (a
                 # deadline here still leaves an answer).
@@ -390,7 +427,7 @@ class KnowledgeService(BoundedViews):
         # Past the context deadline the caller still gets the core essentials, marked partial.
         with self.deadlines.partial("context", "context") as window:
             async with self.db.read() as conn:
-                plan = await search.plan(conn, parsed, self.vocabulary, self.generation)
+                plan = await search.plan(conn, parsed, self.vocabulary, (self.database_id, self.generation))
                 if plan.doubtful:
                     plan = await search.correct(conn, plan) or plan
                 found = await context_packing.candidates(conn, plan, layers)
@@ -401,11 +438,11 @@ class KnowledgeService(BoundedViews):
         """Every revision of a document (live or deleted), newest first."""
         with self._operation("history", "read", id=doc_id):
             async with self.db.read() as conn:
-                row = await store.fetch_row(conn, doc_id)
+                row = await store.fetch_row(conn, doc_id) or await store.fetch_by_alias(conn, doc_id)
                 if row is None:
                     raise await self._not_found(doc_id)
                 revisions = await store.revisions(conn, row)
-            return History(id=doc_id, deleted=row["deleted_at"] is not None, revisions=revisions)
+            return History(id=row["id"], deleted=row["deleted_at"] is not None, revisions=revisions)
 
     async def info(self) -> Info:
         """Counts by layer, totals, the index generation and uptime."""
@@ -445,9 +482,27 @@ class KnowledgeService(BoundedViews):
         except (sqlite3.Error, SageError) as exc:
             log_event(log, logging.ERROR, "Health check failed", operation="health", error=str(exc))
             knowledge = "unhealthy"
-        components: dict[str, HealthStatus] = {"core": "healthy", "cache": self.cache.health(), "knowledge": knowledge}
-        worst = max(components.values(), key=["healthy", "degraded", "unhealthy"].index)
-        return Health(status=worst, version=__version__, components=components)
+        components: dict[str, ComponentStatus] = {
+            "core": "healthy",
+            "cache": await self.cache.check(),  # pings Redis (at most once a second): seen without traffic
+            "knowledge": knowledge,
+            "backup": self._backup_health(),
+        }
+        worst = max(components.values(), key=["disabled", "healthy", "degraded", "unhealthy"].index)
+        return Health(status="healthy" if worst == "disabled" else worst, version=__version__, components=components)
+
+    def _backup_health(self) -> ComponentStatus:
+        if self.fallback_reason:
+            return "disabled"  # a temporary copy of the bundled core: nothing of the user's to back up
+        interval = self.settings.backup_interval_hours
+        return backup.health_status(self.settings.backup_dir, interval, self.created_at, self.backup_error)
+
+    async def scrape_metrics(self) -> bytes:
+        """The Prometheus exposition, with the gauges that are read at scrape time brought up to date."""
+        self.metrics.set_documents((await self.info()).layers)
+        state = backup.read_state(self.settings.backup_dir)
+        self.metrics.set_backup_success(state.last_success.timestamp() if state.last_success else None)
+        return self.metrics.render()
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -462,7 +517,7 @@ class KnowledgeService(BoundedViews):
                 current = 0 if row is None else row["revision"]
                 if expected_revision is not None and expected_revision != current:
                     state = "does not exist" if row is None else f"is at revision {current}"
-                    raise Conflict(
+                    raise StaleRevision(
                         f"document {doc.id!r} {state}, not revision {expected_revision}; re-read it and retry",
                         id=doc.id,
                         current_revision=current,
@@ -489,7 +544,7 @@ class KnowledgeService(BoundedViews):
                 if row is None or row["deleted_at"] is not None:
                     raise await self._not_found(doc_id)
                 if expected_revision is not None and expected_revision != row["revision"]:
-                    raise Conflict(
+                    raise StaleRevision(
                         f"document {doc_id!r} is at revision {row['revision']}, not {expected_revision}",
                         id=doc_id,
                         current_revision=row["revision"],
@@ -553,76 +608,58 @@ class KnowledgeService(BoundedViews):
         generation: int | None = None
         with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths], audit=True):
             collected = await anyio.to_thread.run_sync(ingest.collect, paths, self.settings)
-            report = ImportReport(scanned=len(collected.seen), skipped=collected.skipped)
+            bundled_root = str(knowledge_dir().resolve()) + os.sep
             async with self.db.transaction() as conn:
-                ids = json.dumps([parsed.doc.id for parsed in collected.files])
-                async with conn.execute(
-                    "SELECT key, id, source_path, source_hash, content_hash, revision, change, deleted_at "
-                    "FROM documents WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))",
-                    (ids,),
-                ) as cursor:
-                    existing = {row["id"]: row for row in await cursor.fetchall()}
-                # An id derived from a path depends on the folder imported; a file already known keeps its id.
-                known_paths = {row["source_path"]: row["id"] for row in existing.values() if row["source_path"]}
-                fresh: NewDocuments = []
-                for parsed in collected.files:
-                    if parsed.id_from_path and known_paths.get(parsed.path, parsed.doc.id) != parsed.doc.id:
-                        parsed = ingest.ParsedFile(
-                            parsed.path,
-                            parsed.doc.model_copy(update={"id": known_paths[parsed.path]}),
-                            parsed.source_hash,
-                            id_from_path=True,
-                        )
-                    await self._import_one(conn, parsed, existing.pop(parsed.doc.id, None), report, fresh)
-                await store.insert_many(conn, fresh)
-                # What is left was not in this run: soft-delete those whose file is gone from an imported folder.
-                for row in existing.values():
-                    path = row["source_path"]
-                    if (
-                        path
-                        and row["deleted_at"] is None
-                        and path not in collected.seen
-                        and any(path.startswith(folder + os.sep) for folder in collected.folders)
-                    ):
-                        await store.soft_delete(conn, row, "remove")
-                        report.removed += 1
-                if report.created or report.updated or report.removed:
+                rows = await store.import_rows(conn, reconcile.claimed_ids(collected.files))
+                stored = [
+                    reconcile.Stored(
+                        id=row["id"],
+                        source_path=row["source_path"],
+                        source_hash=row["source_hash"],
+                        deleted=row["deleted_at"] is not None,
+                        removed_by_import=row["change"] == "remove",
+                        bundled=(row["source_path"] or "").startswith(bundled_root),
+                    )
+                    for row in rows.values()
+                ]
+                plan = reconcile.plan_import(
+                    collected.files, stored, collected.folders, collected.seen, lambda path: Path(path).exists()
+                )
+                for parsed in plan.update:
+                    await store.replace(
+                        conn, rows[parsed.doc.id], parsed.doc, store.Source(parsed.path, parsed.source_hash), "update"
+                    )
+                await store.insert_many(conn, [(p.doc, store.Source(p.path, p.source_hash)) for p in plan.create])
+                for gone in plan.remove:
+                    await store.soft_delete(conn, rows[gone.id], "remove")
+                if plan.create or plan.update or plan.remove:
                     generation = await store.bump_generation(conn)
             if generation is not None:
                 await self._committed(generation)
-            report.duration_ms = round((time.perf_counter() - started) * 1000, 1)
+            report = ImportReport(
+                scanned=len(collected.seen),
+                created=len(plan.create),
+                updated=len(plan.update),
+                unchanged=plan.unchanged,
+                removed=len(plan.remove),
+                skipped=collected.skipped + plan.skipped,
+                shadowed=plan.shadowed,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
         for skipped in report.skipped:
             log_event(
                 log, logging.WARNING, "File skipped", operation="import", path=skipped.path, reason=skipped.reason
             )
-        return report
-
-    async def _import_one(
-        self,
-        conn: aiosqlite.Connection,
-        parsed: ingest.ParsedFile,
-        row: sqlite3.Row | None,
-        report: ImportReport,
-        fresh: NewDocuments,
-    ) -> None:
-        source = store.Source(parsed.path, parsed.source_hash)
-        if row is None:
-            fresh.append((parsed.doc, source))  # inserted together after the loop
-            report.created += 1
-            return
-        owner = row["source_path"]
-        if owner != parsed.path and row["deleted_at"] is None and (owner is None or Path(owner).exists()):
-            where = "a document saved through the API" if owner is None else owner
-            report.skipped.append(
-                SkippedFile(path=parsed.path, reason=f"duplicate id {parsed.doc.id!r}: already used by {where}")
+        if report.shadowed:
+            # Once per import, not per file: a user overriding bundled documents is a choice, not a fault.
+            log_event(
+                log,
+                logging.INFO,
+                "Bundled documents shadowed by the user's documents with the same ids",
+                operation="import",
+                ids=[s.id for s in report.shadowed],
             )
-            return
-        revived = row["deleted_at"] is not None and row["change"] == "remove"
-        if owner == parsed.path and row["source_hash"] == parsed.source_hash and not revived:
-            report.unchanged += 1  # an API edit of an unchanged file is kept, and so is an API delete
-            return
-        await store.replace(conn, row, parsed.doc, source, "update")
-        report.updated += 1
+        return report
 
 
 @asynccontextmanager

@@ -16,16 +16,20 @@ from sage_server.models import Change, Document, DocumentIn, DocumentSummary, Re
 from sage_server.text import cjk_index_text, estimate_tokens
 
 DOCUMENT_COLUMNS = (
-    "key, id, title, layer, tags, triggers, summary, body, source_path, source_hash, content_hash, tokens, "
-    "revision, change, created_at, updated_at, deleted_at"
+    "key, id, title, layer, tags, triggers, summary, body, related, aliases, translations, source_path, source_hash, "
+    "content_hash, tokens, revision, change, created_at, updated_at, deleted_at"
 )
+# The content of a document as a revision keeps it (the rest of a documents row is derived or bookkeeping).
+CONTENT_COLUMNS = "title, layer, tags, triggers, summary, body, related, aliases, translations"
 
 
 DOCUMENT_INSERT = (
-    "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, headings, cjk, source_path, "
-    "source_hash, content_hash, tokens, revision, change, created_at, updated_at) "
-    "VALUES (:id, :title, :layer, :tags, :triggers, :summary, :body, :headings, :cjk, :source_path, "
-    ":source_hash, :content_hash, :tokens, 1, 'create', :now, :now)"
+    "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, related, aliases, translations, "
+    "headings, cjk, alt_titles, alt_summaries, source_path, source_hash, content_hash, tokens, revision, change, "
+    "created_at, updated_at) "
+    "VALUES (:id, :title, :layer, :tags, :triggers, :summary, :body, :related, :aliases, :translations, "
+    ":headings, :cjk, :alt_titles, :alt_summaries, :source_path, :source_hash, :content_hash, :tokens, 1, 'create', "
+    ":now, :now)"
 )
 SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (?, ?, ?, ?, ?, ?)"
 
@@ -37,10 +41,16 @@ def now_iso() -> str:
 
 def content_hash(doc: DocumentIn) -> str:
     """sha256 over a document's content fields, so an identical save is recognised and not stored twice."""
-    canonical = json.dumps(
-        [doc.title, doc.layer, doc.tags, doc.triggers, doc.summary, doc.body], ensure_ascii=False, separators=(",", ":")
-    )
+    fields: list[Any] = [doc.title, doc.layer, doc.tags, doc.triggers, doc.summary, doc.body]
+    links = [doc.related, doc.aliases, _translations_json(doc)]
+    if any(links):  # only then: documents stored before these fields existed keep the hashes they have
+        fields += links
+    canonical = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _translations_json(doc: DocumentIn) -> dict[str, dict[str, str]]:
+    return {language: t.model_dump() for language, t in sorted(doc.translations.items())}
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ def to_document(row: sqlite3.Row) -> Document:
         triggers=json.loads(row["triggers"]),
         summary=row["summary"],
         body=row["body"],
+        related=json.loads(row["related"]),
+        aliases=json.loads(row["aliases"]),
+        translations=json.loads(row["translations"]),
         source_path=row["source_path"],
         content_hash=row["content_hash"],
         tokens=row["tokens"],
@@ -92,7 +105,31 @@ async def fetch_row(conn: aiosqlite.Connection, doc_id: str) -> sqlite3.Row | No
         return row
 
 
+async def import_rows(conn: aiosqlite.Connection, ids: list[str]) -> dict[str, sqlite3.Row]:
+    """By id, the documents an import must reconcile with: every imported one, and any holding one of `ids`. Only
+    the bookkeeping columns (replace and soft_delete need no more): at 100k documents the bodies are 450 MB."""
+    async with conn.execute(
+        "SELECT key, id, source_path, source_hash, revision, change, deleted_at FROM documents "
+        "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),),
+    ) as cursor:
+        return {row["id"]: row for row in await cursor.fetchall()}
+
+
+async def fetch_by_alias(conn: aiosqlite.Connection, alias: str) -> sqlite3.Row | None:
+    """The live document that absorbed the document once called `alias`, if any."""
+    async with conn.execute(
+        f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE key = (SELECT doc_key FROM aliases WHERE alias = ?) "
+        "AND deleted_at IS NULL",
+        (alias,),
+    ) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+
 def _fields(doc: DocumentIn) -> dict[str, Any]:
+    titles = [t.title for t in doc.translations.values() if t.title]
+    summaries = [t.summary for t in doc.translations.values() if t.summary]
     return {
         "title": doc.title,
         "layer": doc.layer,
@@ -100,11 +137,25 @@ def _fields(doc: DocumentIn) -> dict[str, Any]:
         "triggers": json.dumps(doc.triggers, ensure_ascii=False),
         "summary": doc.summary,
         "body": doc.body,
+        "related": json.dumps(doc.related, ensure_ascii=False),
+        "aliases": json.dumps(doc.aliases, ensure_ascii=False),
+        "translations": json.dumps(_translations_json(doc), ensure_ascii=False),
         "headings": "\n".join(heading_texts(doc.body)),
-        "cjk": cjk_index_text(doc.title, " ".join(doc.triggers), doc.summary, doc.body),
+        "cjk": cjk_index_text(doc.title, *titles, " ".join(doc.triggers), doc.summary, *summaries, doc.body),
+        "alt_titles": "\n".join(titles),
+        "alt_summaries": "\n".join(summaries),
         "content_hash": content_hash(doc),
         "tokens": estimate_tokens(doc.body),
     }
+
+
+async def _set_aliases(conn: aiosqlite.Connection, rows: list[tuple[int, list[str]]]) -> None:
+    """Point each document's aliases at it. An alias another document claimed first stays with that one."""
+    await conn.executemany("DELETE FROM aliases WHERE doc_key = ?", [(key,) for key, _ in rows])
+    await conn.executemany(
+        "INSERT OR IGNORE INTO aliases (alias, doc_key) VALUES (?, ?)",
+        [(alias, key) for key, aliases in rows for alias in aliases],
+    )
 
 
 def _section_rows(doc_key: int, body: str) -> list[tuple[int, int, str, int, int, int]]:
@@ -124,10 +175,10 @@ async def _drop_sections(conn: aiosqlite.Connection, doc_key: int) -> None:
 
 async def _archive(conn: aiosqlite.Connection, row: sqlite3.Row) -> None:
     await conn.execute(
-        "INSERT INTO revisions (doc_key, revision, change, title, layer, tags, triggers, summary, body, source_path, "
-        "content_hash, tokens, created_at, deleted) "
-        "SELECT key, revision, change, title, layer, tags, triggers, summary, body, source_path, content_hash, tokens, "
-        "updated_at, deleted_at IS NOT NULL FROM documents WHERE key = ?",
+        f"INSERT INTO revisions (doc_key, revision, change, {CONTENT_COLUMNS}, source_path, content_hash, tokens, "
+        "created_at, deleted) "
+        f"SELECT key, revision, change, {CONTENT_COLUMNS}, source_path, content_hash, tokens, updated_at, "
+        "deleted_at IS NOT NULL FROM documents WHERE key = ?",
         (row["key"],),
     )
 
@@ -152,6 +203,7 @@ async def insert_many(conn: aiosqlite.Connection, items: list[tuple[DocumentIn, 
     async with conn.execute("SELECT id, key FROM documents WHERE id IN (SELECT value FROM json_each(?))", (ids,)) as c:
         keys: dict[str, int] = {row[0]: row[1] for row in await c.fetchall()}
     await conn.executemany(SECTION_INSERT, [row for doc, _ in items for row in _section_rows(keys[doc.id], doc.body)])
+    await _set_aliases(conn, [(keys[doc.id], doc.aliases) for doc, _ in items if doc.aliases])
 
 
 async def replace(
@@ -164,9 +216,10 @@ async def replace(
     values = _fields(doc)
     await conn.execute(
         "UPDATE documents SET title = :title, layer = :layer, tags = :tags, triggers = :triggers, summary = :summary, "
-        "body = :body, headings = :headings, cjk = :cjk, source_path = :source_path, source_hash = :source_hash, "
-        "content_hash = :content_hash, tokens = :tokens, revision = revision + 1, change = :change, "
-        "updated_at = :now, deleted_at = NULL WHERE key = :key",
+        "body = :body, related = :related, aliases = :aliases, translations = :translations, headings = :headings, "
+        "cjk = :cjk, alt_titles = :alt_titles, alt_summaries = :alt_summaries, source_path = :source_path, "
+        "source_hash = :source_hash, content_hash = :content_hash, tokens = :tokens, revision = revision + 1, "
+        "change = :change, updated_at = :now, deleted_at = NULL WHERE key = :key",
         {
             **values,
             "source_path": source.path,
@@ -177,6 +230,7 @@ async def replace(
         },
     )
     await _insert_sections(conn, row["key"], doc.body)
+    await _set_aliases(conn, [(row["key"], doc.aliases)])
 
 
 async def soft_delete(conn: aiosqlite.Connection, row: sqlite3.Row, change: Change) -> None:
@@ -236,20 +290,27 @@ async def revision_content(conn: aiosqlite.Connection, row: sqlite3.Row, revisio
         source: sqlite3.Row | None = row
     else:
         async with conn.execute(
-            "SELECT title, layer, tags, triggers, summary, body FROM revisions WHERE doc_key = ? AND revision = ?",
-            (row["key"], revision),
+            f"SELECT {CONTENT_COLUMNS} FROM revisions WHERE doc_key = ? AND revision = ?", (row["key"], revision)
         ) as cursor:
             source = await cursor.fetchone()
     if source is None:
         return None
+    return to_content(row["id"], source)
+
+
+def to_content(doc_id: str, row: sqlite3.Row) -> DocumentIn:
+    """The content of a documents or revisions row (both have the CONTENT_COLUMNS) as a document to store."""
     return DocumentIn(
-        id=row["id"],
-        title=source["title"],
-        layer=source["layer"],
-        body=source["body"],
-        tags=json.loads(source["tags"]),
-        triggers=json.loads(source["triggers"]),
-        summary=source["summary"],
+        id=doc_id,
+        title=row["title"],
+        layer=row["layer"],
+        body=row["body"],
+        tags=json.loads(row["tags"]),
+        triggers=json.loads(row["triggers"]),
+        summary=row["summary"],
+        related=json.loads(row["related"]),
+        aliases=json.loads(row["aliases"]),
+        translations=json.loads(row["translations"]),
     )
 
 
@@ -268,3 +329,15 @@ async def generation(conn: aiosqlite.Connection) -> int:
     async with conn.execute("SELECT value FROM meta WHERE key = 'generation'") as cursor:
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
+
+
+async def identity(conn: aiosqlite.Connection) -> tuple[str, datetime]:
+    """The random identity this database was given when it was created (a restore gives it a new one), and when
+    it was created."""
+    async with conn.execute("SELECT key, value FROM meta WHERE key IN ('database_id', 'created_at')") as cursor:
+        meta = {row[0]: row[1] for row in await cursor.fetchall()}
+    try:
+        created = datetime.fromisoformat(meta["created_at"])
+    except ValueError:  # only ever read for the age of the newest backup: a bad value must not stop the server
+        created = datetime.now(UTC)
+    return meta["database_id"], created

@@ -59,7 +59,7 @@ async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_serv
     scratch.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")} | {"TMPDIR": str(scratch)}
     command = [sys.executable, "-m", "tests.bench", "--sizes", str(DOCS), "--quick", "--out", str(out)]
-    with anyio.fail_after(120):
+    with anyio.fail_after(300):
         done = await anyio.run_process(
             [*command, "--seed", "3", "--redis-url", redis_server.url], cwd=ROOT, env=env, check=False
         )
@@ -87,6 +87,17 @@ async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_serv
     assert figures["write_visibility_checked"] == sum(QUICK.writes.values()) + figures["write_read_your_write_checked"]
     assert figures["write_read_your_write_checked"] >= sum(QUICK.writes)
     assert figures["write_visibility_failures"] == 0, result["notes"]
+
+    # The resources part: sessions, held sockets, closing, shutdowns, with every shutdown clean.
+    resources = document["limits"]
+    for name in ("sessions_rss_growth_mb", "sessions_alive", "idle_close_s", "slow_headers_close_s"):
+        assert math.isfinite(resources["figures"][name]), name
+    assert resources["figures"]["sessions_opened"] > 0
+    assert resources["figures"]["idle_closed"] > 0 and resources["figures"]["slow_headers_closed"] > 0
+    assert resources["figures"]["shutdown_bad_exits"] == 0 and resources["figures"]["error_lines"] == 0
+    for name, latency in resources["latencies"].items():
+        assert latency["n"] > 0 and latency["errors"] == 0, name
+    assert "RSS growth after the abandoned 2025-11-25 MCP sessions" in stdout
 
     verdicts = {target["name"]: target["verdict"] for target in result["targets"]}
     assert len(verdicts) == 11 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts

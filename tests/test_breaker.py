@@ -31,7 +31,7 @@ def test_opens_after_consecutive_failures_only() -> None:
     for _ in range(5):
         breaker.failure()
         breaker.failure()
-        breaker.success()  # a miss or not-found is a success: the count starts again
+        assert not breaker.success()  # a miss or not-found is a success: the count starts again
     assert (breaker.state, breaker.allow()) == ("closed", True)
     for _ in range(3):
         breaker.failure()
@@ -50,7 +50,7 @@ def test_half_open_allows_one_probe_and_closes_on_success() -> None:
     assert breaker.state == "half_open"
     assert breaker.allow()
     assert not breaker.allow(), "a second call while the probe is out must wait"
-    breaker.success()
+    assert breaker.success(), "success() says when it closed the breaker (the cache then resets its pool)"
     assert (breaker.state, breaker.allow()) == ("closed", True)
     assert changes == [("redis", "open"), ("redis", "half_open"), ("redis", "closed")]
 

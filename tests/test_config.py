@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from sage_server.config import describe, load_settings
+from sage_server.config import Settings, describe, load_settings
 from sage_server.errors import ConfigError
 
 
@@ -19,6 +20,35 @@ def test_defaults_match_the_spec(tmp_path: Path) -> None:
     assert (s.cache_dir, s.db_path) == (tmp_path / ".sage" / "cache", tmp_path / ".sage" / "sage.db")
     assert s.layers == ["core", "guidelines", "frameworks", "practices", "scenarios", "templates"]
     assert set(loaded.sources.values()) == {"default"}
+
+
+def test_resource_limits_default_to_the_spec(tmp_path: Path) -> None:
+    s = load_settings(environ={}, cwd=tmp_path, home=tmp_path).settings
+    assert s.max_requests_in_flight == 100  # spec 10.2: 100 connections per instance
+    assert (s.idle_timeout_seconds, s.header_timeout_seconds, s.body_timeout_seconds) == (5, 10, 30)
+    assert (s.mcp_session_idle_seconds, s.mcp_max_sessions, s.shutdown_grace_seconds) == (300, 500, 10)
+    overridden = load_settings(environ={"SAGE_MAX_REQUESTS_IN_FLIGHT": "7"}, cwd=tmp_path, home=tmp_path)
+    assert overridden.settings.max_requests_in_flight == 7
+    with pytest.raises(ConfigError, match="SAGE_MCP_MAX_SESSIONS"):
+        load_settings(environ={"SAGE_MCP_MAX_SESSIONS": "0"}, cwd=tmp_path, home=tmp_path)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readme_documents_every_setting_and_every_limit() -> None:
+    readme = README.read_text(encoding="utf-8")
+    for name in Settings.model_fields:
+        assert f"| `{name}` | `SAGE_{name.upper()}` |" in readme, f"{name} has no row in the configuration table"
+    operations = readme.split("\n## Operations\n", 1)[1].split("\n## ", 1)[0]
+    bounds = [
+        name
+        for name in Settings.model_fields
+        if re.search(r"timeout|limit|max_|_seconds|_bytes|_entries", name) and name != "context_max_tokens"
+    ]
+    assert len(bounds) >= 20
+    missing = [name for name in bounds if f"`{name}`" not in operations]
+    assert missing == [], "limits and timeouts missing from the README's Operations section"
 
 
 def test_precedence_lowest_first(tmp_path: Path) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sage_server import store
 from sage_server.config import Settings
+from sage_server.ingest import collect
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from tests.conftest import assert_index_consistent, make_settings, write_doc
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.anyio
 async def test_start_imports_configured_folders(service: KnowledgeService) -> None:
     report = service.last_import
     assert report is not None and (report.created, report.skipped) == (4, [])
-    plain = await service.get("plain-note")
+    plain = await service.get("scenarios.plain-note")
     assert (plain.layer, plain.title) == ("scenarios", "Production Incident Notes")
     assert plain.summary == "Stabilise first, then find the cause."
     assert plain.source_path and plain.source_path.endswith("plain-note.md")
@@ -36,13 +39,13 @@ async def test_reimport_is_incremental(service: KnowledgeService, knowledge: Pat
     report = await service.import_paths([knowledge])
     assert (report.unchanged, report.created, report.updated, report.removed) == (2, 1, 1, 1)
     assert (await service.get("timeout-resilience")).revision == 2
-    assert (await service.history("plain-note")).deleted
+    assert (await service.history("scenarios.plain-note")).deleted
     assert [h.id for h in (await service.search("hedging")).hits] == ["timeout-resilience"]
     assert (await service.info()).generation == generation + 1
 
     write_doc(knowledge, "scenarios/plain-note.md", "# Production Incident Notes\n\nBack again.\n")
     report = await service.import_paths([knowledge])
-    assert report.updated == 1 and not (await service.get("plain-note")).deleted
+    assert report.updated == 1 and not (await service.get("scenarios.plain-note")).deleted
     await assert_index_consistent(service)
 
 
@@ -136,7 +139,150 @@ async def test_single_file_and_derived_ids(service: KnowledgeService, tmp_path: 
     path = write_doc(notes, "Team Notes/Deploy Checklist.md", "Steps before a deploy.\n")
     report = await service.import_paths([notes])
     assert report.created == 1
-    created = await service.get("team-notes-deploy-checklist")
+    created = await service.get("Team-Notes.Deploy-Checklist")
     assert (created.layer, created.title) == ("practices", "Deploy Checklist")
     path.write_text("Steps before a deploy, revised.\n")
     assert (await service.import_paths([path])).updated == 1
+
+
+# Real-world shapes: the names that collided under the old id scheme, and a few more.
+REAL_WORLD = [
+    "core/INDEX.md",
+    "guidelines/INDEX.md",
+    "frameworks/INDEX.md",
+    "frameworks/autonomy/LEVELS.md",
+    "frameworks/autonomy/README.md",
+    "practices/README.md",
+    "practices/readme.md",
+    "practices/clang.md",
+    "practices/clang++.md",
+    "practices/qm-move_disk.md",
+    "practices/qm-move-disk.md",
+    "practices/Deploy Checklist.md",
+    "practices/Deploy-Checklist.md",
+    "practices/$.md",
+    "practices/[.md",
+    "notes.md",
+    "notes.markdown",
+]
+
+
+async def test_every_distinct_file_gets_its_own_id(tmp_path: Path) -> None:
+    folder = tmp_path / "real"
+    for number, relative in enumerate(REAL_WORLD):
+        write_doc(folder, relative, f"# Page {number}\n\nUnique marker word{number}x.\n")
+    async with open_service(make_settings(tmp_path, knowledge_dirs=[folder])) as kb:
+        report = kb.last_import
+        assert report is not None and (report.created, report.skipped) == (len(REAL_WORLD), [])
+        listed = await kb.list(limit=100)
+        assert listed.total == len(REAL_WORLD)
+        for number, relative in enumerate(REAL_WORLD):
+            hits = (await kb.search(f"word{number}x")).hits
+            assert len(hits) == 1
+            doc = await kb.get(hits[0].id)
+            assert doc.source_path == str(folder / relative)
+        ids = {item.id for item in listed.items}
+        assert {"core.INDEX", "guidelines.INDEX", "frameworks.autonomy.LEVELS", "practices.clang"} <= ids
+
+        again = await kb.import_paths([folder])
+        assert (again.unchanged, again.created, again.updated, again.removed) == (len(REAL_WORLD), 0, 0, 0)
+        assert {item.id for item in (await kb.list(limit=100)).items} == ids
+
+
+async def test_a_stored_id_never_changes(service: KnowledgeService, knowledge: Path) -> None:
+    # A database written by an older SAGE holds ids of the old scheme ('plain-note'); the file keeps its id.
+    async with service.db.transaction() as conn:
+        await conn.execute("UPDATE documents SET id = 'plain-note' WHERE id = 'scenarios.plain-note'")
+    write_doc(knowledge, "scenarios/plain-note.md", "# Production Incident Notes\n\nRevised.\n")
+    report = await service.import_paths([knowledge])
+    assert (report.updated, report.created) == (1, 0)
+    assert (await service.get("plain-note")).body == "# Production Incident Notes\n\nRevised.\n"
+
+
+async def test_a_users_document_never_loses_to_a_bundled_one(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    write_doc(mine, "frameworks/autonomy/LEVELS.md", "# Our Autonomy Levels\n\nLevel zero: ask first.\n")
+    shadow = write_doc(mine, "api.md", "---\nid: api-design\n---\n# Our API Rules\n\nAlways version paths.\n")
+    settings = make_settings(tmp_path, knowledge_dirs=[mine], bundled_knowledge=True)
+    async with open_service(settings) as kb:
+        report = kb.last_import
+        assert report is not None and report.skipped == []
+        assert [(s.id, s.by) for s in report.shadowed] == [("api-design", str(shadow))]
+        assert (await kb.get("frameworks.autonomy.LEVELS")).title == "Our Autonomy Levels"
+        assert (await kb.get("autonomy-levels")).source_path != str(mine / "frameworks/autonomy/LEVELS.md")
+        assert (await kb.get("api-design")).title == "Our API Rules"
+
+        shadow.unlink()  # the user's document goes: the bundled one comes back
+        await kb.import_configured()
+        assert (await kb.get("api-design")).title != "Our API Rules"
+        assert (await kb.history("api-design")).revisions[0].change == "update"
+
+
+async def test_pipes_sockets_and_devices_are_skipped_without_reading(tmp_path: Path, knowledge: Path) -> None:
+    os.mkfifo(knowledge / "practices" / "pipe.md")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(knowledge / "practices" / "socket.md"))
+        os.symlink("/dev/zero", knowledge / "practices" / "zero.md")
+        with anyio.fail_after(30):  # reading the FIFO would wait for a writer forever
+            async with open_service(make_settings(tmp_path, knowledge_dirs=[knowledge])) as kb:
+                report = kb.last_import
+    assert report is not None and report.created == 4
+    reasons = {Path(s.path).name: s.reason for s in report.skipped}
+    assert reasons == {
+        "pipe.md": "a named pipe (FIFO), not a regular file; skipped without reading it",
+        "socket.md": "a socket, not a regular file; skipped without reading it",
+        "zero.md": "symlink points outside the imported folder; not followed",
+    }
+
+
+async def test_a_device_inside_the_folder_is_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "kb"
+    write_doc(folder, "practices/ok.md", "# Fine\n\ntext\n")
+    os.symlink("/dev/null", folder / "practices" / "null.md")
+    report = collect([folder], make_settings(tmp_path))
+    assert [f.doc.id for f in report.files] == ["practices.ok"]
+    # The link leaves the folder, which is reason enough; the kind of file is checked for links that stay inside.
+    assert len(report.skipped) == 1
+
+
+CONTROL_FILES = {
+    "practices/escape-title.md": ('---\ntitle: "Bad \\e[31m title"\n---\n# x\n\ntext\n', "field title"),
+    "practices/bell-tag.md": ('---\ntags: ["ok", "a\\abell"]\n---\n# x\n\ntext\n', "field tags"),
+    "practices/escape-body.md": ("# Title\n\nred \x1b[31m text\n", "field body"),
+}
+
+
+async def test_control_characters_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "kb"
+    for relative, (text, _) in CONTROL_FILES.items():
+        write_doc(folder, relative, text)
+    write_doc(folder, "practices/fine.md", "# Fine\r\n\r\n\tindented\r\nline two\r\n")
+    async with open_service(make_settings(tmp_path, knowledge_dirs=[folder])) as kb:
+        report = kb.last_import
+        assert report is not None and report.created == 1
+        reasons = {Path(s.path).name: s.reason for s in report.skipped}
+        for relative, (_, field) in CONTROL_FILES.items():
+            reason = reasons[Path(relative).name]
+            assert reason.startswith(field) and "control character U+" in reason, reason
+        assert (await kb.get("practices.fine")).body == "# Fine\n\n\tindented\nline two\n"
+
+
+async def test_links_aliases_and_translations_from_frontmatter(tmp_path: Path) -> None:
+    folder = tmp_path / "kb"
+    write_doc(
+        folder,
+        "templates/postmortem.md",
+        "---\nid: incident-postmortem\ntitle: Incident Postmortem Template\nrelated: [production-incident]\n"
+        "aliases: [postmortem-template, old-postmortem]\ntitle_zh: 事故复盘模板\nsummary_zh: 写事后复盘的结构\n---\n"
+        "# Incident Postmortem Template\n\nTimeline, impact, causes, actions.\n",
+    )
+    async with open_service(make_settings(tmp_path, knowledge_dirs=[folder])) as kb:
+        doc = await kb.get("incident-postmortem")
+        assert doc.related == ["production-incident"]
+        assert doc.aliases == ["postmortem-template", "old-postmortem"]
+        assert doc.translations["zh"].title == "事故复盘模板"
+        assert (await kb.get("old-postmortem")).id == "incident-postmortem"
+        assert (await kb.history("postmortem-template")).id == "incident-postmortem"
+        assert [h.id for h in (await kb.search("事后复盘")).hits] == ["incident-postmortem"]
+        assert [h.id for h in (await kb.search("复盘模板")).hits] == ["incident-postmortem"]
+        await assert_index_consistent(kb)

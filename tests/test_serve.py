@@ -18,6 +18,7 @@ import pytest
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
+from sage_server import backup
 from tests.conftest import sage_env, write_doc
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -195,21 +196,52 @@ def test_health_command_checks_a_running_server(server: Running) -> None:
     assert down.returncode == 4 and "unreachable" in down.stdout + down.stderr
 
 
-def test_schemathesis_finds_no_server_errors(server: Running, tmp_path: Path) -> None:
+SCHEMATHESIS_KEY = "schemathesis-key"
+# Statuses a schema-valid request may get besides schemathesis's defaults, each because of state no schema can say.
+SCHEMATHESIS_CONFIG = """
+[checks.positive_data_acceptance]
+# 409 is in the defaults; 412 is its HTTP form: whether If-Match still names the current revision depends on writes.
+expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "412", "429", "5xx"]
+
+[[operations]]
+include-path-regex = "^/v1/(search|knowledge)$"
+# A cursor is opaque: only one this server issued for the same query is valid.
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
+"""
+
+
+@pytest.fixture
+def keyed_server(tmp_path: Path) -> Iterator[Running]:
+    running = start(tmp_path, {"SAGE_API_KEY": SCHEMATHESIS_KEY})
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.wait(10)
+
+
+def test_schemathesis_all_checks_pass(keyed_server: Running, tmp_path: Path) -> None:
+    """Every schemathesis check (conformance of statuses, content types, headers and schemas, negative and positive
+    data, unsupported methods and Allow, authentication not ignored), with the API key configured."""
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     if st is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG)
     result = subprocess.run(
         [
             st,
+            "--config-file",
+            str(config),
             "run",
-            f"{server.api}/openapi.json",
+            f"{keyed_server.api}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {SCHEMATHESIS_KEY}",
             "--checks",
-            "not_a_server_error",
+            "all",
             "--max-examples",
-            "25",
+            "50",
             "--phases",
-            "examples,fuzzing",
+            "examples,coverage,fuzzing",
             "--request-timeout",
             "5",
             "--seed",
@@ -220,11 +252,13 @@ def test_schemathesis_finds_no_server_errors(server: Running, tmp_path: Path) ->
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout[-4000:]
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "Tested: 12" in result.stdout  # every operation, none skipped for want of the key
 
 
 def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
-    """The Dockerfile's `pip install .` (non-editable, fresh environment), then /health from that install."""
+    """The Dockerfile's `pip install .` (non-editable, fresh environment), then `sage serve --host 0.0.0.0` as its CMD
+    runs it: /health open for the HEALTHCHECK, the API behind the admin key generated in the data folder."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     install = subprocess.run(
@@ -232,25 +266,55 @@ def test_dockerfile_install_step_serves_health(tmp_path: Path) -> None:
     )
     assert install.returncode == 0, install.stderr[-2000:]
     port = free_port()
+    data = tmp_path / "data"  # the image's /data volume
     env = sage_env(
         tmp_path,
-        SAGE_DB_PATH=str(tmp_path / "docker.db"),
+        SAGE_DB_PATH=str(data / "sage.db"),
         SAGE_MCP_PORT=str(free_port()),
         SAGE_METRICS_PORT=str(free_port()),
     )
-    process = subprocess.Popen(
-        [str(venv / "bin" / "sage"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    stderr_path = tmp_path / "docker-stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [str(venv / "bin" / "sage"), "serve", "--host", "0.0.0.0", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
     try:
         wait_ready(f"http://127.0.0.1:{port}", process, seconds=60)
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert health["status"] == "healthy"
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").json()["documents"] >= 48
+        key = (data / "admin.key").read_text().strip()
+        assert key in stderr_path.read_text()  # `docker logs` shows it once
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").status_code == 401
+        info = httpx.get(f"http://localhost:{port}/v1/info", headers={"Authorization": f"Bearer {key}"})
+        assert info.json()["documents"] >= 48
     finally:
         process.terminate()
         assert process.wait(30) == 0
+
+
+async def test_backs_up_at_start_and_refuses_a_restore_while_serving(server: Running, tmp_path: Path) -> None:
+    folder = tmp_path / ".sage" / "backups"
+    deadline = time.monotonic() + 30
+    while backup.read_state(folder).last_success is None:
+        assert time.monotonic() < deadline, "no backup at start"
+        time.sleep(0.05)
+    path = backup.read_state(folder).last_backup
+    assert path and backup.checksum_path(Path(path)).is_file()
+    assert httpx.get(f"{server.api}/health").json()["components"]["backup"] == "healthy"
+    assert scrape(server)[("sage_backup_last_success_timestamp_seconds", ())] > 0
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "sage_server", "restore", "--backup", path],
+        cwd=tmp_path,
+        env=sage_env(tmp_path, SAGE_DB_PATH=str(tmp_path / "serve.db")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "in use by a running SAGE server" in refused.stderr
+    assert httpx.get(f"{server.api}/v1/knowledge/timeout-resilience").status_code == 200

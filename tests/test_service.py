@@ -113,7 +113,7 @@ async def test_info_and_health(service: KnowledgeService) -> None:
     assert info.tokens > 0 and info.version
     health = await service.health()
     assert health.status == "healthy"
-    assert set(health.components) == {"core", "cache", "knowledge"}
+    assert set(health.components) == {"core", "cache", "knowledge", "backup"}
 
 
 async def test_list_pages_with_cursor(service: KnowledgeService) -> None:

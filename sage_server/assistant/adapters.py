@@ -4,38 +4,69 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.context import Context
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
 from mcp.shared.exceptions import MCPError
-from mcp.types import INVALID_PARAMS, CallToolResult, TextContent, ToolAnnotations
+from mcp.types import INVALID_PARAMS, CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ValidationError
 
-from sage_server.errors import InvalidInput, NotFound, SageError
+from sage_server.errors import InvalidInput, NotFound, SageError, clip, invalid_input
+from sage_server.logs import REQUEST, get_logger, log_event
 from sage_server.metrics import Metrics
 from sage_server.models import Bounded
 from sage_server.text import estimate_tokens
 
+log = get_logger("mcp")
 P = ParamSpec("P")
 T = TypeVar("T")
 ToolFunction = Callable[P, Awaitable[BaseModel]]
 
 
+MESSAGE_LIMIT = 500  # characters of an error message a model reads
+
+
 def describe(exc: SageError) -> str:
-    """The message a model reads for a SageError: its code, its message, and close ids it may have meant."""
+    """The message a model reads for a SageError: its code, its message, and close ids it may have meant.
+
+    An internal error's text (a database message, a path) is logged, not sent: the model gets the code and a
+    generic sentence, with the request id when there is one."""
+    if exc.internal:
+        request_id = (REQUEST.get() or {}).get("request_id")
+        log_event(
+            log, logging.WARNING, "Error withheld from the client", operation="mcp", code=exc.code, detail=exc.message
+        )
+        return f"{exc.code}: {exc.public_message}" + (f" (request id {request_id})" if request_id else "")
     suggestions = [str(s) for s in exc.details.get("suggestions") or []]
-    text = f"{exc.code}: {exc.message}"
+    text = f"{exc.code}: {clip(exc.message, MESSAGE_LIMIT)}"
     if suggestions and not all(s in exc.message for s in suggestions):
         text += f" (closest: {', '.join(suggestions)})"
     return text
 
 
-def validation_message(exc: ValidationError) -> str:
-    """A pydantic error as one line per problem, naming the argument."""
-    problems = [f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()]
-    return "invalid_input: " + "; ".join(problems)
+class SageServer(MCPServer[Any]):
+    """The SDK's server, with arguments that fail a tool's input schema reported the way REST reports them: the
+    argument, the range it allows and (bounded) what it got, instead of pydantic's text with documentation links."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except UnexpectedToolError:
+            raise  # the SDK logs it and answers a generic error
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):  # the SDK's own check of the arguments
+                schema = self._tool_input_schema(name)
+                message = describe(invalid_input(exc.__cause__, schema))
+                raise ToolError(f"Error executing tool {clip(name)}: {message}") from exc.__cause__
+            if len(str(exc)) > MESSAGE_LIMIT:  # e.g. an unknown tool name, echoed whole
+                raise ToolError(clip(str(exc), MESSAGE_LIMIT)) from exc
+            raise
 
 
 def tool(
@@ -65,9 +96,10 @@ def tool(
             except SageError as exc:
                 metrics.tool_call(name, exc.code)
                 raise ToolError(describe(exc)) from exc
-            except ValidationError as exc:
+            except ValidationError as exc:  # a model built from the arguments (DocumentIn, say) refused them
                 metrics.tool_call(name, InvalidInput.code)
-                raise ToolError(validation_message(exc)) from exc
+                error = invalid_input(exc)
+                raise ToolError(describe(error)) from error
             except Exception:
                 metrics.tool_call(name, "internal_error")
                 raise  # the SDK logs it once and answers a generic tool error

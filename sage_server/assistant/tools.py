@@ -10,6 +10,7 @@ from pydantic import Field
 from sage_server.assistant.adapters import tool
 from sage_server.budget import DEFAULT_MAX_TOKENS, MAX_TOKENS_CEILING, MIN_MAX_TOKENS
 from sage_server.models import (
+    MAX_REVISION,
     ContextPack,
     DocumentIn,
     DocumentPage,
@@ -37,7 +38,11 @@ Layers = Annotated[list[str] | None, Field(description="Only these layers, e.g. 
 Tags = Annotated[list[str] | None, Field(description="Only documents with all these tags, e.g. ['security']")]
 ExpectedRevision = Annotated[
     int | None,
-    Field(ge=0, description="The revision you read (0: the id must be new); a different current one is a conflict"),
+    Field(
+        ge=0,
+        le=MAX_REVISION,
+        description="The revision you read (0: the id must be new); a different current one is a conflict",
+    ),
 ]
 
 
@@ -232,7 +237,7 @@ def register_tools(server: MCPServer[Any], kb: KnowledgeService) -> None:
     @tool(server, kb.metrics, title="Restore a revision", read_only=False, destructive=False, idempotent=False)
     async def sage_restore_revision(
         id: DocId,
-        revision: Annotated[int, Field(ge=1, description="The revision to bring back, e.g. 2")],
+        revision: Annotated[int, Field(ge=1, le=MAX_REVISION, description="The revision to bring back, e.g. 2")],
     ) -> WriteResult:
         """Make an earlier revision of a document current again, as a new revision; also undoes a deletion.
 

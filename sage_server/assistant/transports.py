@@ -2,36 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectSendStream
 from mcp.server import MCPServer
+from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.routing import BaseRoute, Route
 
 from sage_server.assistant.server import build_server
+from sage_server.assistant.sessions import SessionCap
 from sage_server.config import Settings
+from sage_server.hosts import ANY_HOST, allowed_names
+from sage_server.logs import get_logger, log_event
 from sage_server.service import open_service
+from sage_server.signals import StopSignals
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-# Binding every interface says nothing about the name clients will use, so it adds no allowed Host.
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+log = get_logger("mcp")
 
 
 def transport_security(settings: Settings) -> TransportSecuritySettings:
-    """DNS-rebinding protection: allow Host and Origin headers naming localhost, the configured host or one of
-    `allowed_hosts`, on any port."""
-    host = settings.host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 literal appears bracketed in Host and Origin headers
-    named = [host] if host not in (*LOCAL_HOSTS, *WILDCARD_HOSTS) else []
-    # Behind a proxy or in a container (bound to 0.0.0.0) clients use names only the operator knows.
-    hosts = list(dict.fromkeys([*LOCAL_HOSTS, *named, *settings.allowed_hosts]))
+    """The SDK's own DNS-rebinding check, from the same rule the front door applies to every route (see hosts.py):
+    Host and Origin headers naming localhost, the configured host or one of `allowed_hosts`, on any port."""
+    names = allowed_names(settings)
+    if ANY_HOST in names:  # the operator allows any Host: the front door still refuses foreign Origins
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
-        allowed_hosts=[form for name in hosts for form in (name, f"{name}:*")],
+        allowed_hosts=[form for name in names for form in (name, f"{name}:*")],
         allowed_origins=[
             form
-            for name in hosts
+            for name in names
             for scheme in ("http", "https")
             for form in (f"{scheme}://{name}", f"{scheme}://{name}:*")
         ],
@@ -39,12 +48,69 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 
 
 async def serve_stdio(settings: Settings) -> None:
-    """Open the knowledge base and serve MCP on stdin/stdout until the client closes stdin.
+    """Open the knowledge base and serve MCP on stdin/stdout until the client closes stdin, or until SIGTERM or
+    SIGINT (Ctrl-C), which end it cleanly too (exit 0).
 
     stdout carries only protocol messages (the SDK points fd 1 at stderr while it serves); logs go to stderr.
     """
     async with open_service(settings, fallback=True) as service:
-        await build_server(service).run_stdio_async()
+        server = build_server(service)
+        with StopSignals() as signals:
+            async with anyio.create_task_group() as tg:
+
+                async def stop_on_signal() -> None:
+                    signum = await signals.wait()
+                    log_event(log, logging.INFO, "Shutting down", operation="mcp_stdio", signal=signum.name)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stop_on_signal)
+                await _run_stdio(server, StdinLines(sys.stdin.fileno()))
+                tg.cancel_scope.cancel()  # the client closed stdin
+
+
+async def _run_stdio(server: MCPServer[Any], stdin: StdinLines) -> None:
+    """What `MCPServer.run_stdio_async` does, with our own stdin: in MCP SDK 2.3 it reads stdin in an anyio worker
+    thread that cancellation waits for, so a signal could not end the server before the client wrote a line or
+    closed stdin (Ctrl-C was ignored). The SDK's stdio_server takes any async iterable of lines as stdin."""
+    lowlevel = server._lowlevel_server
+    async with stdio_server(stdin=cast(anyio.AsyncFile[str], stdin)) as (read_stream, write_stream):
+        await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+
+
+class StdinLines:
+    """The lines of a file descriptor (stdin) as text, read by a daemon thread with plain `os.read`: a blocked read
+    never delays the end of the server nor the process's exit (a buffered file object's lock, held by a daemon
+    thread at exit, would abort the interpreter)."""
+
+    CHUNK = 65_536
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        send, receive = anyio.create_memory_object_stream[str](1)
+        token = anyio.lowlevel.current_token()
+        threading.Thread(target=self._read, args=(send, token), name="sage-stdin", daemon=True).start()
+        async with receive:
+            async for line in receive:
+                yield line
+
+    def _read(self, send: MemoryObjectSendStream[str], token: anyio.lowlevel.EventLoopToken) -> None:
+        pending = bytearray()
+        try:
+            while chunk := os.read(self.fd, self.CHUNK):
+                start = len(pending)
+                pending += chunk
+                while (end := pending.find(b"\n", start)) >= 0:
+                    line = pending[: end + 1].decode("utf-8", errors="replace")
+                    del pending[: end + 1]
+                    start = 0
+                    anyio.from_thread.run(send.send, line, token=token)
+            if pending:
+                anyio.from_thread.run(send.send, pending.decode("utf-8", errors="replace"), token=token)
+            anyio.from_thread.run_sync(send.close, token=token)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError, OSError):
+            pass  # the server stopped reading (or the loop is gone): nothing is waiting for these lines
 
 
 def mcp_routes(server: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
@@ -56,6 +122,11 @@ def mcp_routes(server: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
     security = transport_security(settings)
     # The streamable app keeps its own /mcp route and sits behind a Route of the same path, not a Mount: under
     # Mount("/mcp") POST /mcp answers a 307 redirect, and a Mount("/") would take the host app's 404s.
-    streamable = server.streamable_http_app(transport_security=security)
+    streamable = server.streamable_http_app(
+        transport_security=security,
+        session_idle_timeout=settings.mcp_session_idle_seconds,
+        max_sessions=settings.mcp_max_sessions,
+    )
+    sessions = SessionCap(streamable, server.session_manager, settings.mcp_max_sessions)
     sse = server.sse_app(transport_security=security)
-    return [*sse.routes, Route("/mcp", endpoint=streamable)]
+    return [*sse.routes, Route("/mcp", endpoint=sessions)]

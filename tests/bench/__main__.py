@@ -1,4 +1,4 @@
-"""`python -m tests.bench [--sizes 1000,10000,100000] [--seed 7] [--out bench-results/] [--quick]`."""
+"""`python -m tests.bench [--sizes 1000,10000,100000] [--seed 7] [--out bench-results/] [--quick] [--only limits]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anyio
 
-from tests.bench.harness import DEFAULT_REDIS_URL, DEFAULT_SIZES, Options, run
+from tests.bench.harness import DEFAULT_REDIS_URL, DEFAULT_SIZES, PARTS, Options, run
 
 
 def _sizes(text: str) -> list[int]:
@@ -24,8 +24,16 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON results")
     parser.add_argument("--quick", action="store_true", help="a handful of requests per measurement (smoke runs)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis for the cache-tier measurements")
+    parser.add_argument(
+        "--only",
+        choices=PARTS,
+        help="run one part: corpus (speed and scale per corpus size) or limits (resources and shutdown)",
+    )
     args = parser.parse_args(argv)
-    return Options(sizes=args.sizes, seed=args.seed, out=args.out, quick=args.quick, redis_url=args.redis_url)
+    parts = (args.only,) if args.only else PARTS
+    return Options(
+        sizes=args.sizes, seed=args.seed, out=args.out, quick=args.quick, redis_url=args.redis_url, parts=parts
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

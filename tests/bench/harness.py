@@ -8,13 +8,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.bench import inprocess, remote
+from tests.bench import inprocess, limits, remote
 from tests.bench.corpus import QueryStream, generate
 from tests.bench.load import FULL, QUICK
 from tests.bench.report import Results, table, to_json, write_json
 
 DEFAULT_SIZES = (1000, 10_000)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+PARTS = ("corpus", "limits")
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Options:
     out: Path = Path("bench-results")
     quick: bool = False
     redis_url: str = DEFAULT_REDIS_URL
+    parts: tuple[str, ...] = PARTS  # "corpus" (speed and scale per corpus size), "limits" (resources, shutdown)
 
 
 def progress(message: str) -> None:
@@ -58,9 +60,19 @@ async def measure_size(size: int, options: Options) -> Results:
 
 async def run(options: Options) -> tuple[list[Results], Path]:
     """Measure every size, print the table on stdout, write the JSON; returns the results and the JSON's path."""
-    results = [await measure_size(size, options) for size in options.sizes]
-    print(table(results), flush=True)
+    results = [await measure_size(size, options) for size in options.sizes] if "corpus" in options.parts else []
+    resources = None
+    if "limits" in options.parts:
+        with tempfile.TemporaryDirectory(prefix="sage-bench-limits-") as tmp:
+            resources = await limits.measure(Path(tmp), options.quick, progress)
+    if results:
+        print(table(results), flush=True)
+    if resources is not None:
+        print(limits.table(resources), flush=True)
     settings = {**asdict(options), "out": str(options.out), "budget": asdict(QUICK if options.quick else FULL)}
-    path = write_json(options.out, to_json(results, settings))
+    document = to_json(results, settings)
+    if resources is not None:
+        document["limits"] = limits.to_json(resources)
+    path = write_json(options.out, document)
     progress(f"results written to {path}")
     return results, path

@@ -189,7 +189,7 @@ def to_json(results: list[Results], options: dict[str, Any]) -> dict[str, Any]:
 def write_json(folder: Path, document: dict[str, Any]) -> Path:
     """Write `document` under `folder` with a timestamped name; NaN becomes null so any JSON reader takes it."""
     folder.mkdir(parents=True, exist_ok=True)
-    sizes = "-".join(str(r["size"]) for r in document["results"])
+    sizes = "-".join([str(r["size"]) for r in document["results"]] + (["limits"] if "limits" in document else []))
     path = folder / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{sizes}.json"
     path.write_text(json.dumps(_finite(document), indent=2) + "\n", encoding="utf-8")
     return path

@@ -74,12 +74,18 @@ def sage_env(home: Path, db_path: Path, cache_dir: Path, knowledge: Path | None 
 
 
 def start_sage(
-    home: Path, db_path: Path, cache_dir: Path, knowledge: Path | None = None, ready_within: float = 600
+    home: Path,
+    db_path: Path,
+    cache_dir: Path,
+    knowledge: Path | None = None,
+    ready_within: float = 600,
+    settings: dict[str, str] | None = None,
 ) -> Running:
-    """Launch `sage serve` on free ports and wait for /ready; with `knowledge`, it re-scans that folder first."""
+    """Launch `sage serve` on free ports and wait for /ready; with `knowledge`, it re-scans that folder first.
+    `settings` are extra SAGE_* variables (e.g. SAGE_IDLE_TIMEOUT_SECONDS)."""
     api, mcp, metrics = free_port(), free_port(), free_port()
     env = sage_env(home, db_path, cache_dir, knowledge)
-    env.update(SAGE_API_PORT=str(api), SAGE_MCP_PORT=str(mcp), SAGE_METRICS_PORT=str(metrics))
+    env.update(SAGE_API_PORT=str(api), SAGE_MCP_PORT=str(mcp), SAGE_METRICS_PORT=str(metrics), **(settings or {}))
     stderr_path = home / f"serve-{api}.log"
     with stderr_path.open("wb") as stderr:  # the child keeps its own copy of the descriptor
         launched = time.perf_counter()

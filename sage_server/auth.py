@@ -1,0 +1,247 @@
+"""Who is calling: one authentication rule for every HTTP route on every listener (REST, /mcp, /sse).
+
+A request presents at most one credential, `Authorization: Bearer <token>` or `X-API-Key: <token>`. An
+`Authenticator` asks its credential sources, in order, whom the token names, and answers a `Principal` (a name
+and scopes) or refuses with `Unauthorized` and a reason. Today the sources are SAGE_API_KEY and the admin key
+`sage serve` generates; stored keys and OAuth issuers are further sources behind the same `CredentialSource`
+protocol. stdio and in-process clients never pass through here: whoever launched the process already owns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from sage_server.config import Settings
+from sage_server.errors import ConfigError, Unauthorized
+from sage_server.logs import get_logger, log_event
+
+log = get_logger("auth")
+
+READ, WRITE, ADMIN = "read", "write", "admin"
+ALL_SCOPES = frozenset({READ, WRITE, ADMIN})
+ADMIN_KEY_FILE = "admin.key"
+LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Whom a request acts for: a name fit for logs (never a secret) and the scopes it holds.
+
+    `subject` and `issuer` identify an OAuth token's owner; keys leave them empty.
+    """
+
+    name: str
+    scopes: frozenset[str] = ALL_SCOPES
+    anonymous: bool = False
+    subject: str | None = None
+    issuer: str | None = None
+
+    def allows(self, scope: str) -> bool:
+        """Whether this principal holds `scope` (read, write, admin)."""
+        return scope in self.scopes
+
+
+ANONYMOUS = Principal("anonymous", ALL_SCOPES, anonymous=True)
+
+
+class CredentialSource(Protocol):
+    """Something that can tell whom a presented token names: a configured key, a key store, an OAuth issuer."""
+
+    @property
+    def label(self) -> str:
+        """What the source is, for the startup log (e.g. 'SAGE_API_KEY'); never the secret."""
+        ...
+
+    async def resolve(self, token: str) -> Principal | None:
+        """The principal `token` names, or None when it is not one of this source's. A token that is this source's
+        but no longer good (expired, revoked) raises Unauthorized with its reason."""
+        ...
+
+
+def _digest(secret: str) -> bytes:
+    # Comparing fixed-length digests keeps the comparison's time independent of the secret's length too.
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class StaticKey:
+    """One fixed key: SAGE_API_KEY or the generated admin key. It names one principal (an admin by default)."""
+
+    def __init__(self, label: str, secret: str, principal: Principal = Principal("admin")) -> None:
+        self.label = label
+        self.principal = principal
+        self._digest = _digest(secret)  # the secret itself is not kept
+
+    def __repr__(self) -> str:
+        return f"StaticKey({self.label!r}, principal={self.principal.name!r})"
+
+    async def resolve(self, token: str) -> Principal | None:
+        return self.principal if hmac.compare_digest(_digest(token), self._digest) else None
+
+
+def presented_token(headers: Mapping[str, str]) -> str | None:
+    """The credential a request carries: the token of `Authorization: Bearer <token>` (any spacing), else the value
+    of `X-API-Key`. Raises Unauthorized (reason `unsupported_scheme`) for another Authorization scheme without an
+    X-API-Key to fall back on."""
+    scheme, token = [*(headers.get("authorization") or "").split(None, 1), "", ""][:2]
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    api_key = (headers.get("x-api-key") or "").strip()
+    if api_key:
+        return api_key
+    if scheme and scheme.lower() != "bearer":
+        raise Unauthorized(
+            "only Bearer tokens and X-API-Key are accepted",
+            reason="unsupported_scheme",
+            headers={"WWW-Authenticate": 'Bearer realm="sage"'},
+        )
+    return None
+
+
+class Authenticator:
+    """The one rule: with no credential source, every request is anonymous (with every scope, as on a laptop);
+    with any, a request must present a credential that one of them resolves."""
+
+    def __init__(self, sources: Sequence[CredentialSource], anonymous: Principal | None = ANONYMOUS) -> None:
+        self.sources = list(sources)
+        # Who a request without a credential is, when sources exist; None refuses it. (Named keys with scopes will
+        # grant anonymous requests `read` here when SAGE_ALLOW_ANONYMOUS is set.)
+        self.anonymous = None if self.sources else anonymous
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Authenticator:
+        """SAGE_API_KEY, then the admin key `sage serve` generated in the data folder, if either exists."""
+        sources: list[CredentialSource] = []
+        if settings.api_key is not None and settings.api_key.get_secret_value().strip():
+            sources.append(StaticKey("SAGE_API_KEY", settings.api_key.get_secret_value().strip()))
+        generated = read_admin_key(settings)
+        if generated is not None:
+            sources.append(StaticKey(f"the generated key in {admin_key_path(settings)}", generated))
+        return cls(sources)
+
+    @property
+    def required(self) -> bool:
+        """Whether requests must present a credential."""
+        return self.anonymous is None
+
+    def describe(self) -> str:
+        """The rule in force, for the startup log."""
+        if not self.sources:
+            return "none: every HTTP request is served without a credential"
+        return "required: " + ", ".join(source.label for source in self.sources)
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """The principal a request acts for, or Unauthorized (details: reason) with a WWW-Authenticate challenge."""
+        if not self.sources:
+            assert self.anonymous is not None
+            return self.anonymous
+        token = presented_token(headers)
+        if token is None:
+            if self.anonymous is not None:
+                return self.anonymous
+            raise Unauthorized(
+                "a credential is required: send Authorization: Bearer <key> or X-API-Key: <key>",
+                reason="missing",
+                headers={"WWW-Authenticate": 'Bearer realm="sage"'},
+            )
+        for source in self.sources:
+            principal = await source.resolve(token)
+            if principal is not None:
+                return principal
+        raise Unauthorized(
+            "the credential presented is not valid",
+            reason="invalid",
+            headers={"WWW-Authenticate": 'Bearer realm="sage", error="invalid_token"'},
+        )
+
+
+# -- secure by default: the admin key `sage serve` generates ---------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` reaches only this machine (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip().strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a name other than localhost, or an empty/wildcard address: reachable from elsewhere
+
+
+def admin_key_path(settings: Settings) -> Path:
+    """Where the generated admin key lives: beside the database, in the data folder."""
+    return settings.db_path.parent / ADMIN_KEY_FILE
+
+
+def read_admin_key(settings: Settings) -> str | None:
+    """The generated admin key, if `sage serve` made one."""
+    path = admin_key_path(settings)
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{path}: cannot read the generated admin key ({exc}); fix its permissions or remove it"
+        ) from exc
+    return key or None
+
+
+def ensure_admin_key(settings: Settings) -> None:
+    """Secure by default: serving HTTP beyond loopback with no credential configured generates an admin key, kept
+    in the data folder (owner-only) and printed once to the log. SAGE_ALLOW_ANONYMOUS=true opts out, loudly."""
+    has_key = settings.api_key is not None and bool(settings.api_key.get_secret_value().strip())
+    existing = read_admin_key(settings)
+    if settings.allow_anonymous and (has_key or existing):
+        log_event(
+            log,
+            logging.WARNING,
+            "SAGE_ALLOW_ANONYMOUS=true has no effect while a credential is configured: requests still need one",
+            operation="auth",
+        )
+    if is_loopback(settings.host) or has_key or existing:
+        return
+    if settings.allow_anonymous:
+        log_event(
+            log,
+            logging.WARNING,
+            f"Serving HTTP on {settings.host} without any credential (SAGE_ALLOW_ANONYMOUS=true): anyone who can "
+            "reach this address can read and change the knowledge base",
+            operation="auth",
+            host=settings.host,
+        )
+        return
+    path = admin_key_path(settings)
+    key = secrets.token_urlsafe(32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never overwrite a key another process wrote meanwhile; 0600: readable by its owner only.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and path.is_file():
+            return  # another server sharing the folder generated it meanwhile
+        raise ConfigError(
+            f"{path}: cannot store a generated admin key ({exc.strerror}); set SAGE_API_KEY, or "
+            "SAGE_ALLOW_ANONYMOUS=true to serve without a credential"
+        ) from exc
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(key + "\n")
+    # Printed this once (as Jupyter and Grafana do); afterwards it is only in the file.
+    log_event(
+        log,
+        logging.WARNING,
+        f"Generated an admin key for HTTP clients, shown only this once: {key} "
+        f"(kept in {path}; send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'; set SAGE_API_KEY to "
+        "choose your own, or SAGE_ALLOW_ANONYMOUS=true to serve without one)",
+        operation="auth",
+        path=str(path),
+    )
