@@ -164,6 +164,7 @@ def get(ctx: click.Context, target: str, as_json: bool) -> None:
 @tag_option
 @click.option("--limit", default=10, show_default=True, help="Hits per page (1-100).")
 @click.option("--cursor", default=None, help="next_cursor from the previous page.")
+@click.option("--explain", is_flag=True, help="Show why each hit ranked where it did.")
 @json_option
 @click.pass_context
 def search_command(
@@ -173,10 +174,11 @@ def search_command(
     tags: tuple[str, ...],
     limit: int,
     cursor: str | None,
+    explain: bool,
     as_json: bool,
 ) -> None:
     """Full-text search (any text; "phrases" and prefix* work)."""
-    result: SearchResult = run(ctx, lambda kb: kb.search(query, list(layers), list(tags), limit, cursor))
+    result: SearchResult = run(ctx, lambda kb: kb.search(query, list(layers), list(tags), limit, cursor, explain))
 
     def human() -> None:
         if result.partial:
@@ -185,9 +187,25 @@ def search_command(
             click.echo(f"(showing results for: {result.corrected_query})")
         if not result.hits:
             click.echo("No matches.")
+        if result.terms:
+            click.echo(
+                "terms: "
+                + ", ".join(
+                    f"{t.searched} (in {t.documents} docs, idf {t.idf:.2f}{', ' + t.note if t.note else ''})"
+                    for t in result.terms
+                )
+            )
         for hit in result.hits:
             click.echo(f"{hit.score:8.2f}  {hit.id}  [{hit.layer}]  {hit.title}")
             click.echo(f"          {hit.snippet}")
+            if hit.explain:
+                why = hit.explain
+                parts = "  ".join(f"{name} {value:.2f}x{why.weights[name]:g}" for name, value in why.parts.items())
+                fields = "  ".join(f"{name} {value:.2f}" for name, value in why.bm25_fields.items())
+                click.echo(f"          score = {parts}")
+                click.echo(
+                    f"          BM25 {why.bm25:.2f}: {fields or 'no field alone'}; holds {', '.join(why.matched)}"
+                )
         if result.next_cursor:
             click.echo(f"more: --cursor {result.next_cursor}")
 

@@ -148,6 +148,29 @@ class DocumentList(BaseModel):
     next_cursor: str | None = None
 
 
+class ScoreExplanation(BaseModel):
+    """Why a hit ranked where it did (search with explain): its score is the weighted sum of `parts`."""
+
+    bm25: float = Field(description="SQLite FTS5 BM25 with SAGE's field weights (higher is better)")
+    bm25_fields: dict[str, float] = Field(description="BM25 counting one field at a time, with that field's weight")
+    parts: dict[str, float] = Field(
+        description="Each part of the score, 0-1: bm25 (relative to the best candidate), "
+        "coverage, proximity, meta, triggers"
+    )
+    weights: dict[str, float] = Field(description="What each part weighs in the score")
+    matched: list[str] = Field(description="The query terms the document holds")
+
+
+class QueryTermExplanation(BaseModel):
+    """One query term as searched (search with explain)."""
+
+    typed: str
+    searched: str
+    documents: int = Field(description="Documents holding it (estimated past 500)")
+    idf: float = Field(description="Its weight: BM25's inverse document frequency")
+    note: str = Field(description="'' | prefix (read as the start of longer words) | corrected | or (a typo?)")
+
+
 class SearchHit(BaseModel):
     """One search result: higher `score` is better; `snippet` marks matches with **."""
 
@@ -159,6 +182,7 @@ class SearchHit(BaseModel):
     snippet: str
     tokens: int
     revision: int
+    explain: ScoreExplanation | None = None
 
 
 class SearchResult(BaseModel):
@@ -170,6 +194,7 @@ class SearchResult(BaseModel):
     corrected_query: str | None = Field(default=None, description="Set when unknown words were replaced by close ones")
     partial: bool = Field(default=False, description="True when a deadline cut the work short")
     partial_reason: str | None = None
+    terms: list[QueryTermExplanation] | None = Field(default=None, description="The query as searched (explain)")
 
 
 class ContextSection(BaseModel):

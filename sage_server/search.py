@@ -33,7 +33,7 @@ from typing import TypeVar
 import aiosqlite
 
 from sage_server.errors import InvalidInput
-from sage_server.models import SearchHit
+from sage_server.models import QueryTermExplanation, ScoreExplanation, SearchHit
 from sage_server.text import CJK_CLASS, bigrams, has_cjk
 
 # Index columns in docs_fts order, and their weights for bm25().
@@ -223,6 +223,16 @@ def filter_sql(layers: list[str] | None, tags: list[str] | None, alias: str = "d
     return sql, params
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A piece of a query term that re-scoring looks for: the word starts that mark it in raw lower-case text and
+    what finding it weighs, in the text and in the title, tags, triggers and summary."""
+
+    keys: tuple[str, ...]
+    weight: float
+    meta_weight: float
+
+
 @dataclass
 class PlannedTerm:
     """A query term as searched, with how rare it is (IDF) and what became of what the user typed."""
@@ -237,6 +247,15 @@ class PlannedTerm:
     # A far more common word one or two edits away from a word only a document or two hold ('insted'): searched
     # beside it, since such a word is as likely a typo as a rare term.
     alternative: Term | None = None
+    # How rare the term is in titles, tags, triggers and summaries (a word in most bodies may be in few titles).
+    meta_idf: float | None = None
+    # What re-scoring looks for. One unit per term, but a CJK run of three or more characters is looked for as its
+    # two-character words (bigrams), so a document holding most of the run, or all of it apart, still counts.
+    units: list[Unit] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            self.units = [Unit(self.keys, self.idf, self.idf if self.meta_idf is None else self.meta_idf)]
 
     def describe(self) -> str:
         if self.alternative is not None:
@@ -292,8 +311,9 @@ class Plan:
         return any(t.unknown or t.rare for t in self.terms)
 
     @property
-    def weight(self) -> float:
-        return sum(t.idf for t in self.terms) or 1.0
+    def units(self) -> list[Unit]:
+        """Every term's re-scoring pieces, in query order."""
+        return [unit for term in self.terms for unit in term.units]
 
 
 def idf(df: int, documents: int) -> float:
@@ -381,7 +401,7 @@ class Vocabulary:
         self.size = size
         self.generation: object = None
         self.documents = 0
-        self.words: dict[str, tuple[list[str], int]] = {}
+        self.words: dict[str, tuple[list[str], int, int]] = {}  # stems, documents, documents holding it in meta
 
     def at(self, generation: object) -> Vocabulary:
         """This memory, emptied if it was filled at another generation of the index (None: always empty it)."""
@@ -394,6 +414,19 @@ class Vocabulary:
         if len(table) >= self.size:
             del table[next(iter(table))]  # the oldest entry
         table[key] = value
+
+
+META_FIELDS = "{title tags triggers summary}"
+
+
+def _meta_fts(term: Term) -> str:
+    """The term searched in the title, tags, triggers and summary only (CJK text has only the one cjk column)."""
+    return term.fts() if term.kind == "cjk" else f"{META_FIELDS} : {term.fts()}"
+
+
+def _split(term: Term) -> bool:
+    """Whether re-scoring looks for a term as its bigrams (a CJK run of three or more characters)."""
+    return term.kind == "cjk" and len(term.text) > 2
 
 
 async def plan(
@@ -414,16 +447,39 @@ async def plan(
     missing = [term for term in query.terms if term.fts() not in found]
     if missing:
         stems = await _stems(conn, [_index_text(term) for term in missing])
-        counts = await document_counts(conn, [term.fts() for term in missing], documents)
-        for term, tokens, count in zip(missing, stems, counts, strict=True):
-            found[term.fts()] = (tokens, count)
-            known.remember(known.words, term.fts(), (tokens, count))
+        # How many documents hold each term, and how many hold it in their title, tags, triggers or summary.
+        counts = await document_counts(conn, [e for term in missing for e in (term.fts(), _meta_fts(term))], documents)
+        for number, (term, tokens) in enumerate(zip(missing, stems, strict=True)):
+            found[term.fts()] = (tokens, counts[2 * number], counts[2 * number + 1])
+            known.remember(known.words, term.fts(), found[term.fts()])
+    pieces = {gram: Term(gram, "cjk").fts() for term in query.terms if _split(term) for gram in bigrams(term.text)}
+    unknown = [gram for gram, fts in pieces.items() if fts not in found and fts not in known.words]
+    if unknown:
+        counts = await document_counts(conn, [pieces[gram] for gram in unknown], documents)
+        for gram, count in zip(unknown, counts, strict=True):
+            found[pieces[gram]] = ([gram], count, count)
+            known.remember(known.words, pieces[gram], found[pieces[gram]])
+    found |= {fts: known.words[fts] for fts in pieces.values() if fts not in found and fts in known.words}
     planned = []
     for term in query.terms:
-        tokens, df = found[term.fts()]
+        tokens, df, in_meta = found[term.fts()]
+        units: list[Unit] = []
+        if _split(term):
+            # The run weighs as much as one of its bigrams on average, shared among them by their rarity: a long
+            # Chinese sentence must not outweigh the rest of the query by its length.
+            grams = [gram for gram in dict.fromkeys(bigrams(term.text)) if pieces[gram] in found]
+            rarity = [idf(found[pieces[gram]][1], documents) / len(grams) for gram in grams]
+            units = [Unit((gram,), weight, weight) for gram, weight in zip(grams, rarity, strict=True)]
         planned.append(
             PlannedTerm(
-                term, term.text, df, idf(df, documents), _keys(term, tokens), tokens[0] if tokens else term.text
+                term,
+                term.text,
+                df,
+                idf(df, documents),
+                _keys(term, tokens),
+                tokens[0] if tokens else term.text,
+                meta_idf=idf(in_meta, documents),
+                units=units,
             )
         )
     return Plan(query, planned, documents)
@@ -584,29 +640,56 @@ def rescore(plan: Plan, item: Ranked, query_plain: str) -> None:
     alternates = item.body.alternates if item.body else ""
     meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"], alternates)).lower()
     text = body.lower()
-    per_term: list[list[int]] = []
+    per_unit: list[list[int]] = []
     covered = in_meta = 0.0
     item.found = []
     for term in plan.terms:
         cjk = term.term.kind == "cjk"
-        head = any(_starts(meta, key, cjk) for key in term.keys)
-        starts = sorted(at for key in term.keys for at in _starts(text, key, cjk))
-        per_term.append(starts)
-        if head or starts:
-            covered += term.idf
+        held = False
+        for unit in term.units:
+            head = any(_starts(meta, key, cjk) for key in unit.keys)
+            starts = sorted(at for key in unit.keys for at in _starts(text, key, cjk))
+            per_unit.append(starts)
+            if head or starts:
+                covered += unit.weight
+                held = True
+            in_meta += unit.meta_weight if head else 0.0
+        if held:
             item.found.append(term.describe())
-        in_meta += term.idf if head else 0.0
-    together = covered if len(plan.terms) == 1 else _pair_proximity(per_term, [t.idf for t in plan.terms]) * plan.weight
+    units = plan.units
+    total = sum(unit.weight for unit in units) or 1.0
+    meta_total = sum(unit.meta_weight for unit in units) or 1.0
+    weights = [unit.weight for unit in units]
+    together = covered / total if len(weights) == 1 else _pair_proximity(per_unit, weights)
     triggered = trigger_matches(plan.query.text, json.loads(row["triggers"]), query_plain)
     item.parts = {
         "bm25": item.parts["bm25"],
-        "coverage": covered / plan.weight,
-        "proximity": together / plan.weight,
-        "meta": in_meta / plan.weight,
+        "coverage": covered / total,
+        "proximity": together,
+        "meta": in_meta / meta_total,
         "triggers": min(triggered, 2) / 2,
     }
     # Lower-casing keeps offsets for all but a few letters (e.g. 'İ'); where it does not, snippets look again.
-    item.around = _densest(per_term, SNIPPET_WIDTH) if len(text) == len(body) else None
+    item.around = _densest(per_unit, SNIPPET_WIDTH) if len(text) == len(body) else None
+
+
+def explain_hit(item: Ranked, fields: dict[str, float]) -> ScoreExplanation:
+    """Why `item` ranked where it did: its BM25 (whole and per field) and the parts of its score."""
+    return ScoreExplanation(
+        bm25=round(-item.row["score"], 4),
+        bm25_fields=fields,
+        parts={name: round(value, 4) for name, value in item.parts.items()},
+        weights=dict(WEIGHTS),
+        matched=item.found,
+    )
+
+
+def explain_terms(plan: Plan) -> list[QueryTermExplanation]:
+    """The query's terms as searched, with their weights."""
+    return [
+        QueryTermExplanation(typed=t.typed, searched=t.describe(), documents=t.df, idf=round(t.idf, 4), note=t.note)
+        for t in plan.terms
+    ]
 
 
 def _total(parts: dict[str, float]) -> float:

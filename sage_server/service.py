@@ -346,8 +346,10 @@ class KnowledgeService(BoundedViews):
         tags: Strings | None = None,
         limit: int = 10,
         cursor: str | None = None,
+        explain: bool = False,
     ) -> SearchResult:
-        """Full-text search ranked by BM25; any text is a valid query. Misspelt words are corrected.
+        """Full-text search: BM25 candidates re-scored by coverage and proximity (see search.py); any text is a
+        valid query. Misspelt words are corrected. With `explain`, every hit says why it ranked where it did.
 
         Past the search deadline, hits already ranked come back with their summaries as snippets, marked partial;
         a search that could not rank in time is a Timeout.
@@ -358,13 +360,13 @@ class KnowledgeService(BoundedViews):
             self._check_limit(limit)
             self._check_filters(tags, "tag")
             layers = self._check_layers(layers)
-            args = (query, layers, tags, limit, cursor)
+            args = (query, layers, tags, limit, cursor, explain)
             return await self._cached(
-                "search", args, SearchResult, lambda: self._search(query, layers, tags, limit, cursor)
+                "search", args, SearchResult, lambda: self._search(query, layers, tags, limit, cursor, explain)
             )
 
     async def _search(
-        self, query: str, layers: Strings | None, tags: Strings | None, limit: int, cursor: str | None
+        self, query: str, layers: Strings | None, tags: Strings | None, limit: int, cursor: str | None, explain: bool
     ) -> SearchResult:
         parsed = search.parse_query(query)
         if not parsed.terms:
@@ -374,6 +376,7 @@ class KnowledgeService(BoundedViews):
         corrected: str | None = None
         ranked: RankedList | None = None
         texts: dict[int, search.Body] = {}
+        fields: dict[int, dict[str, float]] = {}
         plan: search.Plan | None = None
         with self.deadlines.partial("search", "search") as window:
             async with self.db.read() as conn:
@@ -388,6 +391,8 @@ class KnowledgeService(BoundedViews):
                         ranked = await search.rank(conn, plan, layers, tags, limit + 1, 0)
                 # Past the re-scored head (deep pages), bodies for the snippets are read here.
                 texts = await search.bodies(conn, [i.row["key"] for i in ranked[:limit] if i.body is None])
+                if explain:
+                    fields = await search.field_scores(conn, plan, [i.row["key"] for i in ranked[:limit]])
         if ranked is None:
             raise Timeout(window.reason or "search timed out", operation="search")
         hits = []
@@ -396,7 +401,10 @@ class KnowledgeService(BoundedViews):
             if item.body is None:
                 break  # the deadline came before this deep page's rows were read: the hits before it are the answer
             snippet = search.make_snippet(item.body.text, plan.searched if plan else parsed, around=item.around)
-            hits.append(search.to_hit(item, snippet or item.row["summary"]))
+            hit = search.to_hit(item, snippet or item.row["summary"])
+            if explain:
+                hit.explain = search.explain_hit(item, fields.get(item.row["key"], {}))
+            hits.append(hit)
         more = len(ranked) > limit and not corrected
         return SearchResult(
             query=query,
@@ -405,6 +413,7 @@ class KnowledgeService(BoundedViews):
             corrected_query=corrected,
             partial=window.partial,
             partial_reason=window.reason,
+            terms=search.explain_terms(plan) if explain and plan else None,
         )
 
     async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
