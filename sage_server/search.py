@@ -55,10 +55,15 @@ WEIGHTS = {"bm25": 0.15, "coverage": 0.15, "proximity": 0.5, "meta": 0.1, "trigg
 # in that order).
 PAIR_SCALE = 60
 ORDERED = 0.5
+META_PROXIMITY = True
+META_GAP = 1000
 # Occurrences of one term looked at in one document: enough to find it near the others.
 MAX_OCCURRENCES = 200
 # Words no document holds are read as prefixes or corrected from this length on: shorter ones match too much.
 MIN_PREFIX = 4
+# A known word of MIN_PREFIX-5 letters is read as a prefix when this many times more documents hold a word that
+# starts with it.
+SHORT_WORD_RATIO = 3
 # Equally close corrections weighed against the query's other words.
 CORRECTION_CHOICES = 5
 # A word at most this many documents hold is checked for being a typo of one at least RARE_RATIO times as common.
@@ -357,16 +362,17 @@ async def document_counts(conn: aiosqlite.Connection, expressions: list[str], do
     returns matches in key order, so the key of the COUNT_UP_TO-th match tells what share of the keys holds that
     many matches, and the count is scaled up from there.
     """
+    unique = list(dict.fromkeys(expressions))
     part = (
         "SELECT {n}, count(*), coalesce(max(rowid), 0) FROM "
         f"(SELECT rowid FROM docs_fts WHERE docs_fts MATCH ? LIMIT {COUNT_UP_TO})"
     )
-    sql = " UNION ALL ".join(part.format(n=n) for n in range(len(expressions)))
-    counts = [0] * len(expressions)
-    async with conn.execute(sql, expressions) as cursor:
+    sql = " UNION ALL ".join(part.format(n=n) for n in range(len(unique)))
+    counts: dict[str, int] = {}
+    async with conn.execute(sql, unique) as cursor:
         for number, count, last in await cursor.fetchall():
-            counts[number] = count if count < COUNT_UP_TO else min(documents, round(count * documents / last))
-    return counts
+            counts[unique[number]] = count if count < COUNT_UP_TO else min(documents, round(count * documents / last))
+    return [counts[expression] for expression in expressions]
 
 
 async def _document_count(conn: aiosqlite.Connection) -> int:
@@ -401,7 +407,8 @@ class Vocabulary:
         self.size = size
         self.generation: object = None
         self.documents = 0
-        self.words: dict[str, tuple[list[str], int, int]] = {}  # stems, documents, documents holding it in meta
+        # stems; documents holding it, in meta, and (short words) holding a word starting with it
+        self.words: dict[str, tuple[list[str], int, int, int]] = {}
 
     def at(self, generation: object) -> Vocabulary:
         """This memory, emptied if it was filled at another generation of the index (None: always empty it)."""
@@ -422,6 +429,12 @@ META_FIELDS = "{title tags triggers summary}"
 def _meta_fts(term: Term) -> str:
     """The term searched in the title, tags, triggers and summary only (CJK text has only the one cjk column)."""
     return term.fts() if term.kind == "cjk" else f"{META_FIELDS} : {term.fts()}"
+
+
+def _short_fts(term: Term) -> str:
+    """For a short word (MIN_PREFIX-5 letters), the words starting with it; else the term itself."""
+    short = term.kind == "word" and term.text.isascii() and term.text.isalpha() and MIN_PREFIX <= len(term.text) <= 5
+    return Term(term.text, "prefix").fts() if short else term.fts()
 
 
 def _split(term: Term) -> bool:
@@ -447,22 +460,28 @@ async def plan(
     missing = [term for term in query.terms if term.fts() not in found]
     if missing:
         stems = await _stems(conn, [_index_text(term) for term in missing])
-        # How many documents hold each term, and how many hold it in their title, tags, triggers or summary.
-        counts = await document_counts(conn, [e for term in missing for e in (term.fts(), _meta_fts(term))], documents)
+        # How many documents hold each term, how many hold it in their title, tags, triggers or summary, and, for a
+        # short word, how many hold a word starting with it.
+        expressions = [e for term in missing for e in (term.fts(), _meta_fts(term), _short_fts(term))]
+        counts = await document_counts(conn, expressions, documents)
         for number, (term, tokens) in enumerate(zip(missing, stems, strict=True)):
-            found[term.fts()] = (tokens, counts[2 * number], counts[2 * number + 1])
+            found[term.fts()] = (tokens, counts[3 * number], counts[3 * number + 1], counts[3 * number + 2])
             known.remember(known.words, term.fts(), found[term.fts()])
     pieces = {gram: Term(gram, "cjk").fts() for term in query.terms if _split(term) for gram in bigrams(term.text)}
     unknown = [gram for gram, fts in pieces.items() if fts not in found and fts not in known.words]
     if unknown:
         counts = await document_counts(conn, [pieces[gram] for gram in unknown], documents)
         for gram, count in zip(unknown, counts, strict=True):
-            found[pieces[gram]] = ([gram], count, count)
+            found[pieces[gram]] = ([gram], count, count, 0)
             known.remember(known.words, pieces[gram], found[pieces[gram]])
     found |= {fts: known.words[fts] for fts in pieces.values() if fts not in found and fts in known.words}
     planned = []
     for term in query.terms:
-        tokens, df, in_meta = found[term.fts()]
+        tokens, df, in_meta, as_prefix = found[term.fts()]
+        note = ""
+        if df and as_prefix >= SHORT_WORD_RATIO * df:
+            # Mostly seen as the start of longer words ('proc' of 'process'): read as such (exact matches included).
+            term, df, in_meta, note = Term(term.text, "prefix"), as_prefix, as_prefix, "prefix"
         units: list[Unit] = []
         if _split(term):
             # The run weighs as much as one of its bigrams on average, shared among them by their rarity: a long
@@ -478,6 +497,7 @@ async def plan(
                 idf(df, documents),
                 _keys(term, tokens),
                 tokens[0] if tokens else term.text,
+                note,
                 meta_idf=idf(in_meta, documents),
                 units=units,
             )
@@ -647,9 +667,10 @@ def rescore(plan: Plan, item: Ranked, query_plain: str) -> None:
         cjk = term.term.kind == "cjk"
         held = False
         for unit in term.units:
-            head = any(_starts(meta, key, cjk) for key in unit.keys)
+            head = [at for key in unit.keys for at in _starts(meta, key, cjk)]
             starts = sorted(at for key in unit.keys for at in _starts(text, key, cjk))
-            per_unit.append(starts)
+            # Proximity reads the meta fields as a first paragraph, far enough from the text not to run into it.
+            per_unit.append([at - len(meta) - META_GAP for at in sorted(head)] + starts if META_PROXIMITY else starts)
             if head or starts:
                 covered += unit.weight
                 held = True
