@@ -557,7 +557,8 @@ def eval_command(
         )
         click.echo(
             f"context ({report.context_queries} tasks):   relevant found {report.context_hit_rate:.1%}  "
-            f"budget on relevant {report.context_relevant_share:.1%}"
+            f"budget on relevant {report.context_relevant_share:.1%}  "
+            f"off-topic packed while relevant left out: {report.context_crowded_out}"
         )
         if report.out_of_scope_queries:
             rate = "n/a" if report.false_alarm_rate is None else f"{report.false_alarm_rate:.1%}"

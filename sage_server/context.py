@@ -1,23 +1,41 @@
-"""Task context: the core essentials plus the best-matching sections, packed under a token budget."""
+"""Task context: the core essentials plus the best-matching sections, packed under a token budget.
+
+The packer ranks documents for the task (weighing titles, tags, triggers and summaries most: a task description
+is long, and the words that name its subject are the ones a document's metadata carries), takes the best sections
+of the best documents, and packs them best first. It spends the budget on what matters rather than filling it:
+a document far behind the best, or a section worth far less than the best one, is left out; sections that only
+list links are never packed; and once a section does not fit, nothing after it is packed, so a weaker section
+never takes the place of a better one.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from dataclasses import dataclass
 
 import aiosqlite
 
+from sage_server.markdown import headings
 from sage_server.models import ContextResult, ContextSection, OmittedSection
 from sage_server.search import ParsedQuery, Plan, Ranked, rank, term_patterns
 from sage_server.text import estimate_tokens
 
 TOP_DOCUMENTS = 4
+# How the packer weighs the parts of a document's score for a task (search.WEIGHTS has the same parts).
+TASK_WEIGHTS = {"bm25": 0.3, "coverage": 0.1, "proximity": 0.0, "meta": 0.5, "triggers": 0.1}
 # A document whose score is below this share of the best one is not worth the budget.
-RELATIVE_SCORE_FLOOR = 0.3
+RELATIVE_SCORE_FLOOR = 0.4
 SECTIONS_PER_DOCUMENT = 3
 SECTION_DECAY = 0.6
+# A section worth less than this share of the best section's worth is left out even when it would fit.
+SECTION_VALUE_FLOOR = 0.3
 ESSENTIALS_SHARE = 0.2
+# The packer writes each section under a heading of this level; headings inside a section go below it.
+PACKED_LEVEL = 3
+_LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
+_LINK = re.compile(r"\[[^\]]*\]\([^)]*\)|<[a-z][a-z0-9+.-]*:[^>]*>", re.IGNORECASE)
 
 
 @dataclass
@@ -41,6 +59,32 @@ class Candidate:
 def _strip_heading(text: str) -> str:
     first, _, rest = text.partition("\n")
     return rest if first.lstrip().startswith("#") else text
+
+
+def only_links(text: str) -> bool:
+    """True for a section that is nothing but a list of links ('See also', 'Related'): no use to read on its own."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and all(_LIST_ITEM.match(line) and _LINK.search(line) for line in lines)
+
+
+def nest(text: str, below: int = PACKED_LEVEL) -> str:
+    """`text` with its headings moved down so the highest is one level below `below` (capped at 6), their order
+    of levels kept: a packed section's own subheadings stay inside it."""
+    found = headings(text)
+    if not found:
+        return text
+    shift = max(0, below + 1 - min(level for _, level, _ in found))
+    if not shift:
+        return text
+    for offset, level, title in reversed(found):
+        end = text.find("\n", offset)
+        end = len(text) if end < 0 else end
+        if not text[offset:end].lstrip().startswith("#"):
+            # A setext heading (text underlined by === or ---): written as an ATX heading, its underline dropped.
+            underline = text.find("\n", end + 1)
+            end = len(text) if underline < 0 else underline
+        text = text[:offset] + "#" * min(6, level + shift) + " " + title + text[end:]
+    return text
 
 
 async def essentials(conn: aiosqlite.Connection, layer: str) -> list[str]:
@@ -81,9 +125,10 @@ async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list
     ordered: list[tuple[float, int, Candidate]] = []
     for key, sections in best.items():
         rank, doc = docs[key]
-        matching = sorted((item for item in sections if item[0] > 0), key=lambda item: -item[0])
+        readable = [item for item in sections if not only_links(_strip_heading(item[1]["text"]))]
+        matching = sorted((item for item in readable if item[0] > 0), key=lambda item: -item[0])
         # A document found by its triggers or tags may have no matching section: offer its opening section.
-        chosen = matching[:SECTIONS_PER_DOCUMENT] or sections[:1]
+        chosen = matching[:SECTIONS_PER_DOCUMENT] or readable[:1]
         for nth, (_, row) in enumerate(chosen):
             candidate = Candidate(
                 doc_rank=rank,
@@ -93,13 +138,14 @@ async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list
                 revision=doc.body.revision if doc.body else 0,
                 ord=row["ord"],
                 heading=row["heading"],
-                text=_strip_heading(row["text"]),
+                text=nest(_strip_heading(row["text"])),
             )
             # A document's n-th best section is worth its document's score times SECTION_DECAY**n: a strong
             # document gives several sections before a weak one gives its first.
             ordered.append((doc.score * SECTION_DECAY**nth, rank, candidate))
     ordered.sort(key=lambda item: (-item[0], item[1]))
-    return [c for _, _, c in ordered]
+    best_value = ordered[0][0] if ordered else 0.0
+    return [c for value, _, c in ordered if value >= best_value * SECTION_VALUE_FLOOR]
 
 
 def _truncate(text: str, budget: int) -> str:
@@ -114,7 +160,7 @@ def _truncate(text: str, budget: int) -> str:
 
 async def candidates(conn: aiosqlite.Connection, plan: Plan, layers: list[str] | None) -> list[Candidate]:
     """The sections worth reading for `plan`, best first: the top documents' best-matching sections."""
-    ranked = await rank(conn, plan, layers, None, TOP_DOCUMENTS) if plan.terms else []
+    ranked = await rank(conn, plan, layers, None, TOP_DOCUMENTS, weights=TASK_WEIGHTS) if plan.terms else []
     ranked = [r for r in ranked if r.score >= ranked[0].score * RELATIVE_SCORE_FLOOR]
     return await _sections(conn, plan.searched, ranked) if ranked else []
 
@@ -137,12 +183,15 @@ def assemble(task: str, max_tokens: int, lines: list[str], found: list[Candidate
     omitted: list[OmittedSection] = []
     text = header + essentials_text + "## Relevant knowledge\n\n"
     used = estimate_tokens(text)
+    full = False
     for candidate in found:
         cost = estimate_tokens(candidate.render() + "\n")
-        if used + cost <= max_tokens:
+        if not full and used + cost <= max_tokens:
             chosen.append(candidate)
             used += cost
             continue
+        # Past the first section that does not fit, nothing is packed: a weaker section must not take its place.
+        full = True
         if not chosen:
             # The best section alone is larger than the budget: give its beginning rather than nothing.
             overhead = estimate_tokens(Candidate(**{**candidate.__dict__, "text": ""}).render() + "\n")

@@ -61,6 +61,9 @@ class QueryOutcome(BaseModel):
     first_relevant_rank: int | None
     first_hit_score: float | None = None
     relevant_budget_share: float | None = None
+    crowded_out: bool | None = Field(
+        default=None, description="Context: an off-topic section was packed while a relevant one was left out"
+    )
 
 
 class KindFigures(BaseModel):
@@ -87,6 +90,9 @@ class EvalReport(BaseModel):
     ndcg_at_10: float
     context_hit_rate: float
     context_relevant_share: float
+    context_crowded_out: int = Field(
+        default=0, description="Context tasks where an off-topic section was packed while a relevant one was left out"
+    )
     out_of_scope_queries: int = 0
     false_alarm_rate: float | None = Field(
         default=None, description="Share of out-of-scope queries whose first hit scores above the threshold"
@@ -194,6 +200,7 @@ def summarize(outcomes: list[QueryOutcome], k: int) -> EvalReport:
         ndcg_at_10=gain,
         context_hit_rate=_mean([1.0 if o.first_relevant_rank else 0.0 for o in contexts]),
         context_relevant_share=_mean([o.relevant_budget_share or 0.0 for o in contexts]),
+        context_crowded_out=sum(1 for o in contexts if o.crowded_out),
         out_of_scope_queries=len(out_of_scope),
         false_alarm_rate=rate,
         false_alarm_threshold=threshold,
@@ -255,6 +262,8 @@ async def run_eval(
                 returned=returned,
                 first_relevant_rank=first_rank(returned, item.relevant),
                 relevant_budget_share=round(relevant_tokens / total, 3) if total else 0.0,
+                crowded_out=any(o.id in item.relevant for o in packed.omitted)
+                and any(s.id not in item.relevant for s in packed.sections),
             )
         )
     return summarize(outcomes, k)

@@ -192,6 +192,11 @@ def _headings(body: str) -> list[tuple[int, int, str]]:
     return list(_headings_cached(body))
 
 
+def headings(body: str) -> list[tuple[int, int, str]]:
+    """(offset, level, text) of every heading, for callers that rewrite them (context packing nests them)."""
+    return _headings(body)
+
+
 def first_heading(body: str) -> str | None:
     """The text of the first heading, used as a title when frontmatter has none."""
     headings = _headings(body)

@@ -713,8 +713,8 @@ def explain_terms(plan: Plan) -> list[QueryTermExplanation]:
     ]
 
 
-def _total(parts: dict[str, float]) -> float:
-    return sum(WEIGHTS[name] * value for name, value in parts.items())
+def _total(parts: dict[str, float], weights: dict[str, float]) -> float:
+    return sum(weights[name] * value for name, value in parts.items())
 
 
 async def candidates(
@@ -743,8 +743,10 @@ async def rank(
     tags: list[str] | None,
     limit: int,
     offset: int = 0,
+    weights: dict[str, float] | None = None,
 ) -> list[Ranked]:
-    """Documents for `plan`, best first: BM25 candidates, the best CANDIDATES of them re-scored from their text.
+    """Documents for `plan`, best first: BM25 candidates, the best CANDIDATES of them re-scored from their text,
+    with the parts weighed by `weights` (default WEIGHTS).
 
     Past the re-scored head (deep pages) documents follow in BM25 order, scored by their BM25 part alone.
     """
@@ -760,7 +762,7 @@ async def rank(
         item.body = texts.get(item.row["key"], Body("", 0, 0))
         rescore(plan, item, query_plain)
     for item in ranked:
-        item.score = _total(item.parts)
+        item.score = _total(item.parts, weights or WEIGHTS)
     head.sort(key=lambda item: (-item.score, item.row["score"]))
     ranked[:CANDIDATES] = head
     return ranked[offset : offset + limit]
