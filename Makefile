@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint typecheck bench eval clean
+.PHONY: serve test lint typecheck bench eval eval-external clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "SAGE needs Python 3.11 or newer: run make PYTHON=python3.12")'
@@ -36,6 +36,10 @@ bench: $(VENV)/.installed-dev
 
 eval: $(VENV)/.installed
 	$(BIN)/sage eval
+
+# Retrieval on Debian's manual pages next to plain FTS5 BM25 (installs them with apt: needs root; not part of CI).
+eval-external: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.external_eval
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache dist build

@@ -55,6 +55,7 @@ class Reads(Protocol):
         tags: Strings | None = ...,
         limit: int = ...,
         cursor: str | None = ...,
+        explain: bool = ...,
     ) -> SearchResult: ...
     async def context(self, task: str, max_tokens: int | None = ..., layers: Strings | None = ...) -> ContextResult: ...
     async def history(self, doc_id: str) -> History: ...
@@ -72,10 +73,11 @@ class BoundedViews:
         limit: int = 10,
         cursor: str | None = None,
         max_tokens: int | None = None,
+        explain: bool = False,
     ) -> SearchPage:
         """`search`, keeping as many hits as fit `max_tokens`; `next_cursor` goes on after the last hit shown."""
         ceiling = budget.check(max_tokens)
-        result = await self.search(query, layers, tags, limit, cursor)
+        result = await self.search(query, layers, tags, limit, cursor, explain)
         page = SearchPage(**dict(result))
         if budget.cost(page) <= ceiling:
             return page
@@ -93,7 +95,11 @@ class BoundedViews:
         keep = budget.largest(len(result.hits), lambda count: budget.cost(first(count)) <= ceiling)
         page = first(keep)
         # Ask again for exactly `keep` hits (the same ones, best first): its cursor starts after the last shown.
-        again = await self.search(query, layers, tags, keep, cursor) if keep and not result.corrected_query else None
+        again = (
+            await self.search(query, layers, tags, keep, cursor, explain)
+            if keep and not result.corrected_query
+            else None
+        )
         page = page.model_copy(update={"next_cursor": again.next_cursor if again else None})
         return budget.ensure(page, ceiling)
 

@@ -76,13 +76,10 @@ def nest(text: str, below: int = PACKED_LEVEL) -> str:
     shift = max(0, below + 1 - min(level for _, level, _ in found))
     if not shift:
         return text
+    # Sections are cut at levels 1-2, so what is inside one is ATX (setext headings have only those two levels).
     for offset, level, title in reversed(found):
         end = text.find("\n", offset)
         end = len(text) if end < 0 else end
-        if not text[offset:end].lstrip().startswith("#"):
-            # A setext heading (text underlined by === or ---): written as an ATX heading, its underline dropped.
-            underline = text.find("\n", end + 1)
-            end = len(text) if underline < 0 else underline
         text = text[:offset] + "#" * min(6, level + shift) + " " + title + text[end:]
     return text
 

@@ -112,6 +112,7 @@ class SearchQuery(BaseModel):
     tag: list[TagFilter] = Field(default_factory=list)
     limit: int = Field(10, ge=1, le=100)
     cursor: str | None = None
+    explain: bool = Field(False, description="Say why each hit ranked where it did")
 
     _q = field_validator("q")(_not_blank)
     _tags = field_validator("tag")(_lines)
@@ -313,7 +314,7 @@ def _partial(result: SearchResult | ContextResult) -> dict[str, str]:
 
 async def search(request: Request, kb: KnowledgeService) -> Response:
     q: SearchQuery = _query(request, SearchQuery)
-    result = await kb.search(q.q, q.layer, q.tag, q.limit, q.cursor)
+    result = await kb.search(q.q, q.layer, q.tag, q.limit, q.cursor, q.explain)
     return _json(result, headers=_partial(result))
 
 

@@ -53,3 +53,42 @@ async def test_bad_arguments(service: KnowledgeService) -> None:
         await service.context("  ")
     with pytest.raises(InvalidInput, match="max_tokens must be between 200"):
         await service.context("retry", max_tokens=10)
+
+
+async def test_sections_that_only_list_links_are_never_packed(service: KnowledgeService) -> None:
+    body = (
+        "## Retry budgets\n\nA retry budget caps retries at a share of requests.\n\n"
+        "## See also\n\n- [Retry storms](sage:retry-storms)\n- [Backoff and retry](https://example.com/retry)\n"
+    )
+    await service.save(DocumentIn(id="budgets", title="Retry Budgets", layer="practices", body=body))
+    result = await service.context("retry budget retry storms backoff", max_tokens=4000)
+    assert ("budgets", "Retry budgets") in {(s.id, s.heading) for s in result.sections}
+    assert all(s.heading != "See also" for s in result.sections)
+    assert "(sage:retry-storms)" not in result.text
+
+
+async def test_nested_headings_stay_below_the_packers_own(service: KnowledgeService) -> None:
+    body = (
+        "## Jitter\n\nJitter spreads retries.\n\n### Full jitter\n\nPick a random delay.\n\n"
+        "#### Decorrelated\n\nGrow from the last delay.\n\n```bash\n# not a heading\n```\n"
+    )
+    await service.save(DocumentIn(id="jitter", title="Jitter", layer="practices", body=body))
+    result = await service.context("jitter random delay", max_tokens=4000)
+    section = next(s for s in result.sections if s.id == "jitter")
+    assert "#### Full jitter" in section.text and "##### Decorrelated" in section.text
+    assert "# not a heading" in section.text  # code is left alone
+    assert "### Jitter" in result.text and "\n### Full jitter" not in result.text
+
+
+async def test_a_weaker_section_never_takes_the_place_of_one_that_did_not_fit(service: KnowledgeService) -> None:
+    big = "## Backoff in depth\n\n" + "Exponential backoff with jitter and a deadline. " * 120
+    await service.save(DocumentIn(id="deep", title="Backoff", layer="practices", body=big, triggers=["backoff"]))
+    small = "## Aside\n\nBackoff is mentioned here once."
+    await service.save(DocumentIn(id="aside", title="Aside", layer="practices", body=small))
+    result = await service.context("exponential backoff with jitter and a deadline", max_tokens=1200)
+    packed = [s.id for s in result.sections]
+    left_out = [o.id for o in result.omitted]
+    # The best section was cut to fit; nothing after it sneaks into the budget it left.
+    assert packed == ["deep"] and "truncated to fit" in result.sections[0].text
+    assert "aside" not in packed and result.tokens_used <= 1200
+    assert left_out[0] == "deep"

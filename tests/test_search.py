@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sage_server import search
 from sage_server.errors import InvalidInput
 from sage_server.models import DocumentIn
 from sage_server.search import parse_query
@@ -134,3 +135,71 @@ def test_parse_query_quotes_everything() -> None:
     )
     assert parse_query("the and of").fts() == '"the" OR "and" OR "of"'
     assert parse_query("?!").terms == []
+
+
+async def save(service: KnowledgeService, doc_id: str, title: str, body: str, **extra: object) -> None:
+    await service.save(DocumentIn(id=doc_id, title=title, layer="practices", body=body, **extra))  # type: ignore[arg-type]
+
+
+async def test_words_found_together_in_the_query_order_rank_first(service: KnowledgeService) -> None:
+    # Both hold the three words; only one says them in one sentence, in the order asked.
+    await save(service, "scattered", "Notes", "The socket closes. " + "Filler words here. " * 40 + "A peer may reset.")
+    await save(
+        service, "together", "Notes", "Filler words here. " * 20 + "The peer may reset the socket when it closes."
+    )
+    hits = (await service.search("peer reset socket")).hits
+    assert [h.id for h in hits][:2] == ["together", "scattered"]
+
+
+async def test_typos_are_corrected_even_in_the_first_letter(service: KnowledgeService) -> None:
+    for typo in ("xircuit breaker", "ircuit breaker", "circiut breaker"):
+        result = await service.search(typo)
+        assert result.hits and result.hits[0].id == "timeout-resilience", typo
+        assert result.corrected_query is not None and "circuit" in result.corrected_query, typo
+
+
+async def test_a_word_cut_short_is_read_as_the_start_of_longer_words(service: KnowledgeService) -> None:
+    result = await service.search("timeout strat")  # no document holds "strat" as a word
+    assert result.hits[0].id == "timeout-resilience"
+    assert result.corrected_query == "timeout strat*"
+    for n in range(search.SHORT_WORD_RATIO):
+        await save(service, f"processes-{n}", "Workers", "Each process forks processes; processing queues wait.")
+    await save(service, "proc", "Proc", "The proc filesystem.")
+    # "proc" is a word, but mostly the start of longer ones: both kinds of document are found, exact ones too.
+    explained = await service.search("proc", explain=True)
+    assert {h.id for h in explained.hits} >= {"processes-0", "proc"}
+    assert explained.terms is not None and explained.terms[0].note == "prefix"
+
+
+async def test_a_rare_word_near_a_common_one_is_searched_beside_it(service: KnowledgeService) -> None:
+    for n in range(search.RARE_RATIO):
+        await save(service, f"backoff-{n}", f"Backoff {n}", "Exponential backoff between attempts.")
+    await save(service, "typo-doc", "Typo", "Exponential bakcoff, as written once.")
+    result = await service.search("bakcoff", explain=True)
+    assert result.terms is not None and result.terms[0].note == "or"
+    assert {h.id for h in result.hits} >= {"typo-doc", "backoff-0"}
+
+
+async def test_explain_shows_bm25_per_field_and_the_parts_of_the_score(service: KnowledgeService) -> None:
+    result = await service.search("circuit breaker", explain=True)
+    top = result.hits[0]
+    assert top.id == "timeout-resilience" and top.explain is not None
+    why = top.explain
+    assert why.bm25 > 0 and {"triggers", "summary", "body"} <= set(why.bm25_fields)
+    assert set(why.parts) == set(why.weights) == {"bm25", "coverage", "proximity", "meta", "triggers"}
+    assert top.score == pytest.approx(sum(why.parts[p] * why.weights[p] for p in why.parts), abs=1e-3)
+    assert why.matched == ["circuit", "breaker"]
+    assert result.terms is not None and [t.searched for t in result.terms] == ["circuit", "breaker"]
+    assert all(t.documents >= 1 and t.idf > 0 for t in result.terms)
+    assert (await service.search("circuit breaker")).hits[0].explain is None
+
+
+async def test_scores_say_how_well_a_document_answers(service: KnowledgeService) -> None:
+    answer = (await service.search("circuit breaker")).hits[0].score
+    stray = (await service.search("circuit sourdough flour oven")).hits[0].score
+    assert 0 < stray < answer <= 1
+
+
+async def test_chinese_sentences_find_documents_holding_their_words_apart(service: KnowledgeService) -> None:
+    hits = (await service.search("轮换泄露的密钥")).hits  # no document holds the sentence; one holds its words
+    assert hits and hits[0].id == "handling-secrets"

@@ -79,6 +79,7 @@ def register_tools(server: MCPServer[Any], kb: KnowledgeService) -> None:
         limit: Limit = 10,
         cursor: Cursor = None,
         max_tokens: MaxTokens = DEFAULT_MAX_TOKENS,
+        explain: Annotated[bool, Field(description="Say why each hit ranked where it did")] = False,
     ) -> SearchPage:
         """Full-text search over the knowledge base, best match first. Use it to find which documents cover a
         topic; then read one with sage_get_document.
@@ -91,11 +92,13 @@ def register_tools(server: MCPServer[Any], kb: KnowledgeService) -> None:
             limit: hits per page, e.g. 10 (1-100).
             cursor: `next_cursor` from the previous page, to get the next one.
             max_tokens: the largest answer to return, e.g. 4000; fewer hits are returned if they do not fit.
+            explain: true to get, per hit, its BM25 (whole and per field) and the parts of its score, and the
+                query's terms as searched; for debugging a ranking, not for everyday use.
 
         Returns `hits` (id, title, layer, tags, score, snippet with **matches**, tokens, revision) and
         `next_cursor` when there are more. `truncated` says hits were held back for the budget.
         """
-        return await kb.search_within(query, layers, tags, limit, cursor, max_tokens)
+        return await kb.search_within(query, layers, tags, limit, cursor, max_tokens, explain)
 
     @tool(server, kb.metrics, title="Get context for a task", read_only=True)
     async def sage_get_context(

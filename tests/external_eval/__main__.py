@@ -142,11 +142,11 @@ async def _run(args: argparse.Namespace) -> int:
         for half, reports in results.items()
     }
     (work / "results.json").write_text(json.dumps(summary, indent=2))
-    outcomes = {
+    per_query = {
         half: {name: [o.model_dump() for o in report.outcomes] for name, report in reports.items()}
         for half, reports in results.items()
     }
-    (work / "outcomes.json").write_text(json.dumps(outcomes, ensure_ascii=False))
+    (work / "outcomes.json").write_text(json.dumps(per_query, ensure_ascii=False))
     print(f"written: {work / 'results.json'}, {work / 'outcomes.json'}, {work}/eval-<half>.yaml")
     return 0
 

@@ -270,8 +270,10 @@ def load(path: Path, pages: list[Page]) -> Loaded:
     current = {page.path: checksum(page.text) for page in pages}
     result = Loaded(queries=[], packages=data["packages"], new_pages=len(set(current) - set(recorded)))
     for query in data["queries"]:
-        states = ["vanished" if p not in current else "changed" if current[p] != recorded.get(p) else "same"
-                  for p in query["relevant"]]
+        states = [
+            "vanished" if p not in current else "changed" if current[p] != recorded.get(p) else "same"
+            for p in query["relevant"]
+        ]
         if "vanished" in states:
             result.vanished += 1
         elif "changed" in states:
