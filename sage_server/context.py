@@ -25,6 +25,8 @@ from sage_server.text import estimate_tokens
 TOP_DOCUMENTS = 4
 # How the packer weighs the parts of a document's score for a task (search.WEIGHTS has the same parts).
 TASK_WEIGHTS = {"bm25": 0.3, "coverage": 0.1, "proximity": 0.0, "meta": 0.5, "triggers": 0.1}
+# How many of the best BM25 documents the packer re-scores (it packs from a few of them).
+TASK_CANDIDATES = 30
 # A document whose score is below this share of the best one is not worth the budget.
 RELATIVE_SCORE_FLOOR = 0.4
 SECTIONS_PER_DOCUMENT = 3
@@ -157,9 +159,11 @@ def _truncate(text: str, budget: int) -> str:
 
 async def candidates(conn: aiosqlite.Connection, plan: Plan, layers: list[str] | None) -> list[Candidate]:
     """The sections worth reading for `plan`, best first: the top documents' best-matching sections."""
-    ranked = await rank(conn, plan, layers, None, TOP_DOCUMENTS, weights=TASK_WEIGHTS) if plan.terms else []
+    ranked = await rank(conn, plan, layers, None, TOP_DOCUMENTS, weights=TASK_WEIGHTS, rescored=TASK_CANDIDATES)
+    if not ranked:
+        return []
     ranked = [r for r in ranked if r.score >= ranked[0].score * RELATIVE_SCORE_FLOOR]
-    return await _sections(conn, plan.searched, ranked) if ranked else []
+    return await _sections(conn, plan.searched, ranked)
 
 
 def assemble(task: str, max_tokens: int, lines: list[str], found: list[Candidate]) -> ContextResult:

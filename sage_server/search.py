@@ -653,9 +653,10 @@ def _densest(starts: list[list[int]], width: int) -> int | None:
     return best_at
 
 
-def rescore(plan: Plan, item: Ranked, query_plain: str) -> None:
+def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) -> None:
     """Fill in the parts of a candidate's score (each 0-1; see the module docstring), the terms it holds and where
-    its snippet should start. `query_plain` is the query as trigger matching reads it."""
+    its snippet should start. `query_plain` is the query as trigger matching reads it; without `proximity` (its
+    weight is 0) that part is not worked out."""
     row, body = item.row, item.body.text if item.body else ""
     alternates = item.body.alternates if item.body else ""
     meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"], alternates)).lower()
@@ -681,7 +682,10 @@ def rescore(plan: Plan, item: Ranked, query_plain: str) -> None:
     total = sum(unit.weight for unit in units) or 1.0
     meta_total = sum(unit.meta_weight for unit in units) or 1.0
     weights = [unit.weight for unit in units]
-    together = covered / total if len(weights) == 1 else _pair_proximity(per_unit, weights)
+    if not proximity or len(weights) == 1:
+        together = covered / total
+    else:
+        together = _pair_proximity(per_unit, weights)
     triggered = trigger_matches(plan.query.text, json.loads(row["triggers"]), query_plain)
     item.parts = {
         "bm25": item.parts["bm25"],
@@ -744,27 +748,29 @@ async def rank(
     limit: int,
     offset: int = 0,
     weights: dict[str, float] | None = None,
+    rescored: int = CANDIDATES,
 ) -> list[Ranked]:
-    """Documents for `plan`, best first: BM25 candidates, the best CANDIDATES of them re-scored from their text,
+    """Documents for `plan`, best first: BM25 candidates, the best `rescored` of them re-scored from their text,
     with the parts weighed by `weights` (default WEIGHTS).
 
     Past the re-scored head (deep pages) documents follow in BM25 order, scored by their BM25 part alone.
     """
     if not plan.terms:
         return []
-    rows = await candidates(conn, plan, layers, tags, max(CANDIDATES, offset + limit))
+    weights = weights or WEIGHTS
+    rows = await candidates(conn, plan, layers, tags, max(rescored, offset + limit))
     best = max((-row["score"] for row in rows), default=0.0)
     ranked = [Ranked(row, 0.0, parts={"bm25": -row["score"] / best if best > 0 else 0.0}) for row in rows]
-    head = ranked[:CANDIDATES]
+    head = ranked[:rescored]
     texts = await bodies(conn, [item.row["key"] for item in head])
     query_plain = _normalized(plan.query.text)
     for item in head:
         item.body = texts.get(item.row["key"], Body("", 0, 0))
-        rescore(plan, item, query_plain)
+        rescore(plan, item, query_plain, proximity=weights["proximity"] > 0)
     for item in ranked:
-        item.score = _total(item.parts, weights or WEIGHTS)
+        item.score = _total(item.parts, weights)
     head.sort(key=lambda item: (-item.score, item.row["score"]))
-    ranked[:CANDIDATES] = head
+    ranked[:rescored] = head
     return ranked[offset : offset + limit]
 
 
