@@ -4,9 +4,9 @@ caller every operation acts for.
 A request presents at most one credential, `Authorization: Bearer <token>` or `X-API-Key: <token>`. An
 `Authenticator` asks its credential sources, in order, whom the token names, and answers a `Principal` (a name
 and scopes) or refuses with `Unauthorized` and a reason. The sources are SAGE_API_KEY, the admin key `sage serve`
-generates, and the named keys stored in the database (keys.py); OAuth issuers are further sources behind the same
-`CredentialSource` protocol. stdio, the command line and in-process use never pass through here: whoever launched
-the process already owns it, and acts as the `local` principal with every scope.
+generates, the named keys stored in the database (keys.py), and an OAuth authorization server's JWT access tokens
+(oauth.py), all behind the same `CredentialSource` protocol. stdio, the command line and in-process use never pass
+through here: whoever launched the process already owns it, and acts as the `local` principal with every scope.
 
 The front door leaves the caller (principal and client address) in a context variable for the length of the
 request; the service reads it to check scopes and to name the caller in the audit trail.
@@ -165,13 +165,20 @@ class Authenticator:
     once any does, a request must present a credential that a source resolves, unless `allow_anonymous`, which
     lets requests without one read."""
 
-    def __init__(self, sources: Sequence[CredentialSource], *, allow_anonymous: bool = False) -> None:
+    def __init__(
+        self, sources: Sequence[CredentialSource], *, allow_anonymous: bool = False, oauth: bool = False
+    ) -> None:
         self.sources = list(sources)
         self.allow_anonymous = allow_anonymous
+        # An OAuth issuer is among the sources: a 401 tells MCP clients where to get a token (resource_metadata).
+        self.oauth = oauth
 
     @classmethod
     def from_settings(cls, settings: Settings, stored: CredentialSource | None = None) -> Authenticator:
-        """SAGE_API_KEY, the admin key `sage serve` generated in the data folder, and the `stored` keys."""
+        """SAGE_API_KEY, the admin key `sage serve` generated in the data folder, the `stored` keys, and the OAuth
+        issuer the settings name (its tokens are JWTs, which no key is: it is asked last)."""
+        from sage_server.oauth import OAuthIssuer  # oauth.py builds on this module's Principal and scopes
+
         sources: list[CredentialSource] = []
         if settings.api_key is not None and settings.api_key.get_secret_value().strip():
             principal = Principal("SAGE_API_KEY")
@@ -182,7 +189,10 @@ class Authenticator:
             sources.append(StaticKey(f"the generated key in {path}", generated, Principal(ADMIN_KEY_FILE)))
         if stored is not None:
             sources.append(stored)
-        return cls(sources, allow_anonymous=settings.allow_anonymous)
+        issuer = OAuthIssuer.from_settings(settings)
+        if issuer is not None:
+            sources.append(issuer)
+        return cls(sources, allow_anonymous=settings.allow_anonymous, oauth=issuer is not None)
 
     @property
     def required(self) -> bool:
@@ -223,6 +233,13 @@ class Authenticator:
         )
 
 
+def with_resource_metadata(refused: Unauthorized, url: str) -> None:
+    """Make `refused`'s challenge name the protected-resource metadata at `url`, as MCP's authorization
+    specification asks of a server that takes OAuth tokens: `WWW-Authenticate: Bearer ..., resource_metadata="..."`."""
+    challenge = refused.headers.get("WWW-Authenticate") or 'Bearer realm="sage"'
+    refused.headers = {**refused.headers, "WWW-Authenticate": f'{challenge}, resource_metadata="{url}"'}
+
+
 # -- secure by default: the admin key `sage serve` generates ---------------------------------------------------
 
 
@@ -261,7 +278,7 @@ def ensure_admin_key(settings: Settings, stored_keys: bool = False) -> None:
     in the data folder (owner-only) and printed once to the log. SAGE_ALLOW_ANONYMOUS=true opts out, loudly."""
     has_key = settings.api_key is not None and bool(settings.api_key.get_secret_value().strip())
     existing = read_admin_key(settings)
-    if is_loopback(settings.host) or has_key or existing or stored_keys:
+    if is_loopback(settings.host) or has_key or existing or stored_keys or settings.oauth_issuer:
         return
     if settings.allow_anonymous:
         log_event(

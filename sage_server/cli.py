@@ -576,14 +576,40 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 @click.option("--port", type=int, default=None, help="REST API port, also serving MCP at /mcp (SAGE_API_PORT).")
 @click.option("--mcp-port", type=int, default=None, help="MCP port (SAGE_MCP_PORT).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port (SAGE_METRICS_PORT).")
+@click.option(
+    "--tls-cert-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEM certificate (chain): serve every listener over HTTPS (SAGE_TLS_CERT_FILE).",
+)
+@click.option(
+    "--tls-key-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEM private key of the certificate, if not in its file (SAGE_TLS_KEY_FILE).",
+)
 @click.pass_context
 def serve(
-    ctx: click.Context, host: str | None, port: int | None, mcp_port: int | None, metrics_port: int | None
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    mcp_port: int | None,
+    metrics_port: int | None,
+    tls_cert_file: Path | None,
+    tls_key_file: Path | None,
 ) -> None:
     """Serve REST, /health and MCP on the API port, MCP on the MCP port, metrics on the metrics port."""
     from sage_server.serve import serve as run_server  # imported here: plain CLI commands stay quick to start
 
-    settings = _settings(ctx, host=host, api_port=port, mcp_port=mcp_port, metrics_port=metrics_port)
+    settings = _settings(
+        ctx,
+        host=host,
+        api_port=port,
+        mcp_port=mcp_port,
+        metrics_port=metrics_port,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+    )
     _run_server(settings, lambda: run_server(settings))
 
 

@@ -65,6 +65,12 @@ class Metrics:
         self.key_requests = Counter(
             "sage_requests_by_key", "Requests let in, by the name of the key they presented", ["key"], registry=r
         )
+        self.rate_limited_requests = Counter(
+            "sage_rate_limited",
+            "Requests refused for their rate (429), by the name of their key ('anonymous' for those without one)",
+            ["key"],
+            registry=r,
+        )
         self.backup_success = Gauge(
             "sage_backup_last_success_timestamp_seconds",
             "Unix time of the newest knowledge-base backup (0: none yet)",
@@ -116,6 +122,10 @@ class Metrics:
     def request_by_key(self, key: str) -> None:
         """Count a request let in under its key's name ('anonymous' for all requests without one)."""
         self.key_requests.labels(key).inc()
+
+    def rate_limited(self, key: str) -> None:
+        """Count a request refused for its rate under its key's name."""
+        self.rate_limited_requests.labels(key).inc()
 
     def set_backup_success(self, timestamp: float | None) -> None:
         """Refresh the time of the newest backup (read from the backup folder at scrape time)."""

@@ -1,6 +1,6 @@
 """Plain ASGI middleware (BaseHTTPMiddleware would break streaming MCP responses): request ids, access logs and
-HTTP metrics, the front door (Host, Origin, credentials), a request-body limit and rate limits; and the one function
-that renders an error for HTTP."""
+HTTP metrics, the front door (Host, Origin, credentials) and a request-body limit (rate limits are in ratelimit.py);
+and the one function that renders an error for HTTP."""
 
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sage_server.auth import Authenticator, Caller, Principal, acting_as
+from sage_server.auth import Authenticator, Caller, Principal, acting_as, with_resource_metadata
 from sage_server.errors import (
     Forbidden,
     MethodNotAllowed,
     MisdirectedRequest,
     NotFound,
     PayloadTooLarge,
-    RateLimited,
     SageError,
     Unauthorized,
     clip,
@@ -36,11 +35,14 @@ from sage_server.errors import (
 from sage_server.hosts import HostRule
 from sage_server.logs import REQUEST, get_logger, log_event
 from sage_server.metrics import Metrics
+from sage_server.oauth import METADATA_PATH, metadata_url
 
 log = get_logger("http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Probes and load balancers call these by IP, without credentials.
 OPEN_PATHS = ("/health", "/ready")
+# Public documents: the Host rule applies (they name this server), no credential is asked, any Origin may read them.
+PUBLIC_PATHS = (METADATA_PATH,)
 MESSAGE_LIMIT = 500  # characters of an error message; details' strings get DETAIL_LIMIT
 DETAIL_LIMIT = 200
 
@@ -187,7 +189,8 @@ class DoorObserver(Protocol):
 class FrontDoor:
     """The one rule at the door of every route but the probes (/health, /ready), on every listener: the Host must
     name this server (421; DNS rebinding), a browser's Origin must be this server's (403; cross-site requests), and
-    the request must carry a credential the authenticator accepts (401).
+    the request must carry a credential the authenticator accepts (401; with OAuth configured, the challenge names
+    the protected-resource metadata, which is served to any Origin without a credential).
 
     The principal is left in the scope: `state['principal']` for SAGE, and `user`/`auth` as the MCP SDK reads them
     (it binds a session to the credential that opened it; `get_access_token()` names the caller in a handler)."""
@@ -215,6 +218,9 @@ class FrontDoor:
                 "an operator can add it to SAGE_ALLOWED_HOSTS",
                 host=host,
             )
+        if scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
         origin = headers.get("origin")
         if origin is not None and not self.hosts.origin_allowed(origin, host):
             raise Forbidden(f"requests from pages at {clip(origin)!r} are refused (cross-site)", origin=origin)
@@ -224,6 +230,8 @@ class FrontDoor:
         except Unauthorized as exc:
             if self.observer is not None:
                 self.observer.refused(client, str(exc.details.get("reason", "invalid")))
+            if self.authenticator.oauth:
+                with_resource_metadata(exc, metadata_url(scope.get("scheme", "http"), host))
             raise
         if self.observer is not None:
             self.observer.admitted(principal)
@@ -295,35 +303,3 @@ class BodyLimit:
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is over {self.max_bytes} bytes", limit=self.max_bytes)
-
-
-class RateLimit:
-    """Per-client token buckets: `per_minute` requests a minute, in bursts of up to ten seconds' worth; over it,
-    429 with Retry-After. Probes (/health, /ready) are never limited."""
-
-    EXEMPT = OPEN_PATHS
-    MAX_CLIENTS = 10_000  # the oldest idle bucket goes first past this, so memory stays bounded
-
-    def __init__(self, app: ASGIApp, per_minute: int) -> None:
-        self.app = app
-        self.rate = per_minute / 60
-        self.capacity = max(1.0, self.rate * 10)
-        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
-            await self.app(scope, receive, send)
-            return
-        client = scope.get("client")
-        key = client[0] if client else "unknown"
-        now = time.monotonic()
-        tokens, last = self.buckets.pop(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if len(self.buckets) >= self.MAX_CLIENTS:
-            self.buckets.pop(next(iter(self.buckets)))
-        if tokens < 1:
-            self.buckets[key] = (tokens, now)
-            wait = max(1, int((1 - tokens) / self.rate + 0.999))
-            raise RateLimited(f"too many requests; retry after {wait} s", headers={"Retry-After": str(wait)})
-        self.buckets[key] = (tokens - 1, now)  # re-inserted last: the dict stays in least-recently-used order
-        await self.app(scope, receive, send)
