@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sage_server.auth import Principal
 from sage_server.breaker import BreakerState, CircuitBreaker
 from sage_server.config import Settings
-from sage_server.errors import RateLimited
+from sage_server.errors import ConfigError, RateLimited
 from sage_server.logs import get_logger, log_event
 
 log = get_logger("ratelimit")
@@ -109,7 +109,9 @@ class SharedWindows:
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, retry=Retry(NoBackoff(), 0)
         )
         storage = RedisStorage(
-            "async+" + url,
+            # The connection comes from the pool (built from `url` by redis-py, which reads every form it allows:
+            # unix sockets, users, no port); `limits` is given only its scheme, which picks its Redis code.
+            "async+redis://",
             implementation="redispy",
             key_prefix=f"{namespace}:ratelimit",
             connection_pool=self._pool,  # type: ignore[arg-type]  # documented; its annotation lists scalars only
@@ -168,12 +170,15 @@ class RateLimiter:
             if on_breaker is not None:
                 on_breaker(name, state)
 
-        shared = SharedWindows(
-            settings.redis_url,
-            namespace=settings.cache_namespace,
-            limit=settings.rate_limit_per_minute,
-            socket_timeout=max(1.0, 2 * deadline),
-        )
+        try:
+            shared = SharedWindows(
+                settings.redis_url,
+                namespace=settings.cache_namespace,
+                limit=settings.rate_limit_per_minute,
+                socket_timeout=max(1.0, 2 * deadline),
+            )
+        except ValueError as exc:  # redis-py names the schemes it reads
+            raise ConfigError(f"SAGE_REDIS_URL: {exc}") from exc
         breaker = CircuitBreaker.from_settings(BREAKER_NAME, settings, on_change=changed)
         return cls(settings.rate_limit_per_minute, shared=shared, breaker=breaker, deadline=deadline)
 

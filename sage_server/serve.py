@@ -104,14 +104,14 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     files = f"{settings.tls_cert_file}" + (f" and {settings.tls_key_file}" if settings.tls_key_file else "")
     try:
         context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    except OSError as exc:
-        raise ConfigError(
-            f"SAGE_TLS_CERT_FILE/SAGE_TLS_KEY_FILE: cannot read {exc.filename or files}: {exc.strerror}"
-        ) from exc
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # before OSError, of which it is one
         raise ConfigError(
             f"SAGE_TLS_CERT_FILE/SAGE_TLS_KEY_FILE: {files} do not hold a PEM certificate and its private key "
             f"({exc.reason or exc})"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"SAGE_TLS_CERT_FILE/SAGE_TLS_KEY_FILE: cannot read {exc.filename or files}: {exc.strerror}"
         ) from exc
     return context
 

@@ -20,11 +20,12 @@ from sage_server.app import create_app
 from sage_server.config import Settings, load_settings
 from sage_server.errors import ConfigError
 from sage_server.logs import JsonFormatter
-from sage_server.ratelimit import LocalWindows
+from sage_server.ratelimit import LocalWindows, RateLimiter
 from sage_server.service import KnowledgeService, open_service
 from tests.conftest import make_settings
 from tests.listener_support import listening
 from tests.redis_support import RedisServer
+from tests.test_serve import scrape, start
 
 pytestmark = pytest.mark.anyio
 DOC = {"title": "Forwarded", "layer": "practices", "body": "Who sent this?"}
@@ -311,3 +312,45 @@ def test_trusted_proxies_must_be_addresses_or_networks(tmp_path: Path, value: st
 def test_trusted_proxies_are_read_as_a_list_and_normalized(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, trusted_proxies=["10.0.0.5", "10.1.2.0/16", "::1"])
     assert settings.trusted_proxies == ["10.0.0.5", "10.1.0.0/16", "::1"]
+
+
+@pytest.mark.e2e
+async def test_two_sage_serve_instances_share_one_limit_across_all_their_listeners(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    env = {
+        "SAGE_RATE_LIMIT_PER_MINUTE": "4",
+        "SAGE_REDIS_URL": redis_server.url,
+        "SAGE_API_KEY": "shared-key",
+        "SAGE_TIMEOUT_CACHE_MS": "5000",  # slowness on a busy machine must not divert checks into the fallback
+        "SAGE_BACKUP_INTERVAL_HOURS": "0",
+    }
+    first, second = start(tmp_path / "a", env), start(tmp_path / "b", env)
+    try:
+        listeners = [first.api, first.mcp, second.api, second.mcp]  # the MCP listeners have no REST: 404, counted
+        headers = {"X-API-Key": "shared-key", "X-Forwarded-For": "203.0.113.1"}
+        with anyio.fail_after(60):
+            async with httpx.AsyncClient(timeout=30) as http:
+                statuses = [(await http.get(f"{base}/v1/info", headers=headers)).status_code for base in listeners * 3]
+                assert (await http.get(f"{first.api}/health")).status_code == 200
+        assert statuses.count(429) == 8 and 429 not in statuses[:4]
+        limited = scrape(first)[("sage_rate_limited_total", (("key", "SAGE_API_KEY"),))]
+        limited += scrape(second)[("sage_rate_limited_total", (("key", "SAGE_API_KEY"),))]
+        assert limited == 8
+    finally:
+        for running in (first, second):
+            running.process.kill()
+            running.process.wait(10)
+
+
+@pytest.mark.parametrize(
+    "url", ["unix:///run/redis.sock?db=2", "redis://user:secret@redis.internal", "rediss://r:6380/1"]
+)
+def test_every_redis_url_redis_py_reads_is_accepted(tmp_path: Path, url: str) -> None:
+    limiter = RateLimiter.from_settings(make_settings(tmp_path, rate_limit_per_minute=5, redis_url=url))
+    assert limiter.shared is not None  # nothing is connected before the first request
+
+
+def test_a_url_that_names_no_redis_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="SAGE_REDIS_URL"):
+        RateLimiter.from_settings(make_settings(tmp_path, rate_limit_per_minute=5, redis_url="http://redis:6379"))
