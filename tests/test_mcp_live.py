@@ -4,6 +4,7 @@ instance changed it, in both protocol eras, through real clients: in process, ov
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.session import IncomingMessage
+from mcp.client.sse import sse_client
 from mcp.client.stdio import stdio_client
 from mcp.client.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent, Subscription
 from mcp.server.context import ServerRequestContext
@@ -31,6 +34,7 @@ from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from tests.conftest import write_doc
 from tests.mcp_support import serving, settings_for, subprocess_env, write_knowledge
+from tests.test_serve import start
 
 pytestmark = pytest.mark.anyio
 
@@ -255,29 +259,28 @@ async def http_server(settings: Settings) -> AsyncIterator[tuple[str, KnowledgeS
         yield url, service
 
 
-@pytest.mark.parametrize("mode", ["auto", "legacy"])
+@pytest.mark.parametrize("mode", ["auto", "legacy", "sse"])
 async def test_over_http_a_watcher_hears_a_write_made_over_rest(mcp_settings: Settings, mode: str) -> None:
     notifications = Notifications()
-    async with (
-        http_server(mcp_settings) as (url, _),
-        Client(f"{url}/mcp", mode=mode, message_handler=notifications) as client,
-        httpx2.AsyncClient(base_url=url) as rest,
-    ):
+    async with http_server(mcp_settings) as (url, _), httpx2.AsyncClient(base_url=url) as rest:
+        transport = sse_client(f"{url}/sse") if mode == "sse" else f"{url}/mcp"
+        era = "auto" if mode == "auto" else "legacy"
+        async with Client(transport, mode=era, message_handler=notifications) as client:
 
-        async def rest_write() -> None:
-            body = {"title": "Handling Secrets", "layer": "practices", "body": "Rotate over REST.\n"}
-            assert (await rest.put("/v1/knowledge/handling-secrets", json=body)).status_code == 200
+            async def rest_write() -> None:
+                body = {"title": "Handling Secrets", "layer": "practices", "body": "Rotate over REST.\n"}
+                assert (await rest.put("/v1/knowledge/handling-secrets", json=body)).status_code == 200
 
-        with anyio.fail_after(30):
-            if mode == "legacy":
-                with legacy_api():
-                    await client.subscribe_resource(SECRETS)
-                await rest_write()
-                await notifications.wait_for(SECRETS)
-            else:
-                async with client.listen(resource_subscriptions=[SECRETS]) as subscription:
+            with anyio.fail_after(30):
+                if era == "legacy":
+                    with legacy_api():
+                        await client.subscribe_resource(SECRETS)
                     await rest_write()
-                    assert await heard(subscription, 1) == [ResourceUpdated(uri=SECRETS)]
+                    await notifications.wait_for(SECRETS)
+                else:
+                    async with client.listen(resource_subscriptions=[SECRETS]) as subscription:
+                        await rest_write()
+                        assert await heard(subscription, 1) == [ResourceUpdated(uri=SECRETS)]
 
 
 @pytest.mark.e2e
@@ -297,3 +300,48 @@ async def test_over_stdio_a_watcher_hears_a_write_made_by_another_process(
             ):
                 await elsewhere.save(secrets())
                 assert set(await heard(subscription, 2, seconds=30)) == updated(SECRETS, INDEX)
+
+
+LISTEN = {
+    "jsonrpc": "2.0",
+    "id": "listen-1",
+    "method": "subscriptions/listen",
+    "params": {
+        "notifications": {"resourceSubscriptions": ["knowledge://index"]},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        },
+    },
+}
+LISTEN_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": "2026-07-28",
+    "Mcp-Method": "subscriptions/listen",
+}
+
+
+@pytest.mark.e2e
+async def test_a_listen_stream_does_not_hold_up_a_shutdown(tmp_path: Path) -> None:
+    # A listen stream never ends by itself: at SIGTERM it ends at once, like the other event streams, and the server
+    # exits without waiting out its grace period (far longer than this test waits).
+    server = start(tmp_path, {"SAGE_SHUTDOWN_GRACE_SECONDS": "120"})
+    try:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            async with http.stream("POST", f"{server.mcp}/mcp", json=LISTEN, headers=LISTEN_HEADERS) as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                lines = stream.aiter_lines()
+                with anyio.fail_after(30):
+                    async for line in lines:
+                        if "notifications/subscriptions/acknowledged" in line:
+                            break
+                server.process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(60):
+                    async for _ in lines:
+                        pass
+            code = await anyio.to_thread.run_sync(server.process.wait, 60)
+        assert code == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
