@@ -332,9 +332,11 @@ async def bump_generation(conn: aiosqlite.Connection, changed: Sequence[str] | N
 # The change log (table `changes`): which documents each generation changed. It keeps the newest CHANGE_RETENTION
 # generations, enough for an instance that polls every second to catch up after a burst of writes; one that falls
 # further behind treats everything as changed. A write naming more than CHANGE_IDS ids is logged as one '*' row, so
-# an import of thousands of files costs one row, and the log stays under CHANGE_RETENTION * 2 * CHANGE_IDS rows.
+# an import of thousands of files costs one row. Old rows are dropped every PRUNE_EVERY generations (one statement
+# less on most writes), so the log holds at most (CHANGE_RETENTION + PRUNE_EVERY) * 2 * CHANGE_IDS rows.
 CHANGE_RETENTION = 1000
 CHANGE_IDS = 100
+PRUNE_EVERY = 50
 EVERYTHING = "*"  # not a valid id (ids start with a letter, digit or '_')
 
 # One row per changed document with the layer it is in now, whether its listing entry changed (new, deleted,
@@ -360,7 +362,8 @@ async def _record_changes(conn: aiosqlite.Connection, generation: int, changed: 
         )
     elif changed:
         await conn.execute(_RECORD_CHANGES, {"generation": generation, "ids": json.dumps(list(changed))})
-    await conn.execute("DELETE FROM changes WHERE generation <= ?", (generation - CHANGE_RETENTION,))
+    if generation % PRUNE_EVERY == 0:
+        await conn.execute("DELETE FROM changes WHERE generation <= ?", (generation - CHANGE_RETENTION,))
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,8 @@ async def test_the_log_keeps_only_the_newest_generations_and_a_reader_too_far_be
     await kb.save(doc("last"))
     async with kb.db.read() as conn:
         generations = [row[0] for row in await conn.execute_fetchall("SELECT generation FROM changes")]
-        assert len(generations) <= store.CHANGE_RETENTION
-        assert min(generations) > kb.generation - store.CHANGE_RETENTION
+        assert len(generations) <= store.CHANGE_RETENTION + store.PRUNE_EVERY
+        assert min(generations) > kb.generation - store.CHANGE_RETENTION - store.PRUNE_EVERY
         behind = await store.changes_after(conn, first, 100)
         recent = await store.changes_after(conn, kb.generation - 1, 100)
     assert Change.from_log(behind).everything
