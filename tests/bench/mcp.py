@@ -126,7 +126,8 @@ async def _run(running: Running, uris: list[str], rounds: int, *, honour: bool, 
             streamable_http_client(f"{running.mcp}/mcp", http_client=http), cache=CacheConfig() if honour else None
         ) as client,
     ):
-        listening = client.listen(resources_list_changed=True, resource_subscriptions=uris) if honour else None
+        watched = ["knowledge://index", *uris]
+        listening = client.listen(resources_list_changed=True, resource_subscriptions=watched) if honour else None
         subscription = await listening.__aenter__() if listening is not None else None
         try:
             for round_number in range(rounds):
