@@ -244,6 +244,7 @@ async def test_requests_are_counted_and_logged_by_key_name_never_the_secret(
     await http.put("/v1/knowledge/logged", json=DOC, headers=bearer(tokens["write"]))
     lines = [json.dumps(getattr(r, "context", {})) for r in caplog.records]
     assert any('"key": "write-key"' in line and '"operation": "save"' in line for line in lines)
+    assert any('"key": "write-key"' in line and '"operation": "http"' in line for line in lines)  # the access line
     assert all(token not in line for line in lines for token in tokens.values())
     metrics = (await kb.scrape_metrics()).decode()
     assert 'sage_requests_by_key_total{key="write-key"} 1.0' in metrics
