@@ -37,7 +37,7 @@ EXCEPTION_HANDLERS = {HTTPException: error_response, SageError: error_response, 
 def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool) -> Starlette:
     kb = service or KnowledgeService(settings)
     server = build_server(kb)
-    authenticator = Authenticator.from_settings(settings)
+    authenticator = Authenticator.from_settings(settings, kb.key_source)
     routes: list[BaseRoute] = [*rest.routes(kb, authenticator.required, probes_only=not with_rest)]
     all_routes = [*routes, *mcp_routes(server, settings)]
 
@@ -67,7 +67,7 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
                 if settings.rate_limit_per_minute
                 else []
             ),
-            Middleware(FrontDoor, hosts=HostRule.from_settings(settings), authenticator=authenticator),
+            Middleware(FrontDoor, hosts=HostRule.from_settings(settings), authenticator=authenticator, observer=kb),
             Middleware(BodyLimit, max_bytes=settings.max_file_bytes * BODY_OVERHEAD),
         ],
     )

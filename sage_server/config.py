@@ -53,7 +53,12 @@ class Settings(BaseModel):
     )
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
     allow_anonymous: bool = Field(
-        False, description="Serve HTTP beyond loopback without any credential instead of generating an admin key"
+        False,
+        description="Requests without a credential may read once keys exist; beyond loopback with none, serve "
+        "without one instead of generating an admin key",
+    )
+    audit_retention_days: int = Field(
+        365, ge=1, description="Audit entries older than this are removed (the trail is also in every backup)"
     )
     max_filters: int = Field(50, ge=1, le=1000, description="Most tag (or layer) filters one query may carry")
     rate_limit_per_minute: int = Field(0, ge=0, description="HTTP requests a client may make a minute (0: no limit)")

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sage_server.auth import Authenticator, Principal
+from sage_server.auth import Authenticator, Caller, Principal, acting_as
 from sage_server.errors import (
     Forbidden,
     MethodNotAllowed,
@@ -29,6 +29,7 @@ from sage_server.errors import (
     PayloadTooLarge,
     RateLimited,
     SageError,
+    Unauthorized,
     clip,
     error_document,
 )
@@ -158,7 +159,7 @@ class RequestContext:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status == 404 else "other")
             self.metrics.http_request(template, scope["method"], status, elapsed)
-            principal = scope["state"].get("principal")
+            # The request's context (REQUEST) names its client and, once the front door let it in, its key.
             log_event(
                 log,
                 logging.INFO,
@@ -169,10 +170,17 @@ class RequestContext:
                 path=clip(scope["path"], 200),
                 route=template,
                 status=status,
-                principal=principal.name if isinstance(principal, Principal) else None,
                 duration_ms=round(elapsed * 1000, 3),
             )
             REQUEST.reset(token)
+
+
+class DoorObserver(Protocol):
+    """Hears what the front door decided, for metrics and the audit trail (the service is one)."""
+
+    def admitted(self, principal: Principal) -> None: ...
+
+    def refused(self, client: str, reason: str) -> None: ...
 
 
 class FrontDoor:
@@ -185,10 +193,13 @@ class FrontDoor:
 
     MAX_USERS = 1024  # SDK views of principals kept; principals are few (keys), but bounded all the same
 
-    def __init__(self, app: ASGIApp, hosts: HostRule, authenticator: Authenticator) -> None:
+    def __init__(
+        self, app: ASGIApp, hosts: HostRule, authenticator: Authenticator, observer: DoorObserver | None = None
+    ) -> None:
         self.app = app
         self.hosts = hosts
         self.authenticator = authenticator
+        self.observer = observer
         self._users: dict[Principal, tuple[AuthenticatedUser, AuthCredentials]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -206,7 +217,18 @@ class FrontDoor:
         origin = headers.get("origin")
         if origin is not None and not self.hosts.origin_allowed(origin, host):
             raise Forbidden(f"requests from pages at {clip(origin)!r} are refused (cross-site)", origin=origin)
-        principal = await self.authenticator.authenticate(headers)
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        try:
+            principal = await self.authenticator.authenticate(headers)
+        except Unauthorized as exc:
+            if self.observer is not None:
+                self.observer.refused(client, str(exc.details.get("reason", "invalid")))
+            raise
+        if self.observer is not None:
+            self.observer.admitted(principal)
+        request = REQUEST.get()
+        if request is not None:
+            request["key"] = principal.name  # every line logged during the request names the key
         seen = self._users.get(principal)
         if seen is None:
             if len(self._users) >= self.MAX_USERS:
@@ -218,7 +240,8 @@ class FrontDoor:
         scope["user"], scope["auth"] = user, credentials
         context = auth_context_var.set(user)
         try:
-            await self.app(scope, receive, send)
+            with acting_as(Caller(principal, client)):
+                await self.app(scope, receive, send)
         finally:
             auth_context_var.reset(context)
 

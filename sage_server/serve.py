@@ -116,10 +116,6 @@ SETTINGS_OF = {
 
 async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "mcp", "metrics")) -> None:
     """Run the listeners (API, MCP, metrics by default) until SIGTERM or SIGINT, then shut down cleanly."""
-    ensure_admin_key(settings)  # secure by default: beyond loopback, HTTP needs a credential
-    log_event(
-        log, logging.INFO, "Authentication", operation="auth", rule=Authenticator.from_settings(settings).describe()
-    )
     sockets: list[socket.socket] = []
     try:
         for name in listeners:
@@ -143,6 +139,15 @@ async def _serve(
 ) -> None:
     service = KnowledgeService(settings)
     await service.start(import_now=False, fallback=True)
+    try:
+        # Secure by default: beyond loopback, HTTP needs a credential (named keys in the database count).
+        await service.key_source.refresh()
+        ensure_admin_key(settings, stored_keys=service.key_source.active)
+    except BaseException:
+        await service.close()
+        raise
+    rule = Authenticator.from_settings(settings, service.key_source).describe()
+    log_event(log, logging.INFO, "Authentication", operation="auth", rule=rule)
     # One gate for the API and MCP listeners: the in-flight limit is per instance. Metrics scrapes are not limited.
     gate = RequestGate(
         settings.max_requests_in_flight,

@@ -410,3 +410,71 @@ async def identity(conn: aiosqlite.Connection) -> tuple[str, datetime]:
     except ValueError:  # only ever read for the age of the newest backup: a bad value must not stop the server
         created = datetime.now(UTC)
     return meta["database_id"], created
+
+
+# -- keys and the audit trail --------------------------------------------------------------------------------------
+
+KEY_COLUMNS = "name, digest, scope, created_at, expires_at, revoked_at"
+
+
+async def insert_key(conn: aiosqlite.Connection, name: str, digest: str, scope: str, expires_at: str | None) -> None:
+    """Store a new key (its digest, never its secret)."""
+    await conn.execute(
+        f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
+        (name, digest, scope, now_iso(), expires_at),
+    )
+
+
+async def keys(conn: aiosqlite.Connection) -> list[sqlite3.Row]:
+    """Every key ever made, revoked ones included, oldest first."""
+    async with conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, name") as cursor:
+        return list(await cursor.fetchall())
+
+
+async def revoke_key(conn: aiosqlite.Connection, name: str) -> bool:
+    """Revoke the key `name`; False when there is no such key that is not revoked already."""
+    async with conn.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING name", (now_iso(), name)
+    ) as cursor:
+        return await cursor.fetchone() is not None
+
+
+AUDIT_COLUMNS = "at, key_name, client, operation, target, revision, outcome, count, detail"
+
+
+async def insert_audit(conn: aiosqlite.Connection, rows: list[tuple[object, ...]]) -> None:
+    """Append audit entries: tuples in AUDIT_COLUMNS order."""
+    await conn.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+async def add_auth_failures(conn: aiosqlite.Connection, rows: list[tuple[str, str, str, int]]) -> None:
+    """Count authentication failures into one entry per (minute, client, reason): (minute, client, reason, count)."""
+    for minute, client, reason, count in rows:
+        async with conn.execute(
+            "UPDATE audit SET count = count + ? WHERE operation = 'authenticate' AND at = ? AND client = ? "
+            "AND outcome = ? RETURNING seq",
+            (count, minute, client, reason),
+        ) as cursor:
+            updated = await cursor.fetchone() is not None
+        if not updated:
+            await insert_audit(conn, [(minute, "anonymous", client, "authenticate", None, None, reason, count, "{}")])
+
+
+async def audit_entries(conn: aiosqlite.Connection, since: str, after: int, limit: int) -> list[sqlite3.Row]:
+    """Audit entries at or after `since` (ISO time) and after entry `after`, in the order written, at most `limit`."""
+    async with conn.execute(
+        f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE at >= ? AND seq > ? ORDER BY seq LIMIT ?", (since, after, limit)
+    ) as cursor:
+        return list(await cursor.fetchall())
+
+
+async def audit_after(conn: aiosqlite.Connection, at: str) -> list[sqlite3.Row]:
+    """Every audit entry written after `at` (ISO time), in order: what a restore carries forward."""
+    async with conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE at > ? ORDER BY seq", (at,)) as cursor:
+        return list(await cursor.fetchall())
+
+
+async def prune_audit(conn: aiosqlite.Connection, before: str) -> int:
+    """Delete audit entries older than `before` (ISO time); how many went."""
+    async with conn.execute("DELETE FROM audit WHERE at < ? RETURNING seq", (before,)) as cursor:
+        return len(list(await cursor.fetchall()))

@@ -16,6 +16,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     MISSING_REQUIRED_CLIENT_CAPABILITY,
@@ -29,6 +30,7 @@ from mcp_types import (
 from sage_server.app import create_mcp_app
 from sage_server.assistant import build_server
 from sage_server.config import Settings
+from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from tests.mcp_support import error_text, payload, serving, settings_for, subprocess_env, write_knowledge
 
@@ -89,6 +91,44 @@ async def test_a_delete_the_user_does_not_confirm_changes_nothing(
         message = error_text(await client.call_tool("sage_delete_knowledge", {"id": "handling-secrets"}))
         assert "not_confirmed: not deleted" in message and "nothing was changed" in message
         assert await is_live(kb, "handling-secrets") and len(user.asked) == 1
+
+
+async def test_a_document_changed_while_the_question_is_out_is_not_deleted_unseen(tmp_path: Path) -> None:
+    # 2025-11-25: the question is asked in the middle of the call; an edit made meanwhile makes the delete a
+    # conflict, since the user confirmed deleting the revision shown.
+    async with service(tmp_path) as kb:
+
+        class Meanwhile(User):
+            async def __call__(self, context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+                await kb.save(DocumentIn(id="handling-secrets", title="Handling Secrets", layer="practices", body="v2"))
+                return await super().__call__(context, params)
+
+        async with Client(build_server(kb), mode="legacy", elicitation_callback=Meanwhile()) as client:
+            refused = error_text(await client.call_tool("sage_delete_knowledge", {"id": "handling-secrets"}))
+        assert "conflict" in refused and "revision 2" in refused
+        assert await is_live(kb, "handling-secrets")
+
+
+async def test_a_document_changed_between_rounds_is_asked_about_again(tmp_path: Path) -> None:
+    # 2026-07-28: the answer comes back in a second request; the question it answered no longer matches the
+    # document, so the user is asked again about what it is now.
+    async with service(tmp_path) as kb:
+        user = User()
+        saved = False
+
+        async def meanwhile(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+            nonlocal saved
+            if not saved:
+                saved = True
+                await kb.save(DocumentIn(id="handling-secrets", title="Handling Secrets", layer="practices", body="v2"))
+            return await user(context, params)
+
+        async with Client(build_server(kb), elicitation_callback=meanwhile) as client:
+            deleted = payload(await client.call_tool("sage_delete_knowledge", {"id": "handling-secrets"}))
+        assert deleted["revision"] == 3 and [q.split(")")[0] for q in user.asked] == [
+            "Delete 'Handling Secrets' (handling-secrets, revision 1",
+            "Delete 'Handling Secrets' (handling-secrets, revision 2",
+        ]
 
 
 @pytest.mark.parametrize("mode", ERAS)
@@ -174,18 +214,21 @@ MODERN_HEADERS = {
 
 
 async def test_over_http_a_missing_capability_is_a_400(tmp_path: Path) -> None:
-    settings = settings_with(tmp_path, mcp_confirm_destructive="require")
-    async with serving(create_mcp_app(settings)) as url, httpx2.AsyncClient(base_url=url) as http:
+    async with (
+        service(tmp_path, mcp_confirm_destructive="require") as kb,
+        serving(create_mcp_app(kb.settings, kb)) as url,
+        httpx2.AsyncClient(base_url=url) as http,
+    ):
         with anyio.fail_after(30):
             answer = await http.post("/mcp", json=MODERN_CALL, headers=MODERN_HEADERS)
-    assert answer.status_code == 400
+    assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["code"] == MISSING_REQUIRED_CLIENT_CAPABILITY == -32021
 
 
 @pytest.mark.parametrize("mode", ERAS)
 async def test_over_http_the_question_goes_to_the_user(tmp_path: Path, mode: str) -> None:
     user = User()
-    async with serving(create_mcp_app(settings_with(tmp_path))) as url:
+    async with service(tmp_path) as kb, serving(create_mcp_app(kb.settings, kb)) as url:
         with anyio.fail_after(30):
             async with Client(f"{url}/mcp", mode=mode, elicitation_callback=user) as client:
                 assert payload(await client.call_tool("sage_delete_knowledge", {"id": "handling-secrets"}))["deleted"]
@@ -224,6 +267,22 @@ async def test_the_answer_may_reach_another_instance(tmp_path: Path) -> None:
                     allow_input_required=True,
                 )
         assert isinstance(answered, CallToolResult) and payload(answered)["deleted"] is True
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_a_caller_that_may_not_write_is_refused_unasked(tmp_path: Path, mode: str) -> None:
+    user = User()
+    async with service(tmp_path) as kb:
+        reader = (await kb.create_key("reader", "read")).token
+        async with (
+            serving(create_mcp_app(kb.settings, kb)) as url,
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {reader}"}) as http,
+            Client(
+                streamable_http_client(f"{url}/mcp", http_client=http), mode=mode, elicitation_callback=user
+            ) as client,
+        ):
+            refused = error_text(await client.call_tool("sage_delete_knowledge", {"id": "handling-secrets"}))
+    assert "needs the write scope" in refused and user.asked == []
 
 
 @pytest.mark.e2e

@@ -94,12 +94,26 @@ async def test_no_hints_reach_a_2025_client(tmp_path: Path) -> None:
     assert "ttlMs" not in listed.text and "cacheScope" not in listed.text
 
 
-@pytest.mark.parametrize(("key", "scope"), [(None, "public"), ("s3cret-key-for-tests", "private")])
-async def test_answers_are_private_once_a_credential_is_configured(tmp_path: Path, key: str | None, scope: str) -> None:
-    # With a key, what a caller sees may depend on its key (scopes): a shared cache must not hand it to another.
-    settings = settings_with(tmp_path, api_key=SecretStr(key) if key else None)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with serving(create_mcp_app(settings)) as url:
+KEY = "s3cret-key-for-tests"
+
+
+@pytest.mark.parametrize(
+    ("configured", "presented", "allow_anonymous", "scope"),
+    [
+        (None, None, False, "public"),  # no credential exists: every caller is the same anonymous one
+        (KEY, KEY, False, "private"),  # what a key may see depends on its scopes
+        (KEY, None, True, "private"),  # an anonymous reader beside keys sees less than a key
+    ],
+    ids=["no-credential", "key", "anonymous-reader"],
+)
+async def test_answers_are_private_wherever_they_may_depend_on_who_asks(
+    tmp_path: Path, configured: str | None, presented: str | None, allow_anonymous: bool, scope: str
+) -> None:
+    settings = settings_with(
+        tmp_path, api_key=SecretStr(configured) if configured else None, allow_anonymous=allow_anonymous
+    )
+    headers = {"Authorization": f"Bearer {presented}"} if presented else {}
+    async with open_service(settings) as kb, serving(create_mcp_app(settings, kb)) as url:
         with anyio.fail_after(30):
             http = httpx2.AsyncClient(headers=headers)
             async with http, Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
@@ -108,7 +122,7 @@ async def test_answers_are_private_once_a_credential_is_configured(tmp_path: Pat
 
 
 async def test_an_input_required_round_is_never_hinted() -> None:
-    hints = CacheHints(HintPolicy(knowledge_ms=60_000, catalog_ms=60_000, shared=True))
+    hints = CacheHints(HintPolicy(knowledge_ms=60_000, catalog_ms=60_000))
     interim = {"resultType": "input_required", "inputRequests": {}, "requestState": "x"}
 
     async def answer(ctx: ServerRequestContext[Any, Any]) -> HandlerResult:

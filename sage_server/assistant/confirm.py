@@ -5,17 +5,20 @@ input-required round trip (the call returns the question, the client retries wit
 `elicitation/create` request in the middle of the call. Both are the MCP SDK's resolvers (`Resolve`, `Elicit`),
 which carry the answer across rounds in the sealed request state. Where the client cannot ask, the policy decides
 (`mcp_confirm_destructive`): `ask` acts as before, `require` refuses with MissingRequiredClientCapability (-32021,
-HTTP 400), `never` never asks. A call that would fail anyway (an unknown id, a stale expected revision, a revision
-that does not exist) is not asked about: it fails with its own error.
+HTTP 400), `never` never asks. A call that would fail anyway (a caller without the write scope, an unknown id, a stale
+expected revision, a revision that does not exist) is not asked about: it fails with its own error.
+
+Each tool resolves its `Subject` first (what the call would change, and the question about it), then the answer;
+a confirmed delete applies only to the revision the user was shown. Like tools.py, this module does without
+`from __future__ import annotations`: the resolvers' annotations name other resolvers made here at registration,
+so they must be evaluated where they are written.
 """
 
-from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver.context import Context
-from mcp.server.mcpserver.resolve import AcceptedElicitation, Elicit, ElicitationResult
+from mcp.server.mcpserver.resolve import AcceptedElicitation, Elicit, ElicitationResult, Resolve
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     MISSING_REQUIRED_CLIENT_CAPABILITY,
@@ -27,6 +30,7 @@ from mcp_types import (
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
+from sage_server.auth import WRITE, current_caller
 from sage_server.errors import SageError
 from sage_server.service import KnowledgeService
 
@@ -40,9 +44,25 @@ class Confirmation(BaseModel):
 
 
 Answer = ElicitationResult[Confirmation]
-DeleteResolver = Callable[[str, int | None, Context[Any, Any]], Awaitable[Elicit[Confirmation] | Confirmation]]
-RestoreResolver = Callable[[str, int, Context[Any, Any]], Awaitable[Elicit[Confirmation] | Confirmation]]
 GO_AHEAD = Confirmation(confirm=True)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a destructive call would change: the question to ask about it (None: nothing to ask, the call goes
+    ahead or fails with its own error), whether this client can be asked, and the document's revision when the
+    question was put (0: there was no document to change)."""
+
+    question: str | None = None
+    asks: bool = False
+    revision: int | None = None
+
+    def expected(self, given: int | None) -> int | None:
+        """The revision a confirmed write must still find: the caller's own, else the one the user was shown."""
+        return given if given is not None or not self.asks else self.revision
+
+
+NOTHING_TO_ASK = Subject()
 
 
 class NotConfirmed(SageError):
@@ -74,13 +94,11 @@ def can_ask(ctx: Context[Any, Any]) -> bool:
     return ctx.request_context.session.can_send_request
 
 
-def ask(ctx: Context[Any, Any], policy: Policy, question: str | None) -> Elicit[Confirmation] | Confirmation:
-    """The resolver's answer: the question to put to the user, or the go-ahead without asking."""
-    if question is None or policy == "never":
-        return GO_AHEAD
-    if can_ask(ctx):
-        return Elicit(question, Confirmation)
-    if policy == "require":
+def subject(ctx: Context[Any, Any], policy: Policy, question: str | None, revision: int) -> Subject:
+    """The subject of a call whose document is at `revision` (0: none), with `question` to ask about it (None: the
+    call will fail with its own error). Raises -32021 where the policy requires asking and the client cannot."""
+    asks = can_ask(ctx)
+    if question is not None and not asks and policy == "require":
         required = ClientCapabilities(elicitation=ElicitationCapability(form=FormElicitationCapability()))
         raise MCPError(
             MISSING_REQUIRED_CLIENT_CAPABILITY,
@@ -90,46 +108,66 @@ def ask(ctx: Context[Any, Any], policy: Policy, question: str | None) -> Elicit[
                 by_alias=True, mode="json", exclude_none=True
             ),
         )
-    return GO_AHEAD
+    return Subject(question, asks, revision)
 
 
-def delete_resolver(kb: KnowledgeService, policy: Policy) -> DeleteResolver:
-    """The resolver asking before sage_delete_knowledge (it takes the tool's `id` and `expected_revision`)."""
+def asking(policy: Policy) -> bool:
+    """Whether questions are asked at all for the caller of this call."""
+    return policy != "never" and current_caller().principal.allows(WRITE)
 
-    async def confirm_delete(
-        id: str, expected_revision: int | None, ctx: Context[Any, Any]
-    ) -> Elicit[Confirmation] | Confirmation:
-        question: str | None = None
+
+def to_confirm(s: Subject) -> Elicit[Confirmation] | Confirmation:
+    """The question for `s`, or the go-ahead when there is nothing to ask or nobody to ask."""
+    return Elicit(s.question, Confirmation) if s.question is not None and s.asks else GO_AHEAD
+
+
+def delete_resolvers(kb: KnowledgeService, policy: Policy) -> tuple[Resolve, Resolve]:
+    """The resolvers of sage_delete_knowledge: its Subject (from the tool's `id` and `expected_revision`), then the
+    user's Answer."""
+
+    async def delete_subject(id: str, expected_revision: int | None, ctx: Context[Any, Any]) -> Subject:
+        if not asking(policy):
+            return NOTHING_TO_ASK
         try:
             doc = await kb.get(id)
         except SageError:
-            doc = None  # the delete will fail with its own error: nothing to ask
-        if doc is not None and doc.id == id and expected_revision in (None, doc.revision):
-            question = (
-                f"Delete {doc.title!r} ({doc.id}, revision {doc.revision}) from the knowledge base? "
-                "It stays in its history and can be restored."
-            )
-        return ask(ctx, policy, question)
+            return subject(ctx, policy, None, 0)  # unknown or deleted: the delete says so (and cannot hit a newcomer)
+        if doc.id != id or expected_revision not in (None, doc.revision):
+            return NOTHING_TO_ASK  # an alias, or a stale expected revision: the delete fails with its own error
+        question = (
+            f"Delete {doc.title!r} ({doc.id}, revision {doc.revision}) from the knowledge base? "
+            "It stays in its history and can be restored."
+        )
+        return subject(ctx, policy, question, doc.revision)
 
-    return confirm_delete
+    async def confirm_delete(s: Annotated[Subject, Resolve(delete_subject)]) -> Elicit[Confirmation] | Confirmation:
+        return to_confirm(s)
+
+    return Resolve(delete_subject), Resolve(confirm_delete)
 
 
-def restore_resolver(kb: KnowledgeService, policy: Policy) -> RestoreResolver:
-    """The resolver asking before sage_restore_revision (it takes the tool's `id` and `revision`)."""
+def restore_resolvers(kb: KnowledgeService, policy: Policy) -> tuple[Resolve, Resolve]:
+    """The resolvers of sage_restore_revision: its Subject (from the tool's `id` and `revision`), then the user's
+    Answer. (The service restores over whatever revision is current, which stays in the history.)"""
 
-    async def confirm_restore(id: str, revision: int, ctx: Context[Any, Any]) -> Elicit[Confirmation] | Confirmation:
-        question: str | None = None
+    async def restore_subject(id: str, revision: int, ctx: Context[Any, Any]) -> Subject:
+        if not asking(policy):
+            return NOTHING_TO_ASK
         try:
             history = await kb.history(id)
         except SageError:
-            history = None  # the restore will fail with its own error
-        if history is not None and any(r.revision == revision for r in history.revisions):
-            current = history.revisions[0]
-            state = "deleted" if history.deleted else f"at revision {current.revision}"
-            question = (
-                f"Restore {current.title!r} ({history.id}, now {state}) to revision {revision}? "
-                "The current text stays in its history."
-            )
-        return ask(ctx, policy, question)
+            return NOTHING_TO_ASK  # the restore fails with its own error
+        if not any(r.revision == revision for r in history.revisions):
+            return NOTHING_TO_ASK
+        current = history.revisions[0]
+        state = "deleted" if history.deleted else f"at revision {current.revision}"
+        question = (
+            f"Restore {current.title!r} ({history.id}, now {state}) to revision {revision}? "
+            "The current text stays in its history."
+        )
+        return subject(ctx, policy, question, current.revision)
 
-    return confirm_restore
+    async def confirm_restore(s: Annotated[Subject, Resolve(restore_subject)]) -> Elicit[Confirmation] | Confirmation:
+        return to_confirm(s)
+
+    return Resolve(restore_subject), Resolve(confirm_restore)

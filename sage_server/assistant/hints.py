@@ -5,9 +5,11 @@ The policy, from the settings: the knowledge (resources/read, resources/list) ma
 `mcp_cache_ttl_seconds`, and the catalog, which only changes when SAGE is upgraded (tools/list, prompts/list,
 resources/templates/list, server/discover), for `mcp_catalog_ttl_seconds`; a watcher hears of changes to the
 knowledge before its lifetime runs out (live.py). An answer is `public` only while it cannot depend on who asks:
-no credential is configured and the caller is anonymous. Once keys have scopes, what a caller may see depends on
-its key, and every answer to a configured server is `private` already. An `input_required` round trip is never
-hinted (the spec: clients must not cache them).
+no credential exists, so every HTTP caller is anonymous with every scope (or the caller is the process that
+launched SAGE: stdio, in process). Once any key exists, what a caller may do depends on its key's scopes (and an
+anonymous reader's, with SAGE_ALLOW_ANONYMOUS, on none), so every answer is `private`. The rule reads the request's
+principal, so it follows keys created or revoked while SAGE runs. An `input_required` round trip is never hinted (the
+spec: clients must not cache them).
 """
 
 from __future__ import annotations
@@ -16,25 +18,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp_types.methods import is_input_required
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from sage_server.auth import ANONYMOUS, Authenticator
+from sage_server.auth import ANONYMOUS
 from sage_server.config import Settings
-from sage_server.errors import ConfigError
 
 Scope = Literal["public", "private"]
 KNOWLEDGE = frozenset({"resources/read", "resources/list"})
 CATALOG = frozenset({"tools/list", "prompts/list", "resources/templates/list", "server/discover"})
-
-
-def credentials_configured(settings: Settings) -> bool:
-    """Whether HTTP requests must present a credential (SAGE_API_KEY or the generated admin key)."""
-    try:
-        return Authenticator.from_settings(settings).required
-    except ConfigError:  # an admin key file that cannot be read: a credential is meant to be there
-        return True
 
 
 @dataclass(frozen=True)
@@ -43,14 +37,11 @@ class HintPolicy:
 
     knowledge_ms: int
     catalog_ms: int
-    shared: bool  # no credential configured: every caller is anonymous and sees the same
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HintPolicy:
         return cls(
-            knowledge_ms=settings.mcp_cache_ttl_seconds * 1000,
-            catalog_ms=settings.mcp_catalog_ttl_seconds * 1000,
-            shared=not credentials_configured(settings),
+            knowledge_ms=settings.mcp_cache_ttl_seconds * 1000, catalog_ms=settings.mcp_catalog_ttl_seconds * 1000
         )
 
     def ttl_ms(self, method: str) -> int | None:
@@ -59,10 +50,14 @@ class HintPolicy:
             return self.knowledge_ms
         return self.catalog_ms if method in CATALOG else None
 
-    def scope(self, principal: str | None) -> Scope:
-        """`public` only when the answer cannot depend on who asks: a server with no credential configured, asked
-        by an anonymous caller (HTTP) or the one that launched it (stdio, in process: no principal)."""
-        return "public" if self.shared and principal in (None, ANONYMOUS.name) else "private"
+    @staticmethod
+    def scope(caller: AccessToken | None) -> Scope:
+        """`public` only when the answer cannot depend on who asks: the caller launched SAGE (stdio, in process: no
+        token), or is the anonymous caller with every scope that every HTTP request is while no credential exists."""
+        if caller is None:
+            return "public"
+        anonymous = caller.client_id == ANONYMOUS.name and frozenset(caller.scopes) == ANONYMOUS.scopes
+        return "public" if anonymous else "private"
 
 
 class CacheHints:
@@ -82,5 +77,4 @@ class CacheHints:
             return result
         if is_input_required(result):
             return result
-        token = get_access_token()
-        return {**result, "ttlMs": ttl, "cacheScope": self.policy.scope(token.client_id if token else None)}
+        return {**result, "ttlMs": ttl, "cacheScope": self.policy.scope(get_access_token())}

@@ -9,7 +9,6 @@ evaluated where they are written, not looked up later by name in the module.
 from typing import Annotated, Any
 
 from mcp.server import MCPServer
-from mcp.server.mcpserver.resolve import Resolve
 from pydantic import Field
 
 from sage_server.assistant import confirm
@@ -61,8 +60,8 @@ def register_tools(server: MCPServer[Any], kb: KnowledgeService) -> None:
     layers = ", ".join(settings.layers)
     one_layer = Field(description=f"One of {layers}")
     some_layers = Field(description=f"Only these layers ({layers})")
-    confirm_delete = confirm.delete_resolver(kb, settings.mcp_confirm_destructive)
-    confirm_restore = confirm.restore_resolver(kb, settings.mcp_confirm_destructive)
+    delete_subject, confirm_delete = confirm.delete_resolvers(kb, settings.mcp_confirm_destructive)
+    _, confirm_restore = confirm.restore_resolvers(kb, settings.mcp_confirm_destructive)
     may_ask = "" if settings.mcp_confirm_destructive == "never" else " The user may be asked to confirm first."
 
     @tool(
@@ -224,10 +223,11 @@ def register_tools(server: MCPServer[Any], kb: KnowledgeService) -> None:
         id: DocId,
         expected_revision: ExpectedRevision = None,
         *,
-        confirmed: Annotated[confirm.Answer, Resolve(confirm_delete)],
+        subject: Annotated[confirm.Subject, delete_subject],
+        confirmed: Annotated[confirm.Answer, confirm_delete],
     ) -> WriteResult:
         confirm.approved(confirmed, "deleted")
-        return WriteResult.of(await kb.delete(id, expected_revision))
+        return WriteResult.of(await kb.delete(id, subject.expected(expected_revision)))
 
     @tool(
         server,
@@ -252,7 +252,7 @@ def register_tools(server: MCPServer[Any], kb: KnowledgeService) -> None:
         id: DocId,
         revision: Annotated[int, Field(ge=1, le=MAX_REVISION, description="The revision to bring back")],
         *,
-        confirmed: Annotated[confirm.Answer, Resolve(confirm_restore)],
+        confirmed: Annotated[confirm.Answer, confirm_restore],
     ) -> WriteResult:
         confirm.approved(confirmed, "restored")
         return WriteResult.of(await kb.restore(id, revision))
