@@ -15,6 +15,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.caching import CacheHint, validate_cache_hints
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.subscriptions import ResourceUpdated
 from pydantic import SecretStr
@@ -119,6 +120,14 @@ async def test_answers_are_private_wherever_they_may_depend_on_who_asks(
             async with http, Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
                 hints = await hints_of(client)
     assert {scope_of for _, scope_of in hints.values()} == {scope}
+
+
+def test_the_sdk_still_takes_one_fixed_hint_per_method() -> None:
+    # SAGE sets the hints per request in a middleware (hints.CacheHints) because MCP SDK 2.3's `cache_hints` takes a
+    # fixed CacheHint per method, so the scope could not follow the caller. When this fails, the SDK takes a hint
+    # computed per request: use that instead.
+    with pytest.raises(TypeError):
+        validate_cache_hints({"tools/list": lambda ctx: CacheHint(ttl_ms=1000, scope="public")})
 
 
 async def test_an_input_required_round_is_never_hinted() -> None:

@@ -21,6 +21,7 @@ from mcp.client.session import IncomingMessage
 from mcp.client.sse import sse_client
 from mcp.client.stdio import stdio_client
 from mcp.client.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent, Subscription
+from mcp.server import MCPServer
 from mcp.server.context import ServerRequestContext
 from mcp.server.subscriptions import _honored_subset
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
@@ -243,6 +244,12 @@ async def test_a_2025_session_subscribes_and_hears_updates(kb: KnowledgeService)
         assert SECRETS not in notifications.uris
 
 
+def test_the_sdk_still_offers_no_public_way_to_add_a_request_handler() -> None:
+    # server.py registers resources/list, subscriptions/listen and resources/(un)subscribe on MCPServer's low-level
+    # server (`_lowlevel_server`), because MCP SDK 2.3's MCPServer has no public way to. When this fails, it has one.
+    assert not hasattr(MCPServer, "add_request_handler")
+
+
 def test_the_sdk_still_hands_request_handlers_no_connection() -> None:
     # live.py reaches a 2025-11-25 session's connection (to notify it later, and to forget it when it ends) through
     # ServerSession._connection, because MCP SDK 2.3 gives request handlers no other way. When this fails, the
@@ -284,22 +291,29 @@ async def test_over_http_a_watcher_hears_a_write_made_over_rest(mcp_settings: Se
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_over_stdio_a_watcher_hears_a_write_made_by_another_process(
-    mcp_settings: Settings, tmp_path: Path
+    mcp_settings: Settings, tmp_path: Path, mode: str
 ) -> None:
     # `sage mcp` is one instance; this test process, with the same database open, is another.
     command = [sys.executable, "-m", "sage_server", "--db", str(mcp_settings.db_path), "mcp"]
     params = StdioServerParameters(
         command=command[0], args=command[1:], env=subprocess_env(mcp_settings, tmp_path), cwd=tmp_path
     )
+    notifications = Notifications()
+    elsewhere = open_service(mcp_settings.model_copy(update={"import_on_start": False}))
     with (tmp_path / "stderr.log").open("w") as stderr, anyio.fail_after(60):
-        async with Client(stdio_client(params, errlog=stderr)) as client:
-            async with (
-                client.listen(resource_subscriptions=[SECRETS, INDEX]) as subscription,
-                open_service(mcp_settings.model_copy(update={"import_on_start": False})) as elsewhere,
-            ):
-                await elsewhere.save(secrets())
-                assert set(await heard(subscription, 2, seconds=30)) == updated(SECRETS, INDEX)
+        async with Client(stdio_client(params, errlog=stderr), mode=mode, message_handler=notifications) as client:
+            if mode == "legacy":
+                with legacy_api():
+                    await client.subscribe_resource(SECRETS)
+                async with elsewhere as other:
+                    await other.save(secrets())
+                    await notifications.wait_for(SECRETS, seconds=30)
+            else:
+                async with client.listen(resource_subscriptions=[SECRETS, INDEX]) as subscription, elsewhere as other:
+                    await other.save(secrets())
+                    assert set(await heard(subscription, 2, seconds=30)) == updated(SECRETS, INDEX)
 
 
 LISTEN = {
