@@ -82,9 +82,12 @@ class SageGroup(click.Group):
             _fail(f"internal error: {type(exc).__name__}: {exc} (set SAGE_DEBUG=true for a traceback)", 1)
 
 
-def run(ctx: click.Context, action: Callable[[KnowledgeService], Awaitable[T]]) -> T:
-    """Open the service, run `action`, close (errors go to the group's handler)."""
+def run(ctx: click.Context, action: Callable[[KnowledgeService], Awaitable[T]], import_first: bool = True) -> T:
+    """Open the service, run `action`, close (errors go to the group's handler). Commands about the database itself
+    (keys, the audit trail) pass `import_first=False`: no knowledge folder is imported before them."""
     settings = _settings(ctx)
+    if not import_first:
+        settings = settings.model_copy(update={"import_on_start": False})
 
     async def main() -> T:
         async with open_service(settings) as kb:
@@ -440,17 +443,6 @@ def _remote_health(url: str) -> Health:
         _fail(f"{url}/health did not answer with a health document", EXIT_UNHEALTHY)
 
 
-def run_without_import(ctx: click.Context, action: Callable[[KnowledgeService], Awaitable[T]]) -> T:
-    """Like `run`, for commands about the database itself (keys, the audit trail): no folder is imported first."""
-    settings = _settings(ctx).model_copy(update={"import_on_start": False})
-
-    async def main() -> T:
-        async with open_service(settings) as kb:
-            return await action(kb)
-
-    return anyio.run(main)
-
-
 @main.group()
 def keys() -> None:
     """Named API keys for HTTP clients: create, list, revoke (rotate: create a new one, switch, revoke the old)."""
@@ -469,7 +461,7 @@ def keys() -> None:
 @click.pass_context
 def keys_create(ctx: click.Context, name: str, scope: str, expires_in: float | None, as_json: bool) -> None:
     """Make a key called NAME and print its secret, this once (it is stored only as a digest)."""
-    created = run_without_import(ctx, lambda kb: kb.create_key(name, scope, expires_in))
+    created = run(ctx, lambda kb: kb.create_key(name, scope, expires_in), import_first=False)
 
     def human() -> None:
         expiry = f", expires {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
@@ -484,7 +476,7 @@ def keys_create(ctx: click.Context, name: str, scope: str, expires_in: float | N
 @click.pass_context
 def keys_list(ctx: click.Context, as_json: bool) -> None:
     """List every key with its scope and state (never a secret)."""
-    listing = run_without_import(ctx, lambda kb: kb.list_keys())
+    listing = run(ctx, lambda kb: kb.list_keys(), import_first=False)
 
     def human() -> None:
         now = datetime.now(UTC)
@@ -508,7 +500,7 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def keys_revoke(ctx: click.Context, name: str, as_json: bool) -> None:
     """Revoke the key NAME: every server sharing the database refuses it within a second."""
-    revoked = run_without_import(ctx, lambda kb: kb.revoke_key(name))
+    revoked = run(ctx, lambda kb: kb.revoke_key(name), import_first=False)
     emit(revoked, as_json, lambda: click.echo(f"key {revoked.name} revoked"))
 
 
@@ -540,7 +532,7 @@ def _since(value: str | None) -> datetime | None:
 def audit_command(ctx: click.Context, since: str | None, limit: int, as_json: bool) -> None:
     """Print the audit trail: who changed what, when, from where, and how it went."""
     start = _since(since)
-    page = run_without_import(ctx, lambda kb: kb.audit_trail(start, 0, limit))
+    page = run(ctx, lambda kb: kb.audit_trail(start, 0, limit), import_first=False)
 
     def human() -> None:
         for e in page.entries:

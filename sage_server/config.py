@@ -118,6 +118,19 @@ class Settings(BaseModel):
     mcp_max_sessions: int = Field(
         500, ge=1, description="Live MCP sessions per listener; at the cap the oldest idle one is closed"
     )
+    mcp_cache_ttl_seconds: int = Field(
+        60,
+        ge=0,
+        description="How long an MCP client may reuse a resource or the resource list (ttlMs); watchers hear sooner",
+    )
+    mcp_catalog_ttl_seconds: int = Field(
+        300, ge=0, description="How long an MCP client may reuse the tool, prompt and resource template lists (ttlMs)"
+    )
+    mcp_confirm_destructive: Literal["ask", "require", "never"] = Field(
+        "ask",
+        description="Ask the user before an MCP delete or restore where the client can (ask); also refuse clients "
+        "that cannot (require); or never ask",
+    )
     shutdown_grace_seconds: int = Field(
         10, ge=0, description="On SIGTERM/SIGINT, requests in flight get this long to finish"
     )

@@ -161,7 +161,7 @@ class RequestContext:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status == 404 else "other")
             self.metrics.http_request(template, scope["method"], status, elapsed)
-            principal = scope["state"].get("principal")
+            # The request's context (REQUEST) names its client and, once the front door let it in, its key.
             log_event(
                 log,
                 logging.INFO,
@@ -172,7 +172,6 @@ class RequestContext:
                 path=clip(scope["path"], 200),
                 route=template,
                 status=status,
-                principal=principal.name if isinstance(principal, Principal) else None,
                 duration_ms=round(elapsed * 1000, 3),
             )
             REQUEST.reset(token)

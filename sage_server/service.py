@@ -26,6 +26,7 @@ from sage_server import context as context_packing
 from sage_server.auth import ADMIN, READ, WRITE, Principal, current_caller
 from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
+from sage_server.changes import ChangeFeed
 from sage_server.config import Settings, load_settings
 from sage_server.db import Database
 from sage_server.errors import (
@@ -96,6 +97,7 @@ class KnowledgeService(BoundedViews):
         self.ready = False  # True once the configured folders have been imported
         self.fallback_reason: str | None = None  # set while serving the bundled core layer without the database
         self._watcher: GenerationWatcher | None = None
+        self.changes = ChangeFeed(self._read_changes)  # what each write changed, for live MCP resources
         self._resources = AsyncExitStack()
         # The stored keys as the front door's credential source; it reads whichever database is served.
         self.key_source = StoredKeys(lambda: self.keys.load())
@@ -138,6 +140,7 @@ class KnowledgeService(BoundedViews):
         tasks = await self._resources.enter_async_context(anyio.create_task_group())
         self._resources.callback(tasks.cancel_scope.cancel)  # runs first on close: stop the poller
         tasks.start_soon(self._poll_generation)
+        tasks.start_soon(self.changes.run, self.generation)
         tasks.start_soon(self.audit.run)
         if import_now:
             await self.import_configured()
@@ -186,6 +189,11 @@ class KnowledgeService(BoundedViews):
     def _saw_generation(self, generation: int) -> None:
         """Another instance wrote: keys with an older generation are no longer read."""
         self.generation = max(self.generation, generation)
+        self.changes.advance(generation)
+
+    async def _read_changes(self, after: int, limit: int) -> store.ChangeLog:
+        async with self.db.read() as conn:
+            return await store.changes_after(conn, after, limit)
 
     async def _poll_generation(self) -> None:
         # Instances sharing the database file without Redis learn of each other's writes here, within a second.
@@ -576,7 +584,7 @@ class KnowledgeService(BoundedViews):
                 else:
                     source = store.Source(row["source_path"], row["source_hash"])
                     await store.replace(conn, row, doc, source, "update")
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [doc.id])
                 saved = await store.fetch_row(conn, doc.id)
                 assert saved is not None
                 entry.revision = saved["revision"]
@@ -598,7 +606,7 @@ class KnowledgeService(BoundedViews):
                         current_revision=row["revision"],
                     )
                 await store.soft_delete(conn, row, "delete")
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [doc_id])
                 deleted = await store.fetch_row(conn, doc_id)
                 assert deleted is not None
                 entry.revision = deleted["revision"]
@@ -623,7 +631,7 @@ class KnowledgeService(BoundedViews):
                     )
                 self._check_layers([content.layer])
                 await store.replace(conn, row, content, store.Source(row["source_path"], row["source_hash"]), "restore")
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [doc_id])
                 restored = await store.fetch_row(conn, doc_id)
                 assert restored is not None
                 entry.revision = restored["revision"]
@@ -642,7 +650,7 @@ class KnowledgeService(BoundedViews):
                     raise Conflict(f"document {doc_id!r} is live; delete it before purging", id=doc_id)
                 entry.revision = row["revision"]
                 await store.purge(conn, row)
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [])  # it was deleted already: nothing served changed
             await self._committed(generation)
 
     async def import_paths(self, paths: PathList) -> ImportReport:
@@ -685,7 +693,8 @@ class KnowledgeService(BoundedViews):
                 for gone in plan.remove:
                     await store.soft_delete(conn, rows[gone.id], "remove")
                 if plan.create or plan.update or plan.remove:
-                    generation = await store.bump_generation(conn)
+                    changed = [p.doc.id for p in plan.create + plan.update] + [gone.id for gone in plan.remove]
+                    generation = await store.bump_generation(conn, changed)
                 entry.detail = {
                     "created": len(plan.create),
                     "updated": len(plan.update),

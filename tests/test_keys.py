@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +24,7 @@ from sage_server.config import Settings
 from sage_server.errors import Conflict, InvalidInput
 from sage_server.models import AuditEntry, DocumentIn
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings, sage_env
+from tests.conftest import make_settings, sage_env, sage_runner
 from tests.mcp_support import error_text, payload, serving
 
 pytestmark = pytest.mark.anyio
@@ -244,6 +242,7 @@ async def test_requests_are_counted_and_logged_by_key_name_never_the_secret(
     await http.put("/v1/knowledge/logged", json=DOC, headers=bearer(tokens["write"]))
     lines = [json.dumps(getattr(r, "context", {})) for r in caplog.records]
     assert any('"key": "write-key"' in line and '"operation": "save"' in line for line in lines)
+    assert any('"key": "write-key"' in line and '"operation": "http"' in line for line in lines)  # the access line
     assert all(token not in line for line in lines for token in tokens.values())
     metrics = (await kb.scrape_metrics()).decode()
     assert 'sage_requests_by_key_total{key="write-key"} 1.0' in metrics
@@ -282,15 +281,7 @@ async def test_stored_keys_count_as_a_credential_for_secure_defaults(tmp_path: P
 def test_cli_keys_and_audit(tmp_path: Path) -> None:
     env = sage_env(tmp_path, SAGE_DB_PATH=str(tmp_path / "cli.db"), SAGE_BUNDLED_KNOWLEDGE="false")
 
-    def sage(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sage_server", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    sage = sage_runner(tmp_path, env)
 
     made = sage("keys", "create", "ci", "--scope", "write", "--expires-in", "90", "--json")
     assert made.returncode == 0, made.stderr
