@@ -437,3 +437,19 @@ def test_oauth_counts_as_a_credential_so_no_admin_key_is_generated(tmp_path: Pat
     )
     ensure_admin_key(settings)
     assert not admin_key_path(settings).exists()
+
+
+@pytest.mark.parametrize(("proxies", "scheme"), [([], "http"), (["127.0.0.1"], "https")], ids=["untrusted", "trusted"])
+async def test_behind_a_trusted_tls_proxy_the_resource_is_https(
+    tmp_path: Path, knowledge: Path, issuer: Issuer, proxies: list[str], scheme: str
+) -> None:
+    settings = oauth_settings(tmp_path, knowledge, issuer, trusted_proxies=proxies, allowed_hosts=["kb.example.com"])
+    forwarded = {"Host": "kb.example.com", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"}
+    async with open_service(settings) as kb:
+        kb.ready = True
+        async with listening(create_app(settings, kb), settings) as base, httpx.AsyncClient(timeout=30) as http:
+            document = (await http.get(f"{base}{METADATA_PATH}", headers=forwarded)).json()
+            refused = await http.get(f"{base}/v1/info", headers=forwarded)
+    assert document["resource"] == f"{scheme}://kb.example.com/mcp"
+    expected = f'resource_metadata="{scheme}://kb.example.com/.well-known/oauth-protected-resource/mcp"'
+    assert expected in refused.headers["www-authenticate"]

@@ -29,7 +29,7 @@ from sage_server.app import create_app
 from sage_server.errors import ConfigError
 from sage_server.serve import tls_context
 from sage_server.service import open_service
-from tests.conftest import make_settings, sage_env, write_doc
+from tests.conftest import make_settings, sage_env, sage_runner, write_doc
 from tests.listener_support import listening
 from tests.mcp_support import payload
 from tests.test_serve import free_port
@@ -200,13 +200,7 @@ def test_a_key_that_does_not_belong_to_the_certificate_is_a_config_error(tmp_pat
 @pytest.mark.e2e
 def test_a_missing_certificate_stops_sage_serve_naming_the_file(tmp_path: Path, certificate: Certificate) -> None:
     missing = tmp_path / "nowhere.crt"
-    result = subprocess.run(
-        [sys.executable, "-m", "sage_server", "serve", "--port", str(free_port()), "--tls-cert-file", str(missing)],
-        cwd=tmp_path,
-        env=sage_env(tmp_path, SAGE_DB_PATH=str(tmp_path / "serve.db"), SAGE_BUNDLED_KNOWLEDGE="false"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    sage = sage_runner(tmp_path, sage_env(tmp_path, SAGE_DB_PATH=str(tmp_path / "serve.db")))
+    result = sage("serve", "--port", str(free_port()), "--tls-cert-file", str(missing))
     assert result.returncode == 2
     assert f"sage: config error: SAGE_TLS_CERT_FILE/SAGE_TLS_KEY_FILE: cannot read {missing}" in result.stderr
