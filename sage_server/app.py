@@ -56,21 +56,23 @@ def _build(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
+            if service is None:  # this app owns the service: open it, import in the background
+                await kb.start(import_now=False, fallback=True)
             async with anyio.create_task_group() as tg:
-                if service is None:  # this app owns the service: open it, import in the background
-                    await kb.start(import_now=False, fallback=True)
+                if service is None:
                     tg.start_soon(kb.import_configured)
                 try:
                     async with server.session_manager.run():
                         yield
                 finally:
                     tg.cancel_scope.cancel()
-                    if service is None:
-                        await kb.close()
-                        log_event(log, logging.INFO, "Service closed", operation="shutdown")
         finally:
+            # Out here: inside, the task group's cancelled scope would cut the closing short.
+            if service is None:
+                await kb.close()
+                log_event(log, logging.INFO, "Service closed", operation="shutdown")
             if own_limiter and limiter is not None:
-                await limiter.aclose()  # out here: inside, the task group's cancelled scope would cut it short
+                await limiter.aclose()
 
     app = Starlette(
         routes=all_routes,

@@ -280,6 +280,7 @@ class KnowledgeService(BoundedViews):
                 f"{principal.name!r} may not do this: it needs the {scope} scope (it holds: {held})",
                 scope=scope,
                 key=principal.name,
+                headers={"WWW-Authenticate": f'Bearer realm="sage", error="insufficient_scope", scope="{scope}"'},
             )
 
     @asynccontextmanager

@@ -98,6 +98,7 @@ async def test_scopes_over_rest(http: httpx.AsyncClient, tokens: dict[str, str])
     refused = await http.put("/v1/knowledge/rate-limits", json=DOC, headers=read)
     assert refused.status_code == 403
     assert "needs the write scope" in refused.json()["error"]["message"]
+    assert 'error="insufficient_scope", scope="write"' in refused.headers["www-authenticate"]
     assert (await http.put("/v1/knowledge/rate-limits", json=DOC, headers=write)).status_code == 201
     assert (await http.post("/v1/knowledge/rate-limits/restore", json={"revision": 1}, headers=read)).status_code == 403
     assert (await http.delete("/v1/knowledge/rate-limits", headers=write)).status_code == 200

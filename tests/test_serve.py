@@ -20,15 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sage_server import backup, rest
 from tests.conftest import sage_env, write_doc
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

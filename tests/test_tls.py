@@ -32,7 +32,7 @@ from sage_server.service import open_service
 from tests.conftest import make_settings, sage_env, sage_runner, write_doc
 from tests.listener_support import listening
 from tests.mcp_support import payload
-from tests.test_serve import free_port
+from tests.ports import free_port
 
 pytestmark = pytest.mark.anyio
 
