@@ -21,7 +21,9 @@ from sage_server.config import Settings
 from sage_server.errors import SageError
 from sage_server.hosts import HostRule
 from sage_server.logs import get_logger, log_event
-from sage_server.middleware import BodyLimit, FrontDoor, RateLimit, RequestContext, error_response
+from sage_server.middleware import BodyLimit, FrontDoor, RequestContext, error_response
+from sage_server.oauth import OAuthIssuer, metadata_route
+from sage_server.ratelimit import RateLimit, RateLimiter
 from sage_server.service import KnowledgeService
 
 log = get_logger("app")
@@ -34,27 +36,43 @@ BODY_OVERHEAD = 2
 EXCEPTION_HANDLERS = {HTTPException: error_response, SageError: error_response, ClientDisconnect: error_response}
 
 
-def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool) -> Starlette:
+def _build(
+    settings: Settings, service: KnowledgeService | None, with_rest: bool, limiter: RateLimiter | None
+) -> Starlette:
     kb = service or KnowledgeService(settings)
     server = build_server(kb)
-    authenticator = Authenticator.from_settings(settings)
+    authenticator = Authenticator.from_settings(settings, kb.key_source)
     routes: list[BaseRoute] = [*rest.routes(kb, authenticator.required, probes_only=not with_rest)]
+    issuer = next((source for source in authenticator.sources if isinstance(source, OAuthIssuer)), None)
+    if issuer is not None:
+        routes.append(metadata_route(issuer))
     all_routes = [*routes, *mcp_routes(server, settings)]
+    # One limiter per instance: `sage serve` passes the one its API and MCP listeners share; an app built alone
+    # makes (and closes) its own.
+    own_limiter = limiter is None and settings.rate_limit_per_minute > 0
+    if own_limiter:
+        limiter = RateLimiter.from_settings(settings, on_breaker=kb.metrics.breaker_state)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tg:
+        try:
             if service is None:  # this app owns the service: open it, import in the background
                 await kb.start(import_now=False, fallback=True)
-                tg.start_soon(kb.import_configured)
-            try:
-                async with server.session_manager.run():
-                    yield
-            finally:
-                tg.cancel_scope.cancel()
+            async with anyio.create_task_group() as tg:
                 if service is None:
-                    await kb.close()
-                    log_event(log, logging.INFO, "Service closed", operation="shutdown")
+                    tg.start_soon(kb.import_configured)
+                try:
+                    async with server.session_manager.run():
+                        yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            # Out here: inside, the task group's cancelled scope would cut the closing short.
+            if service is None:
+                await kb.close()
+                log_event(log, logging.INFO, "Service closed", operation="shutdown")
+            if own_limiter and limiter is not None:
+                await limiter.aclose()
 
     app = Starlette(
         routes=all_routes,
@@ -62,12 +80,9 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[
             Middleware(RequestContext, metrics=kb.metrics),
-            *(
-                [Middleware(RateLimit, per_minute=settings.rate_limit_per_minute)]
-                if settings.rate_limit_per_minute
-                else []
-            ),
-            Middleware(FrontDoor, hosts=HostRule.from_settings(settings), authenticator=authenticator),
+            Middleware(FrontDoor, hosts=HostRule.from_settings(settings), authenticator=authenticator, observer=kb),
+            # Behind the front door: a request counts against its key (or its address, without one).
+            *([Middleware(RateLimit, limiter=limiter, observer=kb.metrics)] if limiter is not None else []),
             Middleware(BodyLimit, max_bytes=settings.max_file_bytes * BODY_OVERHEAD),
         ],
     )
@@ -75,15 +90,22 @@ def _build(settings: Settings, service: KnowledgeService | None, with_rest: bool
     return app
 
 
-def create_app(settings: Settings, service: KnowledgeService | None = None) -> Starlette:
+def create_app(
+    settings: Settings, service: KnowledgeService | None = None, limiter: RateLimiter | None = None
+) -> Starlette:
     """The API listener: REST under /v1, /health, /ready, /openapi.json, and MCP at /mcp (and /sse) too,
-    so a single exposed port serves scripts and assistants alike. Without `service`, the app opens its own."""
-    return _build(settings, service, with_rest=True)
+    so a single exposed port serves scripts and assistants alike. Without `service`, the app opens its own; without
+    `limiter`, it makes its own when `rate_limit_per_minute` asks for one. With OAuth configured, it also serves the
+    protected-resource metadata of /mcp."""
+    return _build(settings, service, with_rest=True, limiter=limiter)
 
 
-def create_mcp_app(settings: Settings, service: KnowledgeService | None = None) -> Starlette:
-    """The MCP listener: streamable HTTP at /mcp, legacy SSE at /sse, and /health for probes."""
-    return _build(settings, service, with_rest=False)
+def create_mcp_app(
+    settings: Settings, service: KnowledgeService | None = None, limiter: RateLimiter | None = None
+) -> Starlette:
+    """The MCP listener: streamable HTTP at /mcp, legacy SSE at /sse, and /health for probes (and the OAuth
+    protected-resource metadata, when configured)."""
+    return _build(settings, service, with_rest=False, limiter=limiter)
 
 
 def create_metrics_app(service: KnowledgeService) -> Starlette:

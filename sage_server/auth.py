@@ -1,10 +1,15 @@
-"""Who is calling: one authentication rule for every HTTP route on every listener (REST, /mcp, /sse).
+"""Who is calling: one authentication rule for every HTTP route on every listener (REST, /mcp, /sse), and the
+caller every operation acts for.
 
 A request presents at most one credential, `Authorization: Bearer <token>` or `X-API-Key: <token>`. An
 `Authenticator` asks its credential sources, in order, whom the token names, and answers a `Principal` (a name
-and scopes) or refuses with `Unauthorized` and a reason. Today the sources are SAGE_API_KEY and the admin key
-`sage serve` generates; stored keys and OAuth issuers are further sources behind the same `CredentialSource`
-protocol. stdio and in-process clients never pass through here: whoever launched the process already owns it.
+and scopes) or refuses with `Unauthorized` and a reason. The sources are SAGE_API_KEY, the admin key `sage serve`
+generates, the named keys stored in the database (keys.py), and an OAuth authorization server's JWT access tokens
+(oauth.py), all behind the same `CredentialSource` protocol. stdio, the command line and in-process use never pass
+through here: whoever launched the process already owns it, and acts as the `local` principal with every scope.
+
+The front door leaves the caller (principal and client address) in a context variable for the length of the
+request; the service reads it to check scopes and to name the caller in the audit trail.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import ipaddress
 import logging
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +35,8 @@ log = get_logger("auth")
 
 READ, WRITE, ADMIN = "read", "write", "admin"
 ALL_SCOPES = frozenset({READ, WRITE, ADMIN})
+# A key's scope and what it grants: each includes the ones before it.
+SCOPE_GRANTS = {READ: frozenset({READ}), WRITE: frozenset({READ, WRITE}), ADMIN: ALL_SCOPES}
 ADMIN_KEY_FILE = "admin.key"
 LOOPBACK_NAMES = ("localhost", "localhost.")
 
@@ -51,6 +60,37 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous", ALL_SCOPES, anonymous=True)
+# SAGE_ALLOW_ANONYMOUS=true once credentials exist: requests without one may read.
+ANONYMOUS_READER = Principal("anonymous", SCOPE_GRANTS[READ], anonymous=True)
+# The command line, stdio and in-process use: whoever started the process.
+LOCAL = Principal("local")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who an operation acts for, and from where (an address, or 'local')."""
+
+    principal: Principal
+    client: str
+
+
+LOCAL_CALLER = Caller(LOCAL, "local")
+_CALLER: ContextVar[Caller | None] = ContextVar("sage_caller", default=None)
+
+
+def current_caller() -> Caller:
+    """The caller of the operation running now (the `local` principal outside any request)."""
+    return _CALLER.get() or LOCAL_CALLER
+
+
+@contextmanager
+def acting_as(caller: Caller) -> Iterator[None]:
+    """Run the enclosed operations on behalf of `caller`."""
+    token = _CALLER.set(caller)  # a frozen dataclass: nothing shared can change under another task
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
 
 
 class CredentialSource(Protocol):
@@ -59,6 +99,15 @@ class CredentialSource(Protocol):
     @property
     def label(self) -> str:
         """What the source is, for the startup log (e.g. 'SAGE_API_KEY'); never the secret."""
+        ...
+
+    @property
+    def active(self) -> bool:
+        """Whether the source holds any credential now (a key store with no usable key does not)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Bring the source up to date before a request is authenticated (a no-op for fixed keys)."""
         ...
 
     async def resolve(self, token: str) -> Principal | None:
@@ -75,6 +124,8 @@ def _digest(secret: str) -> bytes:
 class StaticKey:
     """One fixed key: SAGE_API_KEY or the generated admin key. It names one principal (an admin by default)."""
 
+    active = True
+
     def __init__(self, label: str, secret: str, principal: Principal = Principal("admin")) -> None:
         self.label = label
         self.principal = principal
@@ -82,6 +133,9 @@ class StaticKey:
 
     def __repr__(self) -> str:
         return f"StaticKey({self.label!r}, principal={self.principal.name!r})"
+
+    async def refresh(self) -> None:
+        """A fixed key never changes."""
 
     async def resolve(self, token: str) -> Principal | None:
         return self.principal if hmac.compare_digest(_digest(token), self._digest) else None
@@ -107,46 +161,62 @@ def presented_token(headers: Mapping[str, str]) -> str | None:
 
 
 class Authenticator:
-    """The one rule: with no credential source, every request is anonymous (with every scope, as on a laptop);
-    with any, a request must present a credential that one of them resolves."""
+    """The one rule: while no credential exists, every request is anonymous (with every scope, as on a laptop);
+    once any does, a request must present a credential that a source resolves, unless `allow_anonymous`, which
+    lets requests without one read."""
 
-    def __init__(self, sources: Sequence[CredentialSource], anonymous: Principal | None = ANONYMOUS) -> None:
+    def __init__(
+        self, sources: Sequence[CredentialSource], *, allow_anonymous: bool = False, oauth: bool = False
+    ) -> None:
         self.sources = list(sources)
-        # Who a request without a credential is, when sources exist; None refuses it. (Named keys with scopes will
-        # grant anonymous requests `read` here when SAGE_ALLOW_ANONYMOUS is set.)
-        self.anonymous = None if self.sources else anonymous
+        self.allow_anonymous = allow_anonymous
+        # An OAuth issuer is among the sources: a 401 tells MCP clients where to get a token (resource_metadata).
+        self.oauth = oauth
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Authenticator:
-        """SAGE_API_KEY, then the admin key `sage serve` generated in the data folder, if either exists."""
+    def from_settings(cls, settings: Settings, stored: CredentialSource | None = None) -> Authenticator:
+        """SAGE_API_KEY, the admin key `sage serve` generated in the data folder, the `stored` keys, and the OAuth
+        issuer the settings name (its tokens are JWTs, which no key is: it is asked last)."""
+        from sage_server.oauth import OAuthIssuer  # oauth.py builds on this module's Principal and scopes
+
         sources: list[CredentialSource] = []
         if settings.api_key is not None and settings.api_key.get_secret_value().strip():
-            sources.append(StaticKey("SAGE_API_KEY", settings.api_key.get_secret_value().strip()))
+            principal = Principal("SAGE_API_KEY")
+            sources.append(StaticKey("SAGE_API_KEY", settings.api_key.get_secret_value().strip(), principal))
         generated = read_admin_key(settings)
         if generated is not None:
-            sources.append(StaticKey(f"the generated key in {admin_key_path(settings)}", generated))
-        return cls(sources)
+            path = admin_key_path(settings)
+            sources.append(StaticKey(f"the generated key in {path}", generated, Principal(ADMIN_KEY_FILE)))
+        if stored is not None:
+            sources.append(stored)
+        issuer = OAuthIssuer.from_settings(settings)
+        if issuer is not None:
+            sources.append(issuer)
+        return cls(sources, allow_anonymous=settings.allow_anonymous, oauth=issuer is not None)
 
     @property
     def required(self) -> bool:
-        """Whether requests must present a credential."""
-        return self.anonymous is None
+        """Whether a credential exists, so requests must present one (or be anonymous readers, if allowed)."""
+        return any(source.active for source in self.sources)
 
     def describe(self) -> str:
         """The rule in force, for the startup log."""
-        if not self.sources:
+        active = [source.label for source in self.sources if source.active]
+        if not active:
             return "none: every HTTP request is served without a credential"
-        return "required: " + ", ".join(source.label for source in self.sources)
+        anonymous = "; requests without one may read (SAGE_ALLOW_ANONYMOUS)" if self.allow_anonymous else ""
+        return "required: " + ", ".join(active) + anonymous
 
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
         """The principal a request acts for, or Unauthorized (details: reason) with a WWW-Authenticate challenge."""
-        if not self.sources:
-            assert self.anonymous is not None
-            return self.anonymous
+        for source in self.sources:
+            await source.refresh()
+        if not self.required:
+            return ANONYMOUS
         token = presented_token(headers)
         if token is None:
-            if self.anonymous is not None:
-                return self.anonymous
+            if self.allow_anonymous:
+                return ANONYMOUS_READER
             raise Unauthorized(
                 "a credential is required: send Authorization: Bearer <key> or X-API-Key: <key>",
                 reason="missing",
@@ -161,6 +231,13 @@ class Authenticator:
             reason="invalid",
             headers={"WWW-Authenticate": 'Bearer realm="sage", error="invalid_token"'},
         )
+
+
+def with_resource_metadata(refused: Unauthorized, url: str) -> None:
+    """Make `refused`'s challenge name the protected-resource metadata at `url`, as MCP's authorization
+    specification asks of a server that takes OAuth tokens: `WWW-Authenticate: Bearer ..., resource_metadata="..."`."""
+    challenge = refused.headers.get("WWW-Authenticate") or 'Bearer realm="sage"'
+    refused.headers = {**refused.headers, "WWW-Authenticate": f'{challenge}, resource_metadata="{url}"'}
 
 
 # -- secure by default: the admin key `sage serve` generates ---------------------------------------------------
@@ -196,19 +273,12 @@ def read_admin_key(settings: Settings) -> str | None:
     return key or None
 
 
-def ensure_admin_key(settings: Settings) -> None:
+def ensure_admin_key(settings: Settings, stored_keys: bool = False) -> None:
     """Secure by default: serving HTTP beyond loopback with no credential configured generates an admin key, kept
     in the data folder (owner-only) and printed once to the log. SAGE_ALLOW_ANONYMOUS=true opts out, loudly."""
     has_key = settings.api_key is not None and bool(settings.api_key.get_secret_value().strip())
     existing = read_admin_key(settings)
-    if settings.allow_anonymous and (has_key or existing):
-        log_event(
-            log,
-            logging.WARNING,
-            "SAGE_ALLOW_ANONYMOUS=true has no effect while a credential is configured: requests still need one",
-            operation="auth",
-        )
-    if is_loopback(settings.host) or has_key or existing:
+    if is_loopback(settings.host) or has_key or existing or stored_keys or settings.oauth_issuer:
         return
     if settings.allow_anonymous:
         log_event(

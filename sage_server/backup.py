@@ -7,18 +7,21 @@ import os
 import sqlite3
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from sage_server.audit import Entry
+from sage_server.auth import current_caller
 from sage_server.errors import Conflict, InvalidInput, Unavailable
 from sage_server.locks import FileLock, serving_lock_path
 from sage_server.migrate import migration_files
 from sage_server.models import ComponentStatus
 from sage_server.resources import migrations_dir
-from sage_server.store import content_hash, to_content
+from sage_server.store import AUDIT_COLUMNS, content_hash, to_content
 
 BACKUP_GLOB = "sage-*.db"
 STATE_FILE = "state.json"
@@ -274,6 +277,10 @@ def health_status(
     return "degraded" if age > 2 * interval_hours * 3600 else "healthy"
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
 def check_checksum(backup_path: Path) -> None:
     """Refuse a backup whose bytes differ from the checksum written beside it, or that has none."""
     expected_file = checksum_path(backup_path)
@@ -314,7 +321,25 @@ def restore(backup_path: Path, db_path: Path, *, checksum: bool = True) -> str |
         return _replace_database(backup_path, db_path)
 
 
+def _carried_audit(db_path: Path, backup_path: Path) -> list[tuple[object, ...]]:
+    """The audit entries of the database being replaced that are newer than anything in the backup: the trail must
+    survive a restore (and the restore itself is the next entry)."""
+    if not db_path.exists():
+        return []
+    with closing(sqlite3.connect(f"{backup_path.resolve().as_uri()}?mode=ro", uri=True)) as old:
+        try:
+            newest = old.execute("SELECT max(at) FROM audit").fetchone()[0] or ""
+        except sqlite3.OperationalError:
+            newest = ""  # a backup from before the audit trail existed: carry all of it
+    with closing(sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)) as current:
+        try:
+            return current.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE at > ? ORDER BY seq", (newest,)).fetchall()
+        except sqlite3.OperationalError:
+            return []  # the database being replaced has no audit trail yet
+
+
 def _replace_database(backup_path: Path, db_path: Path) -> str | None:
+    carried = _carried_audit(db_path, backup_path)
     saved: str | None = None
     if db_path.exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -335,6 +360,10 @@ def _replace_database(backup_path: Path, db_path: Path) -> str | None:
             dest.execute("PRAGMA journal_mode=WAL")
             with dest:
                 dest.execute("UPDATE meta SET value = ? WHERE key = 'database_id'", (uuid.uuid4().hex,))
+                if _has_table(dest, "audit"):
+                    entry = Entry("restore_backup", target=str(backup_path), detail={"carried": len(carried)})
+                    rows = [*carried, entry.row(current_caller())]
+                    dest.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * 9)})", rows)
         finally:
             dest.close()
     finally:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import re
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -17,7 +19,7 @@ import click
 from pydantic import BaseModel
 
 from sage_server.config import LoadedSettings, Settings, describe, load_settings
-from sage_server.errors import ConfigError, SageError
+from sage_server.errors import ConfigError, InvalidInput, SageError
 from sage_server.evaluate import EvalReport, load_queries, run_eval
 from sage_server.logs import setup_logging
 from sage_server.models import (
@@ -80,9 +82,12 @@ class SageGroup(click.Group):
             _fail(f"internal error: {type(exc).__name__}: {exc} (set SAGE_DEBUG=true for a traceback)", 1)
 
 
-def run(ctx: click.Context, action: Callable[[KnowledgeService], Awaitable[T]]) -> T:
-    """Open the service, run `action`, close (errors go to the group's handler)."""
+def run(ctx: click.Context, action: Callable[[KnowledgeService], Awaitable[T]], import_first: bool = True) -> T:
+    """Open the service, run `action`, close (errors go to the group's handler). Commands about the database itself
+    (keys, the audit trail) pass `import_first=False`: no knowledge folder is imported before them."""
     settings = _settings(ctx)
+    if not import_first:
+        settings = settings.model_copy(update={"import_on_start": False})
 
     async def main() -> T:
         async with open_service(settings) as kb:
@@ -457,6 +462,106 @@ def _remote_health(url: str) -> Health:
 
 
 @main.group()
+def keys() -> None:
+    """Named API keys for HTTP clients: create, list, revoke (rotate: create a new one, switch, revoke the old)."""
+
+
+@keys.command(name="create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    type=click.Choice(["read", "write", "admin"]),
+    required=True,
+    help="read: get, search, context; write: also save, delete, restore, import; admin: also keys, audit, purge.",
+)
+@click.option("--expires-in", "expires_in", type=float, default=None, help="Days until the key stops working.")
+@json_option
+@click.pass_context
+def keys_create(ctx: click.Context, name: str, scope: str, expires_in: float | None, as_json: bool) -> None:
+    """Make a key called NAME and print its secret, this once (it is stored only as a digest)."""
+    created = run(ctx, lambda kb: kb.create_key(name, scope, expires_in), import_first=False)
+
+    def human() -> None:
+        expiry = f", expires {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
+        click.echo(f"key {created.name} ({created.scope}{expiry}); its secret, shown only now:")
+        click.echo(created.token)
+
+    emit(created, as_json, human)
+
+
+@keys.command(name="list")
+@json_option
+@click.pass_context
+def keys_list(ctx: click.Context, as_json: bool) -> None:
+    """List every key with its scope and state (never a secret)."""
+    listing = run(ctx, lambda kb: kb.list_keys(), import_first=False)
+
+    def human() -> None:
+        now = datetime.now(UTC)
+        for key in listing.keys:
+            if key.revoked_at:
+                state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}"
+            elif key.expires_at and key.expires_at <= now:
+                state = f"expired {key.expires_at:%Y-%m-%d %H:%M}"
+            else:
+                state = f"active until {key.expires_at:%Y-%m-%d %H:%M}" if key.expires_at else "active"
+            click.echo(f"{key.name}  {key.scope}  created {key.created_at:%Y-%m-%d %H:%M}  {state}")
+        if not listing.keys:
+            click.echo("no keys (sage keys create NAME --scope read|write|admin)")
+
+    emit(listing, as_json, human)
+
+
+@keys.command(name="revoke")
+@click.argument("name")
+@json_option
+@click.pass_context
+def keys_revoke(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Revoke the key NAME: every server sharing the database refuses it within a second."""
+    revoked = run(ctx, lambda kb: kb.revoke_key(name), import_first=False)
+    emit(revoked, as_json, lambda: click.echo(f"key {revoked.name} revoked"))
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(value: str | None) -> datetime | None:
+    """--since as a time (2026-11-29, 2026-11-29T10:00) or an age (30m, 12h, 7d)."""
+    if value is None:
+        return None
+    age = _DURATION.match(value.strip())
+    if age:
+        return datetime.now(UTC) - timedelta(seconds=float(age.group(1)) * _SECONDS[age.group(2)])
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise InvalidInput(
+            f"--since must be a time (2026-11-29T10:00) or an age (30m, 12h, 7d), not {value!r}"
+        ) from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@main.command(name="audit")
+@click.option("--since", "since", default=None, help="Only entries from this time or age on (2026-11-29, 12h, 7d).")
+@click.option("--limit", type=int, default=1000, show_default=True, help="Most entries to print.")
+@json_option
+@click.pass_context
+def audit_command(ctx: click.Context, since: str | None, limit: int, as_json: bool) -> None:
+    """Print the audit trail: who changed what, when, from where, and how it went."""
+    start = _since(since)
+    page = run(ctx, lambda kb: kb.audit_trail(start, 0, limit), import_first=False)
+
+    def human() -> None:
+        for e in page.entries:
+            target = f" {e.target}" + (f"@{e.revision}" if e.revision is not None else "") if e.target else ""
+            count = f" x{e.count}" if e.count > 1 else ""
+            click.echo(f"{e.at:%Y-%m-%d %H:%M:%S}  {e.key}  {e.client}  {e.operation}{target}  {e.outcome}{count}")
+
+    emit(page, as_json, human)
+
+
+@main.group()
 def config() -> None:
     """Inspect configuration."""
 
@@ -481,14 +586,40 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 @click.option("--port", type=int, default=None, help="REST API port, also serving MCP at /mcp (SAGE_API_PORT).")
 @click.option("--mcp-port", type=int, default=None, help="MCP port (SAGE_MCP_PORT).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port (SAGE_METRICS_PORT).")
+@click.option(
+    "--tls-cert-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEM certificate (chain): serve every listener over HTTPS (SAGE_TLS_CERT_FILE).",
+)
+@click.option(
+    "--tls-key-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PEM private key of the certificate, if not in its file (SAGE_TLS_KEY_FILE).",
+)
 @click.pass_context
 def serve(
-    ctx: click.Context, host: str | None, port: int | None, mcp_port: int | None, metrics_port: int | None
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    mcp_port: int | None,
+    metrics_port: int | None,
+    tls_cert_file: Path | None,
+    tls_key_file: Path | None,
 ) -> None:
     """Serve REST, /health and MCP on the API port, MCP on the MCP port, metrics on the metrics port."""
     from sage_server.serve import serve as run_server  # imported here: plain CLI commands stay quick to start
 
-    settings = _settings(ctx, host=host, api_port=port, mcp_port=mcp_port, metrics_port=metrics_port)
+    settings = _settings(
+        ctx,
+        host=host,
+        api_port=port,
+        mcp_port=mcp_port,
+        metrics_port=metrics_port,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+    )
     _run_server(settings, lambda: run_server(settings))
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from sage_server.errors import ConfigError
 
@@ -53,10 +55,32 @@ class Settings(BaseModel):
     )
     api_key: SecretStr | None = Field(None, description="API key for HTTP clients")
     allow_anonymous: bool = Field(
-        False, description="Serve HTTP beyond loopback without any credential instead of generating an admin key"
+        False,
+        description="Requests without a credential may read once keys exist; beyond loopback with none, serve "
+        "without one instead of generating an admin key",
+    )
+    audit_retention_days: int = Field(
+        365, ge=1, description="Audit entries older than this are removed (the trail is also in every backup)"
     )
     max_filters: int = Field(50, ge=1, le=1000, description="Most tag (or layer) filters one query may carry")
-    rate_limit_per_minute: int = Field(0, ge=0, description="HTTP requests a client may make a minute (0: no limit)")
+    rate_limit_per_minute: int = Field(
+        0,
+        ge=0,
+        description="HTTP requests one key (one client address without a key) may make in any minute, shared by "
+        "every instance through redis_url (0: no limit)",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are "
+        "believed (none: forwarded headers are ignored), e.g. 10.0.0.5, 10.1.0.0/16",
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate (chain): every listener serves HTTPS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (if not in that file)")
+    oauth_issuer: str | None = Field(
+        None, description="Accept OAuth 2.1 JWT access tokens from this authorization server (its issuer id)"
+    )
+    oauth_audience: str | None = Field(None, description="The audience tokens must be issued for (aud)")
+    oauth_jwks_url: str | None = Field(None, description="Where the issuer publishes its signing keys (JWKS)")
     redis_url: str | None = Field(None, description="Redis URL for the shared cache tier")
     cache_memory: bool = Field(True, description="Use the in-process memory cache tier")
     cache_memory_entries: int = Field(2048, ge=1, description="Most entries the memory tier holds")
@@ -94,6 +118,19 @@ class Settings(BaseModel):
     mcp_max_sessions: int = Field(
         500, ge=1, description="Live MCP sessions per listener; at the cap the oldest idle one is closed"
     )
+    mcp_cache_ttl_seconds: int = Field(
+        60,
+        ge=0,
+        description="How long an MCP client may reuse a resource or the resource list (ttlMs); watchers hear sooner",
+    )
+    mcp_catalog_ttl_seconds: int = Field(
+        300, ge=0, description="How long an MCP client may reuse the tool, prompt and resource template lists (ttlMs)"
+    )
+    mcp_confirm_destructive: Literal["ask", "require", "never"] = Field(
+        "ask",
+        description="Ask the user before an MCP delete or restore where the client can (ask); also refuse clients "
+        "that cannot (require); or never ask",
+    )
     shutdown_grace_seconds: int = Field(
         10, ge=0, description="On SIGTERM/SIGINT, requests in flight get this long to finish"
     )
@@ -115,14 +152,73 @@ class Settings(BaseModel):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _expand_optional(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_valid(cls, value: list[str]) -> list[str]:
+        normalized = []
+        for entry in value:
+            try:
+                # Normalized (10.1.2.0/16 -> 10.1.0.0/16): uvicorn would take a network it cannot parse for a name.
+                network = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (e.g. 10.0.0.5 or 10.1.0.0/16); to trust every "
+                    "peer, say 0.0.0.0/0 and ::/0"
+                ) from None
+            normalized.append(str(network) if "/" in entry else str(network.network_address))
+        return normalized
+
+    @field_validator("oauth_issuer", "oauth_audience", "oauth_jwks_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @field_validator("oauth_jwks_url")
+    @classmethod
+    def _jwks_url_valid(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL")
+        host = parts.hostname.lower()
+        loopback = host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
+        if parts.scheme == "http" and not loopback:
+            # Keys fetched in the clear could be swapped on the way: anyone on the path could then mint tokens.
+            raise ValueError("must be https (plain http only to this machine)")
+        return value
+
+    @model_validator(mode="after")
+    def _together(self) -> Settings:
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_key_file needs tls_cert_file (the certificate it belongs to)")
+        oauth = ("oauth_issuer", "oauth_audience", "oauth_jwks_url")
+        missing = [name for name in oauth if getattr(self, name) is None]
+        if 0 < len(missing) < len(oauth):
+            raise ValueError(f"OAuth needs {', '.join(oauth)} together; missing {', '.join(missing)}")
+        return self
+
     @field_validator("knowledge_dirs")
     @classmethod
     def _expand_all(cls, value: list[Path]) -> list[Path]:
         return [p.expanduser() for p in value]
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 SECRET_FIELDS = {"api_key", "redis_url"}
-LIST_FIELDS = {"knowledge_dirs", "layers", "allowed_hosts"}
+LIST_FIELDS = {"knowledge_dirs", "layers", "allowed_hosts", "trusted_proxies"}
 
 
 class LoadedSettings(BaseModel):
@@ -226,7 +322,9 @@ def load_settings(
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a rule across settings: its message names them (the input would be every value)
+            raise ConfigError(f"settings: {first['msg'].removeprefix('Value error, ')}") from exc
+        key = str(first["loc"][0])
         source = sources.get(key, "defaults")
         where = f"SAGE_{key.upper()}" if source == "environment" else source
         raise ConfigError(f"{where}: setting {key!r}: {first['msg']} (got {first.get('input')!r})") from exc

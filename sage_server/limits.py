@@ -26,8 +26,9 @@ class RequestGate:
     """Counts the HTTP requests in flight across the apps it wraps (one gate per `sage serve`, so the limit is
     per instance). Past `limit`, a request is answered at once with 503 and Retry-After; probes are never
     counted nor refused. At shutdown, `close()` refuses new requests and ends open event streams (GET requests
-    answered with text/event-stream: MCP's standalone stream and legacy SSE), which would otherwise hold the
-    server for its whole grace period; other requests in flight are left to finish.
+    answered with text/event-stream: MCP's standalone stream and legacy SSE; and 2026-07-28 `subscriptions/listen`
+    streams, which are POSTs), which would otherwise hold the server for its whole grace period; other requests in
+    flight are left to finish.
 
     An open stream is a request in flight: it holds a connection and a task for as long as it lasts.
     """
@@ -117,13 +118,15 @@ class _Flight:
 
         return gated_receive
 
-    def wrap_send(self, send: Send, method: str) -> Send:
+    def wrap_send(self, send: Send, endless: bool) -> Send:
+        """`send`, noting the response start; `endless`: a request whose event stream never ends by itself."""
+
         async def gated_send(message: Message) -> None:
             if self.cut_off:
                 return
             if message["type"] == "http.response.start":
                 self.started = True
-                self.is_stream = method == "GET" and _is_event_stream(message)
+                self.is_stream = endless and _is_event_stream(message)
                 await send(message)
                 if self.is_stream and self.gate.closing:
                     self.cut()  # a stream that opened just as the server began to shut down
@@ -133,6 +136,14 @@ class _Flight:
             await send(message)
 
         return gated_send
+
+
+def _is_endless(scope: Scope) -> bool:
+    """A GET (MCP's standalone stream, legacy SSE) or a 2026-07-28 `subscriptions/listen`: answered with an event
+    stream, it lasts until the client leaves. Other POSTs may stream too, but they end when their work does."""
+    if scope["method"] == "GET":
+        return True
+    return any(name == b"mcp-method" and value.strip() == b"subscriptions/listen" for name, value in scope["headers"])
 
 
 def _is_event_stream(start: Message) -> bool:
@@ -157,7 +168,7 @@ class _Gated:
             await _unavailable(send, closing=self.gate.closing)
             return
         try:
-            await self.app(scope, flight.wrap_receive(receive), flight.wrap_send(send, scope["method"]))
+            await self.app(scope, flight.wrap_receive(receive), flight.wrap_send(send, _is_endless(scope)))
             if flight.cut_off and flight.started and not flight.complete:
                 # End the chunked body properly, so the client sees the stream close rather than a broken one.
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

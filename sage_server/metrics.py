@@ -59,6 +59,18 @@ class Metrics:
             "sage_http_request_duration_seconds", "HTTP request duration", ["route"], registry=r
         )
         self.documents = Gauge("sage_documents", "Live documents by layer", ["layer"], registry=r)
+        self.auth_failures = Counter(
+            "sage_auth_failures", "Requests refused at the front door, by reason", ["reason"], registry=r
+        )
+        self.key_requests = Counter(
+            "sage_requests_by_key", "Requests let in, by the name of the key they presented", ["key"], registry=r
+        )
+        self.rate_limited_requests = Counter(
+            "sage_rate_limited",
+            "Requests refused for their rate (429), by the name of their key ('anonymous' for those without one)",
+            ["key"],
+            registry=r,
+        )
         self.backup_success = Gauge(
             "sage_backup_last_success_timestamp_seconds",
             "Unix time of the newest knowledge-base backup (0: none yet)",
@@ -102,6 +114,18 @@ class Metrics:
         """Refresh the documents-by-layer gauge (done at scrape time, not on every write)."""
         for layer, count in counts.items():
             self.documents.labels(layer).set(count)
+
+    def auth_failure(self, reason: str) -> None:
+        """Count a request refused for its credential (missing, invalid, revoked, expired, unsupported_scheme)."""
+        self.auth_failures.labels(reason).inc()
+
+    def request_by_key(self, key: str) -> None:
+        """Count a request let in under its key's name ('anonymous' for all requests without one)."""
+        self.key_requests.labels(key).inc()
+
+    def rate_limited(self, key: str) -> None:
+        """Count a request refused for its rate under its key's name."""
+        self.rate_limited_requests.labels(key).inc()
 
     def set_backup_success(self, timestamp: float | None) -> None:
         """Refresh the time of the newest backup (read from the backup folder at scrape time)."""

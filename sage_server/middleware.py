@@ -1,6 +1,6 @@
 """Plain ASGI middleware (BaseHTTPMiddleware would break streaming MCP responses): request ids, access logs and
-HTTP metrics, the front door (Host, Origin, credentials), a request-body limit and rate limits; and the one function
-that renders an error for HTTP."""
+HTTP metrics, the front door (Host, Origin, credentials) and a request-body limit (rate limits are in ratelimit.py);
+and the one function that renders an error for HTTP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -20,26 +20,29 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sage_server.auth import Authenticator, Principal
+from sage_server.auth import Authenticator, Caller, Principal, acting_as, with_resource_metadata
 from sage_server.errors import (
     Forbidden,
     MethodNotAllowed,
     MisdirectedRequest,
     NotFound,
     PayloadTooLarge,
-    RateLimited,
     SageError,
+    Unauthorized,
     clip,
     error_document,
 )
 from sage_server.hosts import HostRule
 from sage_server.logs import REQUEST, get_logger, log_event
 from sage_server.metrics import Metrics
+from sage_server.oauth import METADATA_PATH, metadata_url
 
 log = get_logger("http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Probes and load balancers call these by IP, without credentials.
 OPEN_PATHS = ("/health", "/ready")
+# Public documents: the Host rule applies (they name this server), no credential is asked, any Origin may read them.
+PUBLIC_PATHS = (METADATA_PATH,)
 MESSAGE_LIMIT = 500  # characters of an error message; details' strings get DETAIL_LIMIT
 DETAIL_LIMIT = 200
 
@@ -158,7 +161,7 @@ class RequestContext:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status == 404 else "other")
             self.metrics.http_request(template, scope["method"], status, elapsed)
-            principal = scope["state"].get("principal")
+            # The request's context (REQUEST) names its client and, once the front door let it in, its key.
             log_event(
                 log,
                 logging.INFO,
@@ -169,26 +172,37 @@ class RequestContext:
                 path=clip(scope["path"], 200),
                 route=template,
                 status=status,
-                principal=principal.name if isinstance(principal, Principal) else None,
                 duration_ms=round(elapsed * 1000, 3),
             )
             REQUEST.reset(token)
 
 
+class DoorObserver(Protocol):
+    """Hears what the front door decided, for metrics and the audit trail (the service is one)."""
+
+    def admitted(self, principal: Principal) -> None: ...
+
+    def refused(self, client: str, reason: str) -> None: ...
+
+
 class FrontDoor:
     """The one rule at the door of every route but the probes (/health, /ready), on every listener: the Host must
     name this server (421; DNS rebinding), a browser's Origin must be this server's (403; cross-site requests), and
-    the request must carry a credential the authenticator accepts (401).
+    the request must carry a credential the authenticator accepts (401; with OAuth configured, the challenge names
+    the protected-resource metadata, which is served to any Origin without a credential).
 
     The principal is left in the scope: `state['principal']` for SAGE, and `user`/`auth` as the MCP SDK reads them
     (it binds a session to the credential that opened it; `get_access_token()` names the caller in a handler)."""
 
     MAX_USERS = 1024  # SDK views of principals kept; principals are few (keys), but bounded all the same
 
-    def __init__(self, app: ASGIApp, hosts: HostRule, authenticator: Authenticator) -> None:
+    def __init__(
+        self, app: ASGIApp, hosts: HostRule, authenticator: Authenticator, observer: DoorObserver | None = None
+    ) -> None:
         self.app = app
         self.hosts = hosts
         self.authenticator = authenticator
+        self.observer = observer
         self._users: dict[Principal, tuple[AuthenticatedUser, AuthCredentials]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -203,10 +217,26 @@ class FrontDoor:
                 "an operator can add it to SAGE_ALLOWED_HOSTS",
                 host=host,
             )
+        if scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
         origin = headers.get("origin")
         if origin is not None and not self.hosts.origin_allowed(origin, host):
             raise Forbidden(f"requests from pages at {clip(origin)!r} are refused (cross-site)", origin=origin)
-        principal = await self.authenticator.authenticate(headers)
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        try:
+            principal = await self.authenticator.authenticate(headers)
+        except Unauthorized as exc:
+            if self.observer is not None:
+                self.observer.refused(client, str(exc.details.get("reason", "invalid")))
+            if self.authenticator.oauth:
+                with_resource_metadata(exc, metadata_url(scope.get("scheme", "http"), host))
+            raise
+        if self.observer is not None:
+            self.observer.admitted(principal)
+        request = REQUEST.get()
+        if request is not None:
+            request["key"] = principal.name  # every line logged during the request names the key
         seen = self._users.get(principal)
         if seen is None:
             if len(self._users) >= self.MAX_USERS:
@@ -218,7 +248,8 @@ class FrontDoor:
         scope["user"], scope["auth"] = user, credentials
         context = auth_context_var.set(user)
         try:
-            await self.app(scope, receive, send)
+            with acting_as(Caller(principal, client)):
+                await self.app(scope, receive, send)
         finally:
             auth_context_var.reset(context)
 
@@ -271,35 +302,3 @@ class BodyLimit:
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is over {self.max_bytes} bytes", limit=self.max_bytes)
-
-
-class RateLimit:
-    """Per-client token buckets: `per_minute` requests a minute, in bursts of up to ten seconds' worth; over it,
-    429 with Retry-After. Probes (/health, /ready) are never limited."""
-
-    EXEMPT = OPEN_PATHS
-    MAX_CLIENTS = 10_000  # the oldest idle bucket goes first past this, so memory stays bounded
-
-    def __init__(self, app: ASGIApp, per_minute: int) -> None:
-        self.app = app
-        self.rate = per_minute / 60
-        self.capacity = max(1.0, self.rate * 10)
-        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.EXEMPT:
-            await self.app(scope, receive, send)
-            return
-        client = scope.get("client")
-        key = client[0] if client else "unknown"
-        now = time.monotonic()
-        tokens, last = self.buckets.pop(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if len(self.buckets) >= self.MAX_CLIENTS:
-            self.buckets.pop(next(iter(self.buckets)))
-        if tokens < 1:
-            self.buckets[key] = (tokens, now)
-            wait = max(1, int((1 - tokens) / self.rate + 0.999))
-            raise RateLimited(f"too many requests; retry after {wait} s", headers={"Retry-After": str(wait)})
-        self.buckets[key] = (tokens - 1, now)  # re-inserted last: the dict stays in least-recently-used order
-        await self.app(scope, receive, send)

@@ -412,3 +412,56 @@ class WriteResult(BaseModel):
     def of(cls, doc: Document) -> WriteResult:
         """The write result for a stored document."""
         return cls.model_validate(doc.model_dump(include=set(cls.model_fields)))
+
+
+# -- keys and the audit trail ---------------------------------------------------------------------------------------
+
+KeyScope = Literal["read", "write", "admin"]
+
+
+class ApiKey(BaseModel):
+    """A named API key (never its secret): read, write or admin, until it expires or is revoked."""
+
+    name: str
+    scope: KeyScope
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def usable(self, now: datetime) -> bool:
+        """Whether the key opens the door at `now`."""
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class CreatedKey(ApiKey):
+    """A key just made, with its secret: shown this once, never stored."""
+
+    token: str = Field(description="The secret to send as 'Authorization: Bearer <token>'; not shown again")
+
+
+class KeyList(BaseModel):
+    """Every key, oldest first."""
+
+    keys: list[ApiKey]
+
+
+class AuditEntry(BaseModel):
+    """One line of the audit trail: who did what to which document, from where, and how it went."""
+
+    seq: int
+    at: datetime
+    key: str = Field(description="The key's name; 'local' for the command line and stdio, 'anonymous' without one")
+    client: str = Field(description="The caller's address, or 'local'")
+    operation: str
+    target: str | None = None
+    revision: int | None = None
+    outcome: str = Field(description="'ok', 'unchanged', or the error code / reason it failed with")
+    count: int = Field(1, description="How many times it happened (authentication failures are counted per minute)")
+    detail: dict[str, object] = Field(default_factory=dict)
+
+
+class AuditPage(BaseModel):
+    """Audit entries, oldest first; pass `next_after` back as `after` for the ones that follow."""
+
+    entries: list[AuditEntry]
+    next_after: int | None = None

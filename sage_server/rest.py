@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -24,6 +25,7 @@ from sage_server.errors import (
 from sage_server.models import (
     ID_PATTERN,
     MAX_REVISION,
+    AuditPage,
     ContextResult,
     Document,
     DocumentIn,
@@ -124,6 +126,23 @@ class ContextQuery(BaseModel):
     layer: list[str] = Field(default_factory=list)
 
     _task = field_validator("task")(_not_blank)
+
+
+ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$")
+
+
+class AuditQuery(BaseModel):
+    since: datetime | None = Field(None, description="Entries at or after this time (ISO 8601)")
+    after: int = Field(0, ge=0, le=2**62, description="Entries after this entry number (next_after of a page)")
+    limit: int = Field(100, ge=1, le=1000)
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _iso_time(cls, value: object) -> object:
+        # pydantic would also read a number as Unix time; the documented form is an ISO 8601 date-time.
+        if value is not None and not (isinstance(value, str) and ISO_DATE.match(value)):
+            raise ValueError("since must be an ISO 8601 date-time such as 2026-11-29T10:00:00Z")
+        return value
 
 
 class TranslationBody(BaseModel):
@@ -328,6 +347,11 @@ async def info(request: Request, kb: KnowledgeService) -> Response:
     return _json(await kb.info())
 
 
+async def audit_trail(request: Request, kb: KnowledgeService) -> Response:
+    q: AuditQuery = _query(request, AuditQuery)
+    return _json(await kb.audit_trail(q.since, q.after, q.limit))
+
+
 ENDPOINTS = [
     Endpoint("GET", "/health", health, "Health of core, cache and knowledge (spec 6.3)", Health, public=True),
     Endpoint("GET", "/ready", ready, "503 until the first import has finished", Ready, public=True),
@@ -361,6 +385,7 @@ ENDPOINTS = [
     ),
     Endpoint("POST", "/v1/context", context, "Context for a long task description", ContextResult, body=ContextQuery),
     Endpoint("GET", "/v1/info", info, "What the knowledge base holds", Info),
+    Endpoint("GET", "/v1/audit", audit_trail, "The audit trail, oldest first (admin keys only)", AuditPage, AuditQuery),
 ]
 
 
@@ -439,8 +464,9 @@ def openapi(layers: list[str], auth_required: bool = False) -> dict[str, Any]:
             responses["415"] = error("Body not sent as application/json")
         if not e.public:
             responses["422"] = error("An argument is invalid (the message names it)")
-            if auth_required:
-                responses["401"] = error("No valid credential")
+            # Named keys may be made at any time, so these hold whether a credential is configured now or not.
+            responses["401"] = error("No valid credential")
+            responses["403"] = error("The key's scope does not allow this operation")
         responses["default"] = error("Error")
         op: dict[str, Any] = {
             "summary": e.summary,

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import logging
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -23,6 +24,7 @@ from sage_server.connections import ConnectionLimits, guarded_protocol
 from sage_server.errors import ConfigError
 from sage_server.limits import RequestGate
 from sage_server.logs import get_logger, log_event
+from sage_server.ratelimit import RateLimiter
 from sage_server.schedule import BackupSchedule
 from sage_server.service import KnowledgeService
 from sage_server.signals import StopSignals
@@ -92,8 +94,34 @@ def bind(host: str, port: int, setting: str) -> socket.socket:
     return sock
 
 
-def _config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context every listener serves with, when SAGE_TLS_CERT_FILE is set: TLS 1.2 at least. A certificate
+    or key that cannot be loaded stops the server with an error naming the file, before any port is bound."""
+    if settings.tls_cert_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    files = f"{settings.tls_cert_file}" + (f" and {settings.tls_key_file}" if settings.tls_key_file else "")
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except ssl.SSLError as exc:  # before OSError, of which it is one
+        raise ConfigError(
+            f"SAGE_TLS_CERT_FILE/SAGE_TLS_KEY_FILE: {files} do not hold a PEM certificate and its private key "
+            f"({exc.reason or exc})"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"SAGE_TLS_CERT_FILE/SAGE_TLS_KEY_FILE: cannot read {exc.filename or files}: {exc.strerror}"
+        ) from exc
+    return context
+
+
+def _config(app: ASGIApp, settings: Settings, tls: ssl.SSLContext | None = None) -> uvicorn.Config:
     # log_config=None keeps uvicorn's loggers on our JSON handler; our middleware writes the access log.
+    # Forwarded headers: uvicorn believes X-Forwarded-For from 127.0.0.1 by default (FORWARDED_ALLOW_IPS), which let
+    # any local process, or a proxy passing the header through, choose its client address. Here only the proxies in
+    # SAGE_TRUSTED_PROXIES are believed (none by default), so the address every limit, log line and audit entry uses
+    # is the peer's, or what a trusted proxy says the peer was.
     return uvicorn.Config(
         app,
         log_config=None,
@@ -103,6 +131,10 @@ def _config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         timeout_keep_alive=settings.idle_timeout_seconds,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         log_level=settings.log_level.lower(),
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies),
+        # uvicorn serves TLS when given a context factory; ours was built (and its files checked) before binding.
+        ssl_context_factory=(lambda config, default: tls) if tls is not None else None,
     )
 
 
@@ -116,10 +148,7 @@ SETTINGS_OF = {
 
 async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "mcp", "metrics")) -> None:
     """Run the listeners (API, MCP, metrics by default) until SIGTERM or SIGINT, then shut down cleanly."""
-    ensure_admin_key(settings)  # secure by default: beyond loopback, HTTP needs a credential
-    log_event(
-        log, logging.INFO, "Authentication", operation="auth", rule=Authenticator.from_settings(settings).describe()
-    )
+    tls = tls_context(settings)
     sockets: list[socket.socket] = []
     try:
         for name in listeners:
@@ -135,26 +164,45 @@ async def serve(settings: Settings, listeners: tuple[Listener, ...] = ("api", "m
     raise_open_file_limit()
     # Caught from here on: a signal during startup is acted on once serving begins, never a kill mid-start.
     with StopSignals() as signals:
-        await _serve(settings, listeners, sockets, signals)
+        await _serve(settings, listeners, sockets, signals, tls)
 
 
 async def _serve(
-    settings: Settings, listeners: tuple[Listener, ...], sockets: list[socket.socket], signals: StopSignals
+    settings: Settings,
+    listeners: tuple[Listener, ...],
+    sockets: list[socket.socket],
+    signals: StopSignals,
+    tls: ssl.SSLContext | None,
 ) -> None:
     service = KnowledgeService(settings)
     await service.start(import_now=False, fallback=True)
+    try:
+        # Secure by default: beyond loopback, HTTP needs a credential (named keys in the database count).
+        await service.key_source.refresh()
+        ensure_admin_key(settings, stored_keys=service.key_source.active)
+    except BaseException:
+        await service.close()
+        raise
+    rule = Authenticator.from_settings(settings, service.key_source).describe()
+    log_event(log, logging.INFO, "Authentication", operation="auth", rule=rule)
     # One gate for the API and MCP listeners: the in-flight limit is per instance. Metrics scrapes are not limited.
     gate = RequestGate(
         settings.max_requests_in_flight,
         on_reject=lambda method, status: service.metrics.http_request("refused", method, status, 0.0),
     )
+    # One rate limiter too: a caller's limit is the same whichever listener it calls.
+    limiter = (
+        RateLimiter.from_settings(settings, on_breaker=service.metrics.breaker_state)
+        if settings.rate_limit_per_minute
+        else None
+    )
     factories: dict[Listener, Callable[[], ASGIApp]] = {
-        "api": lambda: gate.wrap(create_app(settings, service)),
-        "mcp": lambda: gate.wrap(create_mcp_app(settings, service)),
+        "api": lambda: gate.wrap(create_app(settings, service, limiter)),
+        "mcp": lambda: gate.wrap(create_mcp_app(settings, service, limiter)),
         "metrics": lambda: create_metrics_app(service),
     }
     apps = [factories[name]() for name in listeners]
-    servers = [_Server(_config(app, settings)) for app in apps]
+    servers = [_Server(_config(app, settings, tls)) for app in apps]
     try:
         background = anyio.CancelScope()  # cancelled at shutdown: an import in progress rolls back whole
 
@@ -185,8 +233,11 @@ async def _serve(
                     tg.start_soon(server.serve, [sock])
                 tg.start_soon(in_background)
                 ports = {name: sock.getsockname()[1] for name, sock in zip(listeners, sockets, strict=True)}
-                log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, **ports)
+                scheme = "https" if tls is not None else "http"
+                log_event(log, logging.INFO, "Serving", operation="serve", host=settings.host, scheme=scheme, **ports)
             watching.cancel_scope.cancel()
     finally:
+        if limiter is not None:
+            await limiter.aclose()
         await service.close()
         log_event(log, logging.INFO, "Stopped", operation="serve")

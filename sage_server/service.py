@@ -16,18 +16,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+import aiosqlite
 import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
-from sage_server import backup, ingest, reconcile, search, store
+from sage_server import audit, backup, ingest, reconcile, search, store
 from sage_server import context as context_packing
+from sage_server.auth import ADMIN, READ, WRITE, Principal, current_caller
 from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
+from sage_server.changes import ChangeFeed
 from sage_server.config import Settings, load_settings
 from sage_server.db import Database
 from sage_server.errors import (
     Conflict,
+    Forbidden,
     InvalidInput,
     MigrationError,
     NotFound,
@@ -37,13 +41,17 @@ from sage_server.errors import (
     Unavailable,
 )
 from sage_server.generation import GenerationWatcher
+from sage_server.keys import KeyStore, StoredKeys
 from sage_server.locks import FileLock, serving_lock_path
 from sage_server.logs import get_logger, log_event
 from sage_server.metrics import Metrics
 from sage_server.migrate import migrate
 from sage_server.models import (
+    ApiKey,
+    AuditPage,
     ComponentStatus,
     ContextResult,
+    CreatedKey,
     Document,
     DocumentIn,
     DocumentList,
@@ -52,6 +60,7 @@ from sage_server.models import (
     History,
     ImportReport,
     Info,
+    KeyList,
     SearchResult,
 )
 from sage_server.resources import knowledge_dir, migrations_dir
@@ -76,7 +85,7 @@ class KnowledgeService(BoundedViews):
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.db = Database(settings.db_path)
+        self._use(Database(settings.db_path))
         self.deadlines = Deadlines.from_settings(settings)
         self.cache = TieredCache(settings, observer=self.metrics)
         self.generation = 0  # of the data this instance last saw; cache keys carry it
@@ -89,7 +98,16 @@ class KnowledgeService(BoundedViews):
         self.ready = False  # True once the configured folders have been imported
         self.fallback_reason: str | None = None  # set while serving the bundled core layer without the database
         self._watcher: GenerationWatcher | None = None
+        self.changes = ChangeFeed(self._read_changes)  # what each write changed, for live MCP resources
         self._resources = AsyncExitStack()
+        # The stored keys as the front door's credential source; it reads whichever database is served.
+        self.key_source = StoredKeys(lambda: self.keys.load())
+
+    def _use(self, db: Database) -> None:
+        """Serve `db`: the audit trail and the keys live in it too."""
+        self.db = db
+        self.audit = audit.AuditTrail(db, self.settings.audit_retention_days)
+        self.keys = KeyStore(db, self.audit)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -114,7 +132,7 @@ class KnowledgeService(BoundedViews):
                 error=exc.message,
             )
             folder = Path(self._resources.enter_context(tempfile.TemporaryDirectory(prefix="sage-fallback-")))
-            self.db = Database(folder / "fallback.db")
+            self._use(Database(folder / "fallback.db"))
             await self._open_database()
         await self._resources.enter_async_context(self.cache)
         if self.settings.redis_url and self.settings.cache_redis:
@@ -123,6 +141,8 @@ class KnowledgeService(BoundedViews):
         tasks = await self._resources.enter_async_context(anyio.create_task_group())
         self._resources.callback(tasks.cancel_scope.cancel)  # runs first on close: stop the poller
         tasks.start_soon(self._poll_generation)
+        tasks.start_soon(self.changes.run, self.generation)
+        tasks.start_soon(self.audit.run)
         if import_now:
             await self.import_configured()
 
@@ -155,7 +175,7 @@ class KnowledgeService(BoundedViews):
     async def import_configured(self) -> None:
         """Import the bundled knowledge and SAGE_KNOWLEDGE_DIRS (if import_on_start), then mark the service ready."""
         if self.fallback_reason:
-            self.last_import = await self._import([knowledge_dir() / self.settings.layers[0]])
+            self.last_import = await self._import([knowledge_dir() / self.settings.layers[0]], bootstrap=True)
         elif self.settings.import_on_start and self.configured_folders():
             self.last_import = await self.import_paths(self.configured_folders())
         self.ready = True
@@ -170,6 +190,11 @@ class KnowledgeService(BoundedViews):
     def _saw_generation(self, generation: int) -> None:
         """Another instance wrote: keys with an older generation are no longer read."""
         self.generation = max(self.generation, generation)
+        self.changes.advance(generation)
+
+    async def _read_changes(self, after: int, limit: int) -> store.ChangeLog:
+        async with self.db.read() as conn:
+            return await store.changes_after(conn, after, limit)
 
     async def _poll_generation(self) -> None:
         # Instances sharing the database file without Redis learn of each other's writes here, within a second.
@@ -245,6 +270,39 @@ class KnowledgeService(BoundedViews):
         if self.fallback_reason:
             raise Unavailable(f"read-only: {self.fallback_reason}")
 
+    @staticmethod
+    def _require(scope: str) -> None:
+        """Refuse the operation unless the caller's key holds `scope` (read, write or admin): the one check for every
+        face (REST, MCP tools, resources and prompts alike)."""
+        principal = current_caller().principal
+        if not principal.allows(scope):
+            held = ", ".join(sorted(principal.scopes)) or "none"
+            raise Forbidden(
+                f"{principal.name!r} may not do this: it needs the {scope} scope (it holds: {held})",
+                scope=scope,
+                key=principal.name,
+                headers={"WWW-Authenticate": f'Bearer realm="sage", error="insufficient_scope", scope="{scope}"'},
+            )
+
+    @asynccontextmanager
+    async def _write(
+        self, entry: audit.Entry, scope: str = WRITE, *, bootstrap: bool = False
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction for a caller holding `scope`. It leaves its audit entry: in the same transaction when
+        it commits, on its own (with the error's code as the outcome) when it fails. Only the `bootstrap` import of
+        the embedded fallback writes to the fallback's temporary database."""
+        try:
+            self._require(scope)
+            if not bootstrap:
+                self._writable()
+            async with self.db.transaction() as conn:
+                yield conn
+                await self.audit.record(conn, entry)
+        except SageError as exc:
+            entry.outcome = exc.code
+            await self.audit.record_failure(entry)
+            raise
+
     # -- validation ------------------------------------------------------------------------------
 
     def _check_filters(self, values: Strings | None, field: str) -> None:
@@ -287,6 +345,7 @@ class KnowledgeService(BoundedViews):
     async def get(self, doc_id: str) -> Document:
         """One live document by id; NotFound (with close ids suggested) when there is none."""
         with self._operation("get", "read", id=doc_id):
+            self._require(READ)
             return await self._cached("get", (doc_id,), Document, lambda: self._get(doc_id))
 
     async def _get(self, doc_id: str) -> Document:
@@ -312,6 +371,7 @@ class KnowledgeService(BoundedViews):
     ) -> DocumentList:
         """Live documents ordered by layer and id, a page at a time."""
         with self._operation("list", "read", layer=layer):
+            self._require(READ)
             self._check_limit(limit)
             self._check_filters(tags, "tag")
             layers = self._check_layers([layer] if layer else None)
@@ -355,6 +415,7 @@ class KnowledgeService(BoundedViews):
         a search that could not rank in time is a Timeout.
         """
         with self._operation("search", query=query[:200]):
+            self._require(READ)
             if not query.strip():
                 raise InvalidInput("query must not be empty", field="query")
             self._check_limit(limit)
@@ -419,6 +480,7 @@ class KnowledgeService(BoundedViews):
     async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
         """What to read before doing `task`: core essentials, then the best sections, within `max_tokens`."""
         with self._operation("context", task=task[:200]):
+            self._require(READ)
             if not task.strip():
                 raise InvalidInput("task must not be empty", field="task")
             budget = max_tokens or self.settings.context_max_tokens
@@ -446,6 +508,7 @@ class KnowledgeService(BoundedViews):
     async def history(self, doc_id: str) -> History:
         """Every revision of a document (live or deleted), newest first."""
         with self._operation("history", "read", id=doc_id):
+            self._require(READ)
             async with self.db.read() as conn:
                 row = await store.fetch_row(conn, doc_id) or await store.fetch_by_alias(conn, doc_id)
                 if row is None:
@@ -456,6 +519,7 @@ class KnowledgeService(BoundedViews):
     async def info(self) -> Info:
         """Counts by layer, totals, the index generation and uptime."""
         with self._operation("info", "read"):
+            self._require(READ)
             cached = await self._cached("info", (), Info, self._info)
             return cached.model_copy(update={"uptime_seconds": round(time.monotonic() - self.started, 3)})
 
@@ -519,9 +583,9 @@ class KnowledgeService(BoundedViews):
         """Create or update a document. With `expected_revision` (0: must not exist yet), a concurrent
         change is a Conflict instead of a silent overwrite. Saving identical content stores nothing."""
         with self._operation("save", "complex", logging.INFO, id=doc.id, audit=True):
-            self._writable()
             self._check_layers([doc.layer])
-            async with self.db.transaction() as conn:
+            entry = audit.Entry("save", doc.id)
+            async with self._write(entry) as conn:
                 row = await store.fetch_row(conn, doc.id)
                 current = 0 if row is None else row["revision"]
                 if expected_revision is not None and expected_revision != current:
@@ -531,24 +595,26 @@ class KnowledgeService(BoundedViews):
                         id=doc.id,
                         current_revision=current,
                     )
+                if row is not None and row["deleted_at"] is None and row["content_hash"] == store.content_hash(doc):
+                    entry.revision, entry.outcome = current, audit.UNCHANGED
+                    return store.to_document(row)
                 if row is None:
                     await store.insert(conn, doc, store.Source())
-                elif row["deleted_at"] is None and row["content_hash"] == store.content_hash(doc):
-                    return store.to_document(row)
                 else:
                     source = store.Source(row["source_path"], row["source_hash"])
                     await store.replace(conn, row, doc, source, "update")
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [doc.id])
                 saved = await store.fetch_row(conn, doc.id)
+                assert saved is not None
+                entry.revision = saved["revision"]
             await self._committed(generation)
-            assert saved is not None
             return store.to_document(saved)
 
     async def delete(self, doc_id: str, expected_revision: int | None = None) -> Document:
         """Soft-delete a document as a new revision; `restore` brings any revision back."""
         with self._operation("delete", "complex", logging.INFO, id=doc_id, audit=True):
-            self._writable()
-            async with self.db.transaction() as conn:
+            entry = audit.Entry("delete", doc_id)
+            async with self._write(entry) as conn:
                 row = await store.fetch_row(conn, doc_id)
                 if row is None or row["deleted_at"] is not None:
                     raise await self._not_found(doc_id)
@@ -559,17 +625,18 @@ class KnowledgeService(BoundedViews):
                         current_revision=row["revision"],
                     )
                 await store.soft_delete(conn, row, "delete")
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [doc_id])
                 deleted = await store.fetch_row(conn, doc_id)
+                assert deleted is not None
+                entry.revision = deleted["revision"]
             await self._committed(generation)
-            assert deleted is not None
             return store.to_document(deleted)
 
     async def restore(self, doc_id: str, revision: int) -> Document:
         """Make an earlier revision current again (as a new revision); also undeletes."""
         with self._operation("restore", "complex", logging.INFO, id=doc_id, revision=revision, audit=True):
-            self._writable()
-            async with self.db.transaction() as conn:
+            entry = audit.Entry("restore", doc_id, detail={"from_revision": revision})
+            async with self._write(entry) as conn:
                 row = await store.fetch_row(conn, doc_id)
                 if row is None:
                     raise await self._not_found(doc_id)
@@ -583,24 +650,26 @@ class KnowledgeService(BoundedViews):
                     )
                 self._check_layers([content.layer])
                 await store.replace(conn, row, content, store.Source(row["source_path"], row["source_hash"]), "restore")
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [doc_id])
                 restored = await store.fetch_row(conn, doc_id)
+                assert restored is not None
+                entry.revision = restored["revision"]
             await self._committed(generation)
-            assert restored is not None
             return store.to_document(restored)
 
     async def purge(self, doc_id: str) -> None:
-        """Remove a deleted document and its history for good. Live documents must be deleted first."""
+        """Remove a deleted document and its history for good (admin scope). Live documents must be deleted first."""
         with self._operation("purge", "complex", logging.INFO, id=doc_id, audit=True):
-            self._writable()
-            async with self.db.transaction() as conn:
+            entry = audit.Entry("purge", doc_id)
+            async with self._write(entry, ADMIN) as conn:
                 row = await store.fetch_row(conn, doc_id)
                 if row is None:
                     raise await self._not_found(doc_id)
                 if row["deleted_at"] is None:
                     raise Conflict(f"document {doc_id!r} is live; delete it before purging", id=doc_id)
+                entry.revision = row["revision"]
                 await store.purge(conn, row)
-                generation = await store.bump_generation(conn)
+                generation = await store.bump_generation(conn, [])  # it was deleted already: nothing served changed
             await self._committed(generation)
 
     async def import_paths(self, paths: PathList) -> ImportReport:
@@ -609,16 +678,17 @@ class KnowledgeService(BoundedViews):
         Changed files become new revisions; files gone from an imported folder are soft-deleted; bad files
         are reported in `skipped` and change nothing.
         """
-        self._writable()
         return await self._import(paths)
 
-    async def _import(self, paths: PathList) -> ImportReport:
+    async def _import(self, paths: PathList, bootstrap: bool = False) -> ImportReport:
         started = time.perf_counter()
         generation: int | None = None
         with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths], audit=True):
+            self._require(WRITE)
             collected = await anyio.to_thread.run_sync(ingest.collect, paths, self.settings)
             bundled_root = str(knowledge_dir().resolve()) + os.sep
-            async with self.db.transaction() as conn:
+            entry = audit.Entry("import", ", ".join(str(p) for p in paths)[:1000])
+            async with self._write(entry, bootstrap=bootstrap) as conn:
                 rows = await store.import_rows(conn, reconcile.claimed_ids(collected.files))
                 stored = [
                     reconcile.Stored(
@@ -642,7 +712,15 @@ class KnowledgeService(BoundedViews):
                 for gone in plan.remove:
                     await store.soft_delete(conn, rows[gone.id], "remove")
                 if plan.create or plan.update or plan.remove:
-                    generation = await store.bump_generation(conn)
+                    changed = [p.doc.id for p in plan.create + plan.update] + [gone.id for gone in plan.remove]
+                    generation = await store.bump_generation(conn, changed)
+                entry.detail = {
+                    "created": len(plan.create),
+                    "updated": len(plan.update),
+                    "removed": len(plan.remove),
+                    "unchanged": plan.unchanged,
+                    "skipped": len(collected.skipped) + len(plan.skipped),
+                }
             if generation is not None:
                 await self._committed(generation)
             report = ImportReport(
@@ -669,6 +747,51 @@ class KnowledgeService(BoundedViews):
                 ids=[s.id for s in report.shadowed],
             )
         return report
+
+    # -- keys, the audit trail, and what the front door tells -------------------------------------------------------
+
+    async def create_key(self, name: str, scope: str, expires_in_days: float | None = None) -> CreatedKey:
+        """Make a named key with a scope (read, write or admin); its secret is in the answer only (admin scope)."""
+        with self._operation("key_create", "complex", logging.INFO, target=name, scope=scope, audit=True):
+            self._require(ADMIN)
+            self._writable()
+            created = await self.keys.create(name, scope, expires_in_days)
+            self.key_source.forget()
+            return created
+
+    async def list_keys(self) -> KeyList:
+        """Every key with its scope and state, never a secret (admin scope)."""
+        with self._operation("key_list", "read"):
+            self._require(ADMIN)
+            return KeyList(keys=await self.keys.list_keys())
+
+    async def revoke_key(self, name: str) -> ApiKey:
+        """Revoke a key; every instance sharing the database refuses it within a second (admin scope)."""
+        with self._operation("key_revoke", "complex", logging.INFO, target=name, audit=True):
+            self._require(ADMIN)
+            self._writable()
+            revoked = await self.keys.revoke(name)
+            self.key_source.forget()
+            return revoked
+
+    async def audit_trail(self, since: datetime | None = None, after: int = 0, limit: int = 100) -> AuditPage:
+        """Audit entries from `since` (and after entry `after`), oldest first (admin scope)."""
+        with self._operation("audit", "read"):
+            self._require(ADMIN)
+            if not 1 <= limit <= 1000:
+                raise InvalidInput(f"limit must be between 1 and 1000, got {limit}", field="limit")
+            if after < 0:
+                raise InvalidInput("after must be an entry number (0 or more)", field="after")
+            return await self.audit.entries(since, after, limit)
+
+    def admitted(self, principal: Principal) -> None:
+        """The front door let a request in: count it under its key's name (anonymous ones under one label)."""
+        self.metrics.request_by_key(principal.name)
+
+    def refused(self, client: str, reason: str) -> None:
+        """The front door refused a request's credential: count it, and note it for the audit trail."""
+        self.metrics.auth_failure(reason)
+        self.audit.failures.add(client, reason)
 
 
 @asynccontextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -314,14 +315,82 @@ def to_content(doc_id: str, row: sqlite3.Row) -> DocumentIn:
     )
 
 
-async def bump_generation(conn: aiosqlite.Connection) -> int:
-    """Advance the generation number that cache keys carry; every write transaction calls it once."""
+async def bump_generation(conn: aiosqlite.Connection, changed: Sequence[str] | None = None) -> int:
+    """Advance the generation number that cache keys carry, and record which documents (by id) the write changed
+    in the change log; every write transaction calls it once, last. `None` records that anything may have changed.
+    """
     async with conn.execute(
         "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation' RETURNING value"
     ) as cursor:
         row = await cursor.fetchone()
     assert row is not None
-    return int(row[0])
+    generation = int(row[0])
+    await _record_changes(conn, generation, changed)
+    return generation
+
+
+# The change log (table `changes`): which documents each generation changed. It keeps the newest CHANGE_RETENTION
+# generations, enough for an instance that polls every second to catch up after a burst of writes; one that falls
+# further behind treats everything as changed. A write naming more than CHANGE_IDS ids is logged as one '*' row, so
+# an import of thousands of files costs one row. Old rows are dropped every PRUNE_EVERY generations (one statement
+# less on most writes), so the log holds at most (CHANGE_RETENTION + PRUNE_EVERY) * 2 * CHANGE_IDS rows.
+CHANGE_RETENTION = 1000
+CHANGE_IDS = 100
+PRUNE_EVERY = 50
+EVERYTHING = "*"  # not a valid id (ids start with a letter, digit or '_')
+
+# One row per changed document with the layer it is in now, whether its listing entry changed (new, deleted,
+# undeleted, retitled, resummarised or moved), and a second row with the layer it left when it moved.
+_RECORD_CHANGES = """
+INSERT INTO changes (generation, doc_id, layer, listed)
+SELECT :generation, d.id, d.layer,
+       p.doc_key IS NULL OR p.deleted <> (d.deleted_at IS NOT NULL) OR p.layer <> d.layer OR p.title <> d.title
+       OR p.summary <> d.summary
+FROM documents AS d LEFT JOIN revisions AS p ON p.doc_key = d.key AND p.revision = d.revision - 1
+WHERE d.id IN (SELECT value FROM json_each(:ids))
+UNION ALL
+SELECT :generation, d.id, p.layer, 1
+FROM documents AS d JOIN revisions AS p ON p.doc_key = d.key AND p.revision = d.revision - 1
+WHERE d.id IN (SELECT value FROM json_each(:ids)) AND p.layer <> d.layer
+"""
+
+
+async def _record_changes(conn: aiosqlite.Connection, generation: int, changed: Sequence[str] | None) -> None:
+    if changed is None or len(changed) > CHANGE_IDS:
+        await conn.execute(
+            "INSERT INTO changes (generation, doc_id, layer, listed) VALUES (?, ?, NULL, 1)", (generation, EVERYTHING)
+        )
+    elif changed:
+        await conn.execute(_RECORD_CHANGES, {"generation": generation, "ids": json.dumps(list(changed))})
+    if generation % PRUNE_EVERY == 0:
+        await conn.execute("DELETE FROM changes WHERE generation <= ?", (generation - CHANGE_RETENTION,))
+
+
+@dataclass(frozen=True)
+class ChangeLog:
+    """What the change log says happened after a generation: its rows (generation, doc_id, layer, listed), oldest
+    first, and the newest generation at the time of reading. `complete` is False when rows the reader needed were
+    already dropped or there were more than it asked for."""
+
+    newest: int
+    rows: list[tuple[int, str, str | None, bool]]
+    complete: bool
+
+
+async def changes_after(conn: aiosqlite.Connection, generation: int, limit: int) -> ChangeLog:
+    """The change log after `generation`, at most `limit` rows, read in one statement (so one snapshot: the newest
+    generation and the rows agree)."""
+    async with conn.execute(
+        "SELECT CAST(value AS INTEGER), NULL, NULL, NULL FROM meta WHERE key = 'generation' "
+        "UNION ALL SELECT * FROM (SELECT generation, doc_id, layer, listed FROM changes WHERE generation > ? "
+        "ORDER BY generation LIMIT ?)",
+        (generation, limit + 1),
+    ) as cursor:
+        found = list(await cursor.fetchall())
+    newest = next((int(r[0]) for r in found if r[1] is None), 0)
+    rows = [(int(r[0]), str(r[1]), r[2], bool(r[3])) for r in found if r[1] is not None]
+    complete = len(rows) <= limit and generation >= newest - CHANGE_RETENTION
+    return ChangeLog(newest=newest, rows=rows[:limit], complete=complete)
 
 
 async def generation(conn: aiosqlite.Connection) -> int:
@@ -341,3 +410,71 @@ async def identity(conn: aiosqlite.Connection) -> tuple[str, datetime]:
     except ValueError:  # only ever read for the age of the newest backup: a bad value must not stop the server
         created = datetime.now(UTC)
     return meta["database_id"], created
+
+
+# -- keys and the audit trail --------------------------------------------------------------------------------------
+
+KEY_COLUMNS = "name, digest, scope, created_at, expires_at, revoked_at"
+
+
+async def insert_key(conn: aiosqlite.Connection, name: str, digest: str, scope: str, expires_at: str | None) -> None:
+    """Store a new key (its digest, never its secret)."""
+    await conn.execute(
+        f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
+        (name, digest, scope, now_iso(), expires_at),
+    )
+
+
+async def keys(conn: aiosqlite.Connection) -> list[sqlite3.Row]:
+    """Every key ever made, revoked ones included, oldest first."""
+    async with conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, name") as cursor:
+        return list(await cursor.fetchall())
+
+
+async def revoke_key(conn: aiosqlite.Connection, name: str) -> bool:
+    """Revoke the key `name`; False when there is no such key that is not revoked already."""
+    async with conn.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING name", (now_iso(), name)
+    ) as cursor:
+        return await cursor.fetchone() is not None
+
+
+AUDIT_COLUMNS = "at, key_name, client, operation, target, revision, outcome, count, detail"
+
+
+async def insert_audit(conn: aiosqlite.Connection, rows: list[tuple[object, ...]]) -> None:
+    """Append audit entries: tuples in AUDIT_COLUMNS order."""
+    await conn.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+async def add_auth_failures(conn: aiosqlite.Connection, rows: list[tuple[str, str, str, int]]) -> None:
+    """Count authentication failures into one entry per (minute, client, reason): (minute, client, reason, count)."""
+    for minute, client, reason, count in rows:
+        async with conn.execute(
+            "UPDATE audit SET count = count + ? WHERE operation = 'authenticate' AND at = ? AND client = ? "
+            "AND outcome = ? RETURNING seq",
+            (count, minute, client, reason),
+        ) as cursor:
+            updated = await cursor.fetchone() is not None
+        if not updated:
+            await insert_audit(conn, [(minute, "anonymous", client, "authenticate", None, None, reason, count, "{}")])
+
+
+async def audit_entries(conn: aiosqlite.Connection, since: str, after: int, limit: int) -> list[sqlite3.Row]:
+    """Audit entries at or after `since` (ISO time) and after entry `after`, in the order written, at most `limit`."""
+    async with conn.execute(
+        f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE at >= ? AND seq > ? ORDER BY seq LIMIT ?", (since, after, limit)
+    ) as cursor:
+        return list(await cursor.fetchall())
+
+
+async def audit_after(conn: aiosqlite.Connection, at: str) -> list[sqlite3.Row]:
+    """Every audit entry written after `at` (ISO time), in order: what a restore carries forward."""
+    async with conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE at > ? ORDER BY seq", (at,)) as cursor:
+        return list(await cursor.fetchall())
+
+
+async def prune_audit(conn: aiosqlite.Connection, before: str) -> int:
+    """Delete audit entries older than `before` (ISO time); how many went."""
+    async with conn.execute("DELETE FROM audit WHERE at < ? RETURNING seq", (before,)) as cursor:
+        return len(list(await cursor.fetchall()))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,17 @@ def sage_env(home: Path, **settings: str) -> dict[str, str]:
     `settings` (e.g. SAGE_DB_PATH=...), so nothing from the machine leaks in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_")}
     return {**env, "HOME": str(home), **settings}
+
+
+def sage_runner(cwd: Path, env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """A function running the `sage` command (as `python -m sage_server`) in `cwd` with `env`, its output captured."""
+
+    def sage(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sage_server", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    return sage
 
 
 def write_doc(folder: Path, relative: str, text: str) -> Path:

@@ -37,7 +37,8 @@ from sage_server.errors import ConfigError, Unauthorized
 from sage_server.service import open_service
 from tests.conftest import make_settings, sage_env
 from tests.mcp_support import payload, serving, settings_for, write_knowledge
-from tests.test_serve import free_port, wait_ready
+from tests.ports import free_port
+from tests.test_serve import wait_ready
 
 pytestmark = pytest.mark.anyio
 KEY = "s3cret-key"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -22,7 +20,7 @@ from sage_server.errors import Conflict, InvalidInput, Unavailable
 from sage_server.migrate import migrate
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings, sage_env, write_doc
+from tests.conftest import make_settings, sage_env, sage_runner, write_doc
 
 pytestmark = pytest.mark.anyio
 
@@ -223,15 +221,7 @@ def test_cli_backup_verify_restore(tmp_path: Path, knowledge: Path) -> None:
         SAGE_BACKUP_DIR=str(tmp_path / "bk"),
     )
 
-    def sage(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sage_server", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    sage = sage_runner(tmp_path, env)
 
     assert sage("backup").returncode == 2  # no database yet: a clear error, not an empty backup
     assert sage("info").returncode == 0

@@ -99,6 +99,12 @@ async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_serv
         assert latency["n"] > 0 and latency["errors"] == 0, name
     assert "RSS growth after the abandoned 2025-11-25 MCP sessions" in stdout
 
+    # The MCP part: the tool list's size, and a client honouring the cache hints saving requests without going stale.
+    assistant = document["mcp"]["figures"]
+    assert 0 < assistant["tools_list_tokens"] < 2500 and "tools/list, estimated tokens" in stdout
+    assert 0 < assistant["calls_with_hints"] < assistant["calls_without_hints"]
+    assert assistant["kb_saved"] > 0 and assistant["stale_reads"] == 0
+
     verdicts = {target["name"]: target["verdict"] for target in result["targets"]}
     assert len(verdicts) == 11 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts
     assert verdicts["write visible to search once acknowledged: failures"] == "PASS"

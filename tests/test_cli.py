@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import sage_env, write_doc
+from tests.conftest import sage_env, sage_runner, write_doc
 
 Sage = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -25,15 +24,7 @@ def sage(tmp_path: Path, knowledge: Path) -> Sage:
         SAGE_LOG_LEVEL="INFO",
     )
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sage_server", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    run = sage_runner(tmp_path, env)
 
     return run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -63,25 +64,48 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
 # -- tools -------------------------------------------------------------------------------------------------
 
 
-async def test_every_tool_is_listed_with_hints_schemas_and_model_facing_docs(client: Client) -> None:
+async def test_every_tool_is_listed_with_hints_and_each_argument_described_once(client: Client) -> None:
     tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == TOOLS
     for name, tool in tools.items():
-        assert tool.annotations is not None
+        assert tool.annotations is not None and tool.annotations.open_world_hint is False
         assert tool.annotations.read_only_hint is (name not in WRITES)
-        assert tool.annotations.idempotent_hint is not None
-        assert tool.output_schema is not None and tool.output_schema["type"] == "object"
-        assert tool.description and not tool.description.startswith(" ")
+        # The spec gives the destructive and idempotent hints meaning for tools that write only.
+        assert (tool.annotations.idempotent_hint is None) is (name not in WRITES)
+        assert tool.output_schema is None  # structured content all the same (see payload())
+        assert tool.description and tool.title and "Args:" not in tool.description
         properties = tool.input_schema.get("properties", {})
         if "max_tokens" in properties:
             assert properties["max_tokens"]["maximum"] == MAX_TOKENS_CEILING
             assert properties["max_tokens"]["default"] == 4000
-        for argument in properties:
-            assert argument in tool.description, f"{name} does not explain {argument}"
+        for argument, schema in properties.items():
+            assert schema.get("description"), f"{name} does not describe {argument}"
+            assert "title" not in schema and {"type": "null"} not in schema.get("anyOf", []), (name, argument)
     assert tools["sage_delete_knowledge"].annotations is not None
     assert tools["sage_delete_knowledge"].annotations.destructive_hint is True
     assert tools["sage_save_knowledge"].annotations is not None
     assert tools["sage_save_knowledge"].annotations.destructive_hint is False
+    assert tools["sage_save_knowledge"].input_schema["required"] == ["title", "body"]  # the id may be derived
+
+
+async def test_the_tool_list_is_small(client: Client) -> None:
+    listed = await client.session.list_tools()
+    wire = json.dumps(listed.model_dump(mode="json", by_alias=True, exclude_none=True), separators=(",", ":"))
+    assert estimate_tokens(wire) < 2500
+
+
+async def test_descriptions_are_filled_from_the_settings(tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path, write_knowledge(tmp_path / "kb", {}), layers=["core", "playbooks"], default_layer="playbooks"
+    )
+    async with open_service(settings) as service, Client(build_server(service)) as connected:
+        tools = {tool.name: tool for tool in (await connected.list_tools()).tools}
+        templates = (await connected.list_resource_templates()).resource_templates
+    save = tools["sage_save_knowledge"].input_schema["properties"]["layer"]["description"]
+    assert save == "One of core, playbooks; default playbooks"
+    assert "core, playbooks" in tools["sage_search"].input_schema["properties"]["layers"]["description"]
+    assert "by default core" in (tools["sage_get_knowledge"].description or "")
+    assert any("core, playbooks" in (template.description or "") for template in templates)
 
 
 async def test_search_returns_ranked_hits_with_snippets_and_token_counts(client: Client) -> None:
@@ -367,7 +391,20 @@ async def test_resources_stay_under_the_ceiling_and_say_where_to_read_on(
 
 async def test_resources_are_markdown_by_index_layer_and_id(client: Client) -> None:
     listed = (await client.list_resources()).resources
-    assert [str(r.uri) for r in listed] == ["knowledge://index"]
+    assert [str(r.uri) for r in listed][:3] == ["knowledge://index", "knowledge://core", "knowledge://guidelines"]
+    documents = {str(r.uri): r for r in listed if r.uri.count("/") == 3}
+    assert list(documents) == [  # every document, by layer and id
+        "knowledge://core/verify-with-evidence",
+        "knowledge://frameworks/timeout-resilience",
+        "knowledge://practices/code-review-guidelines",
+        "knowledge://practices/handling-secrets",
+    ]
+    secrets = documents["knowledge://practices/handling-secrets"]
+    assert (secrets.name, secrets.title, secrets.description) == (
+        "handling-secrets",
+        "Handling Secrets",
+        "Keep credentials out of code and logs.",
+    )
     templates = (await client.list_resource_templates()).resource_templates
     assert {t.uri_template for t in templates} == {"knowledge://{layer}", "knowledge://{layer}/{id}"}
     assert {r.mime_type for r in listed} | {t.mime_type for t in templates} == {"text/markdown"}

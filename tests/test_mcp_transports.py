@@ -180,6 +180,39 @@ async def test_inspector_lists_and_calls_tools_over_http_and_sse(base_url: str, 
 
 @pytest.mark.e2e
 @needs_npx
+async def test_inspector_lists_resources_templates_and_prompts_and_reads_a_document(
+    base_url: str, tmp_path: Path
+) -> None:
+    mcp = f"{base_url}/mcp"
+    resources = await inspector(tmp_path, "--method", "resources/list", mcp)
+    uris = [resource["uri"] for resource in resources["resources"]]
+    assert uris[0] == "knowledge://index" and "knowledge://frameworks/timeout-resilience" in uris
+
+    templates = await inspector(tmp_path, "--method", "resources/templates/list", mcp)
+    assert {t["uriTemplate"] for t in templates["resourceTemplates"]} == {
+        "knowledge://{layer}",
+        "knowledge://{layer}/{id}",
+    }
+
+    prompts = await inspector(tmp_path, "--method", "prompts/list", mcp)
+    assert {prompt["name"] for prompt in prompts["prompts"]} >= {"code_review", "onboarding"}
+
+    document = await inspector(
+        tmp_path, "--method", "resources/read", "--uri", "knowledge://practices/handling-secrets", mcp
+    )
+    assert document["contents"][0]["text"].startswith("# Handling Secrets")
+
+
+@pytest.mark.e2e
+@needs_npx
+async def test_inspector_saves_a_document_without_inventing_an_id(base_url: str, tmp_path: Path) -> None:
+    call = ["--method", "tools/call", "--tool-name", "sage_save_knowledge"]
+    saved = await inspector(tmp_path, f"{base_url}/mcp", *call, "--tool-arg", "title=Deploy Freeze", "body=No Fridays.")
+    assert saved["structuredContent"]["id"] == "deploy-freeze" and saved["structuredContent"]["derived_id"] is True
+
+
+@pytest.mark.e2e
+@needs_npx
 async def test_inspector_sees_a_tool_error_for_an_unknown_id(base_url: str, tmp_path: Path) -> None:
     call = ["--method", "tools/call", "--tool-name", "sage_get_document", "--tool-arg", "id=timeout-resiliense"]
     # The Inspector exits with 5 when the tool answered isError.

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from sage_server.app import create_mcp_app
 from sage_server.assistant.sessions import SessionCap
+from sage_server.assistant.transports import TrimmedMcpHeaders
 from tests.mcp_support import serving, settings_for, write_knowledge
 
 pytestmark = pytest.mark.anyio
@@ -36,8 +37,8 @@ INITIALIZE = {
 def session_cap(app: Starlette) -> SessionCap:
     """The session cap in front of the app's streamable-HTTP endpoint."""
     [route] = [r for r in app.routes if isinstance(r, Route) and r.path == "/mcp"]
-    assert isinstance(route.endpoint, SessionCap)
-    return route.endpoint
+    assert isinstance(route.endpoint, TrimmedMcpHeaders) and isinstance(route.endpoint.app, SessionCap)
+    return route.endpoint.app
 
 
 @asynccontextmanager

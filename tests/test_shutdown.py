@@ -22,7 +22,8 @@ import pytest
 from sage_server.serve import serve
 from sage_server.signals import StopSignals
 from tests.conftest import make_settings, sage_env
-from tests.test_serve import free_port, start
+from tests.ports import free_port
+from tests.test_serve import start
 
 pytestmark = pytest.mark.anyio
 

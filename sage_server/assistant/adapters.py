@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -12,7 +11,7 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver.context import Context
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError, UnexpectedToolError
 from mcp.shared.exceptions import MCPError
-from mcp.types import INVALID_PARAMS, CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
+from mcp.types import INVALID_PARAMS, CallToolResult, InputRequiredResult, TextContent, Tool, ToolAnnotations
 from pydantic import BaseModel, ValidationError
 
 from sage_server.errors import InvalidInput, NotFound, SageError, clip, invalid_input
@@ -48,9 +47,44 @@ def describe(exc: SageError) -> str:
     return text
 
 
+def compact_schema(schema: Any) -> Any:
+    """A tool's input schema as a model needs it, a third smaller than pydantic writes it: no `title` (pydantic gives
+    every property and model its own name again), and an optional argument as its plain type, without the
+    `anyOf [..., null]` and `default: null` that only say it may be left out (which `required` already says). The
+    server still accepts an explicit null for such an argument."""
+    if isinstance(schema, list):
+        return [compact_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    variants = schema.get("anyOf")
+    if "default" in schema and schema["default"] is None and isinstance(variants, list) and len(variants) == 2:
+        kept = [variant for variant in variants if variant != {"type": "null"}]
+        if len(kept) == 1 and isinstance(kept[0], dict):
+            rest = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
+            schema = {**kept[0], **rest}
+    compacted: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in ("properties", "$defs") and isinstance(value, dict):  # maps of names to schemas
+            compacted[key] = {name: compact_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf", "oneOf", "allOf", "additionalProperties", "not"):
+            compacted[key] = compact_schema(value)
+        else:
+            compacted[key] = value  # instance data (default, enum, examples...) is left as it is
+    return compacted
+
+
 class SageServer(MCPServer[Any]):
     """The SDK's server, with arguments that fail a tool's input schema reported the way REST reports them: the
-    argument, the range it allows and (bounded) what it got, instead of pydantic's text with documentation links."""
+    argument, the range it allows and (bounded) what it got, instead of pydantic's text with documentation links;
+    and the tool list without the schema noise that costs every session tokens."""
+
+    async def list_tools(self) -> list[Tool]:
+        return [
+            tool.model_copy(update={"input_schema": compact_schema(tool.input_schema)})
+            for tool in await super().list_tools()
+        ]
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
@@ -74,16 +108,19 @@ def tool(
     metrics: Metrics,
     *,
     title: str,
+    description: str,
     read_only: bool,
     destructive: bool = False,
     idempotent: bool = True,
 ) -> Callable[[ToolFunction[P]], ToolFunction[P]]:
     """Register an async function returning a pydantic model as a tool named after the function.
 
-    Its signature is the input schema and its return type the output schema; its docstring is the description
-    the model reads. A SageError, or a model rejecting the arguments, becomes a tool error the model can act on;
-    anything else is left to the SDK, which logs it and answers a generic error without ending the session.
-    Every call is counted in `metrics` with its outcome, and a result with the tokens it costs.
+    Its signature is the input schema (each argument described there, once); `description` is what the model reads
+    about the tool. The result is the model as structured content and as compact JSON text; no output schema is
+    published, since the schemas of SAGE's results would triple the size of the tool list every session pays for
+    (the description says what comes back). A SageError, or a model rejecting the arguments, becomes a tool error
+    the model can act on; anything else is left to the SDK, which logs it and answers a generic error without ending
+    the session. Every call is counted in `metrics` with its outcome, and a result with the tokens it costs.
     """
 
     def register(fn: ToolFunction[P]) -> ToolFunction[P]:
@@ -112,20 +149,21 @@ def tool(
                 content=[TextContent(type="text", text=text)], structured_content=model.model_dump(mode="json")
             )
 
-        # `call` keeps fn's signature (functools.wraps), so the SDK derives both schemas from fn; it accepts the
-        # CallToolResult as is after checking its structured content against the output schema.
+        # `call` keeps fn's signature (functools.wraps), so the SDK derives the input schema from fn; it passes the
+        # CallToolResult on as it is.
         server.add_tool(
             call,
             name=name,
             title=title,
-            description=inspect.cleandoc(fn.__doc__ or ""),
+            description=description,
+            # The spec gives the destructive and idempotent hints meaning only for tools that write.
             annotations=ToolAnnotations(
-                title=title,
                 read_only_hint=read_only,
                 destructive_hint=None if read_only else destructive,
-                idempotent_hint=idempotent,
+                idempotent_hint=None if read_only else idempotent,
                 open_world_hint=False,
             ),
+            structured_output=False,
         )
         return fn
 

@@ -1,14 +1,20 @@
-"""The MCP resources: the index, a layer, and one document, as Markdown no larger than the token ceiling."""
+"""The MCP resources: the index, a layer, and one document, as Markdown no larger than the token ceiling; the resource
+list names every one of them, documents included, a page at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mcp.server import MCPServer
+from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, ListResourcesResult, PaginatedRequestParams, Resource
 
-from sage_server.assistant.adapters import resource_errors
+from sage_server.assistant.adapters import describe, resource_errors
+from sage_server.assistant.uris import DOCUMENT_TEMPLATE, INDEX, LAYER_TEMPLATE, document_uri, layer_uri
 from sage_server.budget import MAX_TOKENS_CEILING
-from sage_server.errors import NotFound
+from sage_server.errors import NotFound, SageError
 from sage_server.service import MAX_LIMIT, KnowledgeService
 
 MARKDOWN = "text/markdown"
@@ -16,9 +22,10 @@ MARKDOWN = "text/markdown"
 
 def register_resources(server: MCPServer[Any], kb: KnowledgeService) -> None:
     """Add knowledge://index, knowledge://{layer} and knowledge://{layer}/{id} to `server`."""
+    layers = ", ".join(kb.settings.layers)
 
     @server.resource(
-        "knowledge://index",
+        INDEX,
         name="index",
         title="Knowledge index",
         description="Every layer with its documents: id, title and summary.",
@@ -40,10 +47,10 @@ def register_resources(server: MCPServer[Any], kb: KnowledgeService) -> None:
         return "\n".join(lines)
 
     @server.resource(
-        "knowledge://{layer}",
+        LAYER_TEMPLATE,
         name="layer",
         title="A knowledge layer",
-        description="The documents of one layer (core, guidelines, frameworks, practices, scenarios, templates).",
+        description=f"The documents of one layer ({layers}), whole, as many as fit.",
         mime_type=MARKDOWN,
     )
     @resource_errors
@@ -55,7 +62,7 @@ def register_resources(server: MCPServer[Any], kb: KnowledgeService) -> None:
         return "\n\n---\n\n".join(parts) + "\n"
 
     @server.resource(
-        "knowledge://{layer}/{id}",
+        DOCUMENT_TEMPLATE,
         name="document",
         title="A knowledge document",
         description="One document as Markdown, e.g. knowledge://frameworks/timeout-resilience.",
@@ -68,3 +75,40 @@ def register_resources(server: MCPServer[Any], kb: KnowledgeService) -> None:
             raise NotFound(f"document {id!r} is in layer {page.layer!r}: knowledge://{page.layer}/{id}", id=id)
         note = f"\n\n---\n_{page.hint} (sage_get_document with this id and offset)._\n" if page.hint else ""
         return page.text + note
+
+
+ListHandler = Callable[[ServerRequestContext[Any, Any], PaginatedRequestParams], Awaitable[ListResourcesResult]]
+
+
+def resource_list(kb: KnowledgeService) -> ListHandler:
+    """The `resources/list` handler: the index and every layer, then every live document (by layer and id), a page
+    of at most MAX_LIMIT documents at a time; `nextCursor` leads to the next page."""
+
+    async def list_resources(
+        ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams
+    ) -> ListResourcesResult:
+        cursor = params.cursor
+        try:
+            page = await kb.list(limit=MAX_LIMIT, cursor=cursor)
+        except SageError as exc:
+            raise MCPError(INVALID_PARAMS if exc.status < 500 else INTERNAL_ERROR, describe(exc)) from exc
+        resources: list[Resource] = []
+        if cursor is None:
+            resources.append(Resource(uri=INDEX, name="index", title="Knowledge index", mime_type=MARKDOWN))
+            resources += [
+                Resource(uri=layer_uri(layer), name=layer, title=f"The {layer} layer", mime_type=MARKDOWN)
+                for layer in kb.settings.layers
+            ]
+        resources += [
+            Resource(
+                uri=document_uri(item.layer, item.id),
+                name=item.id,
+                title=item.title,
+                description=item.summary or None,
+                mime_type=MARKDOWN,
+            )
+            for item in page.items
+        ]
+        return ListResourcesResult(resources=resources, next_cursor=page.next_cursor)
+
+    return list_resources

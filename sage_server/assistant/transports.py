@@ -17,6 +17,7 @@ from mcp.server import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sage_server.assistant.server import build_server
 from sage_server.assistant.sessions import SessionCap
@@ -113,6 +114,31 @@ class StdinLines:
             pass  # the server stopped reading (or the loop is gone): nothing is waiting for these lines
 
 
+class TrimmedMcpHeaders:
+    """The streamable-HTTP app, given `Mcp-*` header values without surrounding spaces and tabs.
+
+    RFC 9110 section 5.5: leading and trailing whitespace is no part of a field value. uvicorn's httptools parser
+    (uvicorn 0.54, httptools 0.9) drops the leading whitespace but keeps the trailing, and MCP SDK 2.3 compares
+    `Mcp-Name`, `Mcp-Method` and `MCP-Protocol-Version` with the request body byte for byte: `Mcp-Name: sage_info `
+    was refused with -32020 (header mismatch), and `MCP-Protocol-Version: 2025-11-25 ` sent an older client's
+    request to the 2026-07-28 entry, which refused it. tests/test_mcp_spec.py tells when the SDK trims them itself.
+    """
+
+    WHITESPACE = b" \t"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [
+                (name, value.strip(self.WHITESPACE) if name.startswith(b"mcp-") else value)
+                for name, value in scope["headers"]
+            ]
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
+
+
 def mcp_routes(server: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
     """Routes serving `server`: streamable HTTP at /mcp, legacy SSE at /sse (posting to /messages/).
 
@@ -129,4 +155,4 @@ def mcp_routes(server: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
     )
     sessions = SessionCap(streamable, server.session_manager, settings.mcp_max_sessions)
     sse = server.sse_app(transport_security=security)
-    return [*sse.routes, Route("/mcp", endpoint=sessions)]
+    return [*sse.routes, Route("/mcp", endpoint=TrimmedMcpHeaders(sessions))]

@@ -1,4 +1,4 @@
-"""`python -m tests.bench [--sizes 1000,10000,100000] [--seed 7] [--out bench-results/] [--quick] [--only limits]`."""
+"""`python -m tests.bench [--sizes 1000,10000,100000] [--seed 7] [--out bench-results/] [--quick] [--only mcp]`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--only",
         choices=PARTS,
-        help="run one part: corpus (speed and scale per corpus size) or limits (resources and shutdown)",
+        help="run one part: corpus (speed and scale per corpus size), limits (resources and shutdown) or mcp (the "
+        "tool list's size, and what a client honouring cache hints saves)",
     )
     args = parser.parse_args(argv)
     parts = (args.only,) if args.only else PARTS
