@@ -152,9 +152,8 @@ async def test_a_slow_search_returns_what_was_ranked_marked_partial(
     async with open_service(fast) as kb:
         # A word no document holds makes the search look for misspellings; that step hangs here, after ranking.
         monkeypatch.setattr(search, "correct", stuck_correction)
-        started = time.monotonic()
-        result = await kb.search("circuit breakr")
-        assert time.monotonic() - started < 1.0
+        with anyio.fail_after(10):  # cut short at the search deadline, not after the 30 s step
+            result = await kb.search("circuit breakr")
         assert result.partial and "search limit of 300 ms" in (result.partial_reason or "")
         assert result.hits[0].id == "timeout-resilience" and "**" in result.hits[0].snippet
 
