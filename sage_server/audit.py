@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import aiosqlite
 import anyio
 
-from sage_server import store
 from sage_server.auth import Caller, current_caller
-from sage_server.db import Database
 from sage_server.errors import SageError
 from sage_server.logs import get_logger, log_event
-from sage_server.models import AuditEntry, AuditPage
+from sage_server.models import AuditPage
+from sage_server.store import Store, Writer
 
 log = get_logger("audit")
 
@@ -82,36 +79,36 @@ class AuditTrail:
     FLUSH_SECONDS = 5.0
     PRUNE_SECONDS = 3600.0
 
-    def __init__(self, db: Database, retention_days: int) -> None:
-        self.db = db
+    def __init__(self, store: Store, retention_days: int) -> None:
+        self.store = store
         self.retention_days = retention_days
         self.failures = AuthFailures()
 
-    async def record(self, conn: aiosqlite.Connection, entry: Entry) -> None:
+    async def record(self, writer: Writer, entry: Entry) -> None:
         """Write `entry` for the current caller inside the caller's transaction."""
-        await store.insert_audit(conn, [entry.row(current_caller())])
+        await writer.insert_audit([entry.row(current_caller())])
 
     async def record_failure(self, entry: Entry) -> None:
         """Write the entry of a write that failed (its own transaction was rolled back) in a transaction of its own.
         Best effort: a database that cannot take it has already failed the write, which is the error to report."""
         try:
-            async with self.db.transaction() as conn:
-                await self.record(conn, entry)
-        except (sqlite3.Error, SageError) as exc:
+            async with self.store.transaction() as writer:
+                await self.record(writer, entry)
+        except SageError as exc:
             log_event(log, logging.ERROR, "Audit entry lost", operation=entry.operation, error=str(exc))
 
     async def flush(self) -> None:
         """Write the authentication failures counted so far."""
         counted = self.failures.drain()
         if counted:
-            async with self.db.transaction() as conn:
-                await store.add_auth_failures(conn, counted)
+            async with self.store.transaction() as writer:
+                await writer.add_auth_failures(counted)
 
     async def prune(self) -> int:
         """Remove entries older than the retention; how many went."""
         cutoff = (datetime.now(UTC) - timedelta(days=self.retention_days)).isoformat(timespec="microseconds")
-        async with self.db.transaction() as conn:
-            return await store.prune_audit(conn, cutoff)
+        async with self.store.transaction() as writer:
+            return await writer.prune_audit(cutoff)
 
     async def run(self) -> None:
         """Flush every few seconds and prune every hour until cancelled (a last flush on the way out)."""
@@ -124,33 +121,19 @@ class AuditTrail:
                     if time.monotonic() - pruned_at >= self.PRUNE_SECONDS:
                         pruned_at = time.monotonic()
                         await self.prune()
-                except (sqlite3.Error, SageError) as exc:
+                except SageError as exc:
                     log_event(log, logging.ERROR, "Audit flush failed", operation="audit", error=str(exc))
         finally:
             with anyio.CancelScope(shield=True):
                 try:
                     await self.flush()
-                except (sqlite3.Error, SageError) as exc:
+                except SageError as exc:
                     log_event(log, logging.ERROR, "Audit flush failed", operation="audit", error=str(exc))
 
     async def entries(self, since: datetime | None, after: int, limit: int) -> AuditPage:
         """Entries at or after `since` and after entry number `after`, oldest first, `limit` at most."""
         start = (since or datetime.min.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="microseconds")
-        async with self.db.read() as conn:
-            rows = await store.audit_entries(conn, start, after, limit + 1)
-        entries = [
-            AuditEntry(
-                seq=row["seq"],
-                at=row["at"],
-                key=row["key_name"],
-                client=row["client"],
-                operation=row["operation"],
-                target=row["target"],
-                revision=row["revision"],
-                outcome=row["outcome"],
-                count=row["count"],
-                detail=json.loads(row["detail"]),
-            )
-            for row in rows[:limit]
-        ]
+        async with self.store.read() as reader:
+            rows = await reader.audit_entries(start, after, limit + 1)
+        entries = rows[:limit]
         return AuditPage(entries=entries, next_after=entries[-1].seq if len(rows) > limit else None)

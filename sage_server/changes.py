@@ -11,7 +11,6 @@ listener hears the same thing on every instance.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -113,7 +112,7 @@ class ChangeFeed:
     async def _next_change(self) -> Change:
         try:
             entries = await self._read(self._told, MAX_ROWS)
-        except (sqlite3.Error, SageError) as exc:
+        except SageError as exc:
             # The generation moved, so something changed: say everything rather than nothing.
             log_event(log, logging.WARNING, "Change log unreadable", operation="changes", error=str(exc))
             return Change(self._target, listing=True, everything=True)

@@ -11,20 +11,18 @@ import hashlib
 import logging
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import anyio
 
-from sage_server import store
 from sage_server.audit import AuditTrail, Entry
 from sage_server.auth import SCOPE_GRANTS, Principal
-from sage_server.db import Database
 from sage_server.errors import Conflict, InvalidInput, NotFound, SageError, Unauthorized, Unavailable
 from sage_server.logs import get_logger, log_event
 from sage_server.models import ApiKey, CreatedKey
+from sage_server.store import Store
 
 log = get_logger("auth")
 TOKEN_PREFIX = "sage_"
@@ -89,7 +87,7 @@ class StoredKeys:
                 return  # another request refreshed it meanwhile
             try:
                 self._by_digest = {stored_digest: key for key, stored_digest in await self._load()}
-            except (sqlite3.Error, SageError) as exc:
+            except SageError as exc:
                 if not self._loaded:
                     raise Unavailable(f"the stored keys cannot be read: {exc}") from exc
                 log_event(log, logging.WARNING, "Stored keys not refreshed", operation="auth", error=str(exc))
@@ -115,14 +113,14 @@ class StoredKeys:
 class KeyStore:
     """Make, list and revoke the keys of one database; every change is an entry in the audit trail."""
 
-    def __init__(self, db: Database, audit: AuditTrail) -> None:
-        self.db = db
+    def __init__(self, store: Store, audit: AuditTrail) -> None:
+        self.store = store
         self.audit = audit
 
     async def load(self) -> list[tuple[ApiKey, str]]:
         """Every key with the digest of its secret (for StoredKeys)."""
-        async with self.db.read() as conn:
-            return [(_key(row), row["digest"]) for row in await store.keys(conn)]
+        async with self.store.read() as reader:
+            return [(stored.key, stored.digest) for stored in await reader.keys()]
 
     async def create(self, name: str, scope: str, expires_in_days: float | None = None) -> CreatedKey:
         """Make a key; its secret is in the answer and nowhere else."""
@@ -135,13 +133,14 @@ class KeyStore:
         expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
         entry = Entry("key_create", target=name, detail={"scope": scope, "expires_at": expires})
         try:
-            async with self.db.transaction() as conn:
-                await store.insert_key(conn, name, digest(token), scope, expires.isoformat() if expires else None)
-                await self.audit.record(conn, entry)
-        except sqlite3.IntegrityError as exc:
+            async with self.store.transaction() as writer:
+                if not await writer.insert_key(name, digest(token), scope, expires.isoformat() if expires else None):
+                    raise Conflict(f"a key named {name!r} exists (names are never reused); choose another", name=name)
+                await self.audit.record(writer, entry)
+        except Conflict:
             entry.outcome = "conflict"
             await self.audit.record_failure(entry)
-            raise Conflict(f"a key named {name!r} exists (names are never reused); choose another", name=name) from exc
+            raise
         created = next(key for key in await self.list_keys() if key.name == name)
         return CreatedKey(**created.model_dump(), token=token)
 
@@ -152,21 +151,12 @@ class KeyStore:
     async def revoke(self, name: str) -> ApiKey:
         """Revoke a key: within a second, no instance sharing the database accepts it."""
         entry = Entry("key_revoke", target=name)
-        async with self.db.transaction() as conn:
-            revoked = await store.revoke_key(conn, name)
+        async with self.store.transaction() as writer:
+            revoked = await writer.revoke_key(name)
             entry.outcome = "ok" if revoked else "not_found"
-            await self.audit.record(conn, entry)
+            await self.audit.record(writer, entry)
         if not revoked:
             known = [key.name for key in await self.list_keys() if key.revoked_at is None]
             raise NotFound(f"no key named {name!r} that is not revoked already (keys: {', '.join(known) or 'none'})")
         return next(key for key in await self.list_keys() if key.name == name)
 
-
-def _key(row: sqlite3.Row) -> ApiKey:
-    return ApiKey(
-        name=row["name"],
-        scope=row["scope"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        revoked_at=row["revoked_at"],
-    )

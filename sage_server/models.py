@@ -290,7 +290,8 @@ class Info(BaseModel):
     tokens: int
     generation: int
     uptime_seconds: float
-    db_path: str
+    db_path: str = Field(description="Where the data is: the SQLite file, or the PostgreSQL URL without its password")
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
 
 
 HealthStatus = Literal["healthy", "degraded", "unhealthy"]
@@ -303,6 +304,7 @@ class Health(BaseModel):
 
     status: HealthStatus
     version: str
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
     components: dict[str, ComponentStatus]
 
 

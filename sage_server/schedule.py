@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
 import time
 from pathlib import Path
 
@@ -103,10 +102,11 @@ class BackupSchedule:
     async def backup_now(self) -> backup.BackupReport | None:
         """Back the database up now and record the outcome; a failure is logged and recorded, never raised."""
         try:
+            source = backup.database_file(self.service.store)
             report = await anyio.to_thread.run_sync(
-                backup.backup, self.service.db.path, self.folder, self.settings.backup_retention_days
+                backup.backup, source, self.folder, self.settings.backup_retention_days
             )
-        except (SageError, OSError, sqlite3.Error) as exc:
+        except (SageError, OSError) as exc:
             self._failed(exc.message if isinstance(exc, SageError) else f"{type(exc).__name__}: {exc}")
             return None
         try:

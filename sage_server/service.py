@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,19 +15,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-import aiosqlite
 import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
-from sage_server import audit, backup, ingest, reconcile, search, store
+from sage_server import audit, backup, importing, ingest, search, store
+from sage_server.store import Store, Writer
 from sage_server import context as context_packing
 from sage_server.auth import ADMIN, READ, WRITE, Principal, current_caller
 from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
 from sage_server.changes import ChangeFeed
 from sage_server.config import Settings, load_settings
-from sage_server.db import Database
 from sage_server.errors import (
     Conflict,
     Forbidden,
@@ -42,10 +40,8 @@ from sage_server.errors import (
 )
 from sage_server.generation import GenerationWatcher
 from sage_server.keys import KeyStore, StoredKeys
-from sage_server.locks import FileLock, serving_lock_path
 from sage_server.logs import get_logger, log_event
 from sage_server.metrics import Metrics
-from sage_server.migrate import migrate
 from sage_server.models import (
     ApiKey,
     AuditPage,
@@ -63,7 +59,7 @@ from sage_server.models import (
     KeyList,
     SearchResult,
 )
-from sage_server.resources import knowledge_dir, migrations_dir
+from sage_server.resources import knowledge_dir
 from sage_server.timeouts import Deadlines, Level
 from sage_server.version import __version__
 
@@ -85,7 +81,7 @@ class KnowledgeService(BoundedViews):
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self._use(Database(settings.db_path))
+        self._use(store.open_store(settings))
         self.deadlines = Deadlines.from_settings(settings)
         self.cache = TieredCache(settings, observer=self.metrics)
         self.generation = 0  # of the data this instance last saw; cache keys carry it
@@ -103,9 +99,9 @@ class KnowledgeService(BoundedViews):
         # The stored keys as the front door's credential source; it reads whichever database is served.
         self.key_source = StoredKeys(lambda: self.keys.load())
 
-    def _use(self, db: Database) -> None:
+    def _use(self, db: Store) -> None:
         """Serve `db`: the audit trail and the keys live in it too."""
-        self.db = db
+        self.store = db
         self.audit = audit.AuditTrail(db, self.settings.audit_retention_days)
         self.keys = KeyStore(db, self.audit)
 
@@ -132,7 +128,7 @@ class KnowledgeService(BoundedViews):
                 error=exc.message,
             )
             folder = Path(self._resources.enter_context(tempfile.TemporaryDirectory(prefix="sage-fallback-")))
-            self._use(Database(folder / "fallback.db"))
+            self._use(store.sqlite_store(folder / "fallback.db"))
             await self._open_database()
         await self._resources.enter_async_context(self.cache)
         if self.settings.redis_url and self.settings.cache_redis:
@@ -147,28 +143,14 @@ class KnowledgeService(BoundedViews):
             await self.import_configured()
 
     async def _open_database(self) -> None:
-        # Held shared while open, by every SAGE process using this file: `sage restore --backup` needs it exclusively.
-        in_use = FileLock(serving_lock_path(self.db.path), shared=True)
+        applied = await self.store.open()
         try:
-            if not in_use.acquire():
-                raise Unavailable(f"{self.db.path} is being restored from a backup; try again in a moment")
-        except OSError as exc:  # no lock where the folder cannot be written: opening the database says why
-            log_event(log, logging.WARNING, "No in-use lock beside the database", operation="start", error=str(exc))
-        try:
-            applied = await migrate(await self.db.open_writer(), migrations_dir())
-            await self.db.open_readers()
-            async with self.db.read() as conn:
-                self.generation = await store.generation(conn)
-                self.database_id, self.created_at = await store.identity(conn)
-        except sqlite3.DatabaseError as exc:
-            await self.db.close()
-            in_use.release()
-            raise Unavailable(f"cannot use database {self.db.path}: {exc}", path=str(self.db.path)) from exc
+            async with self.store.read() as reader:
+                self.generation = await reader.generation()
+                self.database_id, self.created_at = await reader.identity()
         except BaseException:
-            await self.db.close()
-            in_use.release()
+            await self.store.close()
             raise
-        self._resources.callback(in_use.release)
         if applied:
             log_event(log, logging.INFO, "Database migrated", operation="migrate", applied=applied)
 
@@ -185,7 +167,7 @@ class KnowledgeService(BoundedViews):
         try:
             await self._resources.aclose()
         finally:
-            await self.db.close()
+            await self.store.close()
 
     def _saw_generation(self, generation: int) -> None:
         """Another instance wrote: keys with an older generation are no longer read."""
@@ -193,17 +175,17 @@ class KnowledgeService(BoundedViews):
         self.changes.advance(generation)
 
     async def _read_changes(self, after: int, limit: int) -> store.ChangeLog:
-        async with self.db.read() as conn:
-            return await store.changes_after(conn, after, limit)
+        async with self.store.read() as reader:
+            return await reader.changes_after(after, limit)
 
     async def _poll_generation(self) -> None:
         # Instances sharing the database file without Redis learn of each other's writes here, within a second.
         while True:
             await anyio.sleep(GENERATION_POLL_SECONDS)
             try:
-                async with self.db.read() as conn:
-                    self._saw_generation(await store.generation(conn))
-            except (sqlite3.Error, SageError) as exc:
+                async with self.store.read() as reader:
+                    self._saw_generation(await reader.generation())
+            except SageError as exc:
                 log_event(log, logging.WARNING, "Generation poll failed", operation="poll", error=str(exc))
 
     async def _committed(self, generation: int) -> None:
@@ -242,10 +224,7 @@ class KnowledgeService(BoundedViews):
         started = time.perf_counter()
         try:
             with self.deadlines.limit(deadline, name) if deadline else nullcontext():
-                try:
-                    yield
-                except sqlite3.Error as exc:
-                    raise Unavailable(f"database error during {name}: {exc}") from exc
+                yield
         except SageError as exc:
             self.metrics.operation(name, time.perf_counter() - started, exc.code)
             log_event(
@@ -287,7 +266,7 @@ class KnowledgeService(BoundedViews):
     @asynccontextmanager
     async def _write(
         self, entry: audit.Entry, scope: str = WRITE, *, bootstrap: bool = False
-    ) -> AsyncIterator[aiosqlite.Connection]:
+    ) -> AsyncIterator[Writer]:
         """A write transaction for a caller holding `scope`. It leaves its audit entry: in the same transaction when
         it commits, on its own (with the error's code as the outcome) when it fails. Only the `bootstrap` import of
         the embedded fallback writes to the fallback's temporary database."""
@@ -295,9 +274,9 @@ class KnowledgeService(BoundedViews):
             self._require(scope)
             if not bootstrap:
                 self._writable()
-            async with self.db.transaction() as conn:
-                yield conn
-                await self.audit.record(conn, entry)
+            async with self.store.transaction() as writer:
+                yield writer
+                await self.audit.record(writer, entry)
         except SageError as exc:
             entry.outcome = exc.code
             await self.audit.record_failure(entry)
@@ -326,16 +305,12 @@ class KnowledgeService(BoundedViews):
     async def _not_found(self, doc_id: str) -> NotFound:
         """A NotFound naming the closest ids, found by prefix and by the id's words."""
         candidates: set[str] = set()
-        async with self.db.read() as conn:
-            async with conn.execute(
-                "SELECT id FROM documents WHERE deleted_at IS NULL AND id >= ? AND id < ? LIMIT 50",
-                (doc_id[:3], doc_id[:3] + "\uffff"),
-            ) as cursor:
-                candidates |= {row[0] for row in await cursor.fetchall()}
+        async with self.store.read() as reader:
+            candidates |= set(await reader.ids_from(doc_id[:3], 50))
             query = search.parse_query(doc_id.replace("-", " ").replace("_", " "))
             if query.terms:
-                rows = await search.rank_documents(conn, query.fts(), None, None, 20, 0)
-                candidates |= {row["id"] for row in rows}
+                rows = await reader.rank_documents(query.fts(), None, None, 20, 0)
+                candidates |= {row.id for row in rows}
         suggestions = difflib.get_close_matches(doc_id, sorted(candidates), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
         return NotFound(f"no document with id {doc_id!r}{hint}", id=doc_id, suggestions=suggestions)
@@ -349,22 +324,22 @@ class KnowledgeService(BoundedViews):
             return await self._cached("get", (doc_id,), Document, lambda: self._get(doc_id))
 
     async def _get(self, doc_id: str) -> Document:
-        async with self.db.read() as conn:
-            row = await store.fetch_row(conn, doc_id)
-            if row is None or row["deleted_at"] is not None:
+        async with self.store.read() as reader:
+            found = await reader.document(doc_id)
+            if found is None or found.ref.deleted:
                 # A document merged into another lives on as an alias of the one that absorbed it.
-                row = await store.fetch_by_alias(conn, doc_id) or row
-        if row is None:
+                found = await reader.document_by_alias(doc_id) or found
+        if found is None:
             raise await self._not_found(doc_id)
-        if row["deleted_at"] is not None:
+        if found.ref.deleted:
             raise NotFound(
-                f"document {doc_id!r} was deleted at revision {row['revision']}; restore an earlier revision "
+                f"document {doc_id!r} was deleted at revision {found.ref.revision}; restore an earlier revision "
                 "to bring it back",
                 id=doc_id,
                 deleted=True,
                 suggestions=[],
             )
-        return store.to_document(row)
+        return found.document
 
     async def list(
         self, layer: str | None = None, tags: Strings | None = None, limit: int = 50, cursor: str | None = None
@@ -381,22 +356,12 @@ class KnowledgeService(BoundedViews):
     async def _list(self, layers: Strings | None, tags: Strings | None, limit: int, cursor: str | None) -> DocumentList:
         key = search.query_key("list", layers, tags)
         offset = search.decode_cursor(cursor, key)
-        where, params = search.filter_sql(layers, tags)
-        async with self.db.read() as conn:
-            async with conn.execute(
-                f"SELECT {store.DOCUMENT_COLUMNS} FROM documents d WHERE d.deleted_at IS NULL{where} "
-                "ORDER BY d.layer, d.id LIMIT ? OFFSET ?",
-                [*params, limit + 1, offset],
-            ) as rows:
-                page = list(await rows.fetchall())
-            async with conn.execute(
-                f"SELECT count(*) FROM documents d WHERE d.deleted_at IS NULL{where}", params
-            ) as rows:
-                total_row = await rows.fetchone()
+        async with self.store.read() as reader:
+            page = await reader.list_documents(layers, tags, limit, offset)
         return DocumentList(
-            items=[store.to_summary(row) for row in page[:limit]],
-            total=total_row[0] if total_row else 0,
-            next_cursor=search.encode_cursor(offset + limit, key) if len(page) > limit else None,
+            items=page.items[:limit],
+            total=page.total,
+            next_cursor=search.encode_cursor(offset + limit, key) if len(page.items) > limit else None,
         )
 
     async def search(
@@ -509,12 +474,12 @@ class KnowledgeService(BoundedViews):
         """Every revision of a document (live or deleted), newest first."""
         with self._operation("history", "read", id=doc_id):
             self._require(READ)
-            async with self.db.read() as conn:
-                row = await store.fetch_row(conn, doc_id) or await store.fetch_by_alias(conn, doc_id)
-                if row is None:
+            async with self.store.read() as reader:
+                found = await reader.document(doc_id) or await reader.document_by_alias(doc_id)
+                if found is None:
                     raise await self._not_found(doc_id)
-                revisions = await store.revisions(conn, row)
-            return History(id=row["id"], deleted=row["deleted_at"] is not None, revisions=revisions)
+                revisions = await reader.revisions(found)
+            return History(id=found.ref.id, deleted=found.ref.deleted, revisions=revisions)
 
     async def info(self) -> Info:
         """Counts by layer, totals, the index generation and uptime."""
@@ -524,21 +489,18 @@ class KnowledgeService(BoundedViews):
             return cached.model_copy(update={"uptime_seconds": round(time.monotonic() - self.started, 3)})
 
     async def _info(self) -> Info:
-        async with self.db.read() as conn:
-            async with conn.execute(
-                "SELECT layer, count(*), coalesce(sum(tokens), 0) FROM documents WHERE deleted_at IS NULL "
-                "GROUP BY layer"
-            ) as cursor:
-                rows = await cursor.fetchall()
-            generation = await store.generation(conn)
+        async with self.store.read() as reader:
+            totals = await reader.layer_totals()
+            generation = await reader.generation()
         return Info(
             version=__version__,
-            layers=dict.fromkeys(self.settings.layers, 0) | {row[0]: row[1] for row in rows},
-            documents=sum(row[1] for row in rows),
-            tokens=sum(row[2] for row in rows),
+            layers=dict.fromkeys(self.settings.layers, 0) | {t.layer: t.documents for t in totals},
+            documents=sum(t.documents for t in totals),
+            tokens=sum(t.tokens for t in totals),
             generation=generation,
             uptime_seconds=0.0,
-            db_path=str(self.db.path),
+            db_path=self.store.location,
+            backend=self.store.backend,
         )
 
     async def health(self) -> Health:
@@ -547,12 +509,11 @@ class KnowledgeService(BoundedViews):
         knowledge: HealthStatus = "degraded" if self.fallback_reason else "healthy"
         try:
             with self.deadlines.limit("read", "health"):
-                async with self.db.read() as conn:
-                    async with conn.execute("SELECT 1 FROM documents WHERE deleted_at IS NULL LIMIT 1") as cursor:
-                        row = await cursor.fetchone()
-            if row is None:
+                async with self.store.read() as reader:
+                    live = await reader.has_live_documents()
+            if not live:
                 knowledge = "degraded"
-        except (sqlite3.Error, SageError) as exc:
+        except SageError as exc:
             log_event(log, logging.ERROR, "Health check failed", operation="health", error=str(exc))
             knowledge = "unhealthy"
         components: dict[str, ComponentStatus] = {
@@ -562,7 +523,8 @@ class KnowledgeService(BoundedViews):
             "backup": self._backup_health(),
         }
         worst = max(components.values(), key=["disabled", "healthy", "degraded", "unhealthy"].index)
-        return Health(status="healthy" if worst == "disabled" else worst, version=__version__, components=components)
+        status: HealthStatus = "healthy" if worst == "disabled" else worst
+        return Health(status=status, version=__version__, backend=self.store.backend, components=components)
 
     def _backup_health(self) -> ComponentStatus:
         if self.fallback_reason:
@@ -585,91 +547,91 @@ class KnowledgeService(BoundedViews):
         with self._operation("save", "complex", logging.INFO, id=doc.id, audit=True):
             self._check_layers([doc.layer])
             entry = audit.Entry("save", doc.id)
-            async with self._write(entry) as conn:
-                row = await store.fetch_row(conn, doc.id)
-                current = 0 if row is None else row["revision"]
+            async with self._write(entry) as writer:
+                found = await writer.document(doc.id)
+                current = 0 if found is None else found.ref.revision
                 if expected_revision is not None and expected_revision != current:
-                    state = "does not exist" if row is None else f"is at revision {current}"
+                    state = "does not exist" if found is None else f"is at revision {current}"
                     raise StaleRevision(
                         f"document {doc.id!r} {state}, not revision {expected_revision}; re-read it and retry",
                         id=doc.id,
                         current_revision=current,
                     )
-                if row is not None and row["deleted_at"] is None and row["content_hash"] == store.content_hash(doc):
+                unchanged = found is not None and found.document.content_hash == store.content_hash(doc)
+                if found is not None and not found.ref.deleted and unchanged:
                     entry.revision, entry.outcome = current, audit.UNCHANGED
-                    return store.to_document(row)
-                if row is None:
-                    await store.insert(conn, doc, store.Source())
+                    return found.document
+                if found is None:
+                    await writer.insert_many([(doc, store.Source())])
                 else:
-                    source = store.Source(row["source_path"], row["source_hash"])
-                    await store.replace(conn, row, doc, source, "update")
-                generation = await store.bump_generation(conn, [doc.id])
-                saved = await store.fetch_row(conn, doc.id)
+                    await writer.replace(found.ref, doc, found.source, "update")
+                generation = await writer.bump_generation([doc.id])
+                saved = await writer.document(doc.id)
                 assert saved is not None
-                entry.revision = saved["revision"]
+                entry.revision = saved.ref.revision
             await self._committed(generation)
-            return store.to_document(saved)
+            return saved.document
 
     async def delete(self, doc_id: str, expected_revision: int | None = None) -> Document:
         """Soft-delete a document as a new revision; `restore` brings any revision back."""
         with self._operation("delete", "complex", logging.INFO, id=doc_id, audit=True):
             entry = audit.Entry("delete", doc_id)
-            async with self._write(entry) as conn:
-                row = await store.fetch_row(conn, doc_id)
-                if row is None or row["deleted_at"] is not None:
+            async with self._write(entry) as writer:
+                found = await writer.document(doc_id)
+                if found is None or found.ref.deleted:
                     raise await self._not_found(doc_id)
-                if expected_revision is not None and expected_revision != row["revision"]:
+                if expected_revision is not None and expected_revision != found.ref.revision:
                     raise StaleRevision(
-                        f"document {doc_id!r} is at revision {row['revision']}, not {expected_revision}",
+                        f"document {doc_id!r} is at revision {found.ref.revision}, not {expected_revision}",
                         id=doc_id,
-                        current_revision=row["revision"],
+                        current_revision=found.ref.revision,
                     )
-                await store.soft_delete(conn, row, "delete")
-                generation = await store.bump_generation(conn, [doc_id])
-                deleted = await store.fetch_row(conn, doc_id)
+                await writer.soft_delete(found.ref, "delete")
+                generation = await writer.bump_generation([doc_id])
+                deleted = await writer.document(doc_id)
                 assert deleted is not None
-                entry.revision = deleted["revision"]
+                entry.revision = deleted.ref.revision
             await self._committed(generation)
-            return store.to_document(deleted)
+            return deleted.document
 
     async def restore(self, doc_id: str, revision: int) -> Document:
         """Make an earlier revision current again (as a new revision); also undeletes."""
         with self._operation("restore", "complex", logging.INFO, id=doc_id, revision=revision, audit=True):
             entry = audit.Entry("restore", doc_id, detail={"from_revision": revision})
-            async with self._write(entry) as conn:
-                row = await store.fetch_row(conn, doc_id)
-                if row is None:
+            async with self._write(entry) as writer:
+                found = await writer.document(doc_id)
+                if found is None:
                     raise await self._not_found(doc_id)
-                content = await store.revision_content(conn, row, revision)
+                content = await writer.revision_content(found, revision)
                 if content is None:
                     raise NotFound(
-                        f"document {doc_id!r} has no revision {revision} (latest is {row['revision']})",
+                        f"document {doc_id!r} has no revision {revision} (latest is {found.ref.revision})",
                         id=doc_id,
                         revision=revision,
                         suggestions=[],
                     )
                 self._check_layers([content.layer])
-                await store.replace(conn, row, content, store.Source(row["source_path"], row["source_hash"]), "restore")
-                generation = await store.bump_generation(conn, [doc_id])
-                restored = await store.fetch_row(conn, doc_id)
+                await writer.replace(found.ref, content, found.source, "restore")
+                generation = await writer.bump_generation([doc_id])
+                restored = await writer.document(doc_id)
                 assert restored is not None
-                entry.revision = restored["revision"]
+                entry.revision = restored.ref.revision
             await self._committed(generation)
-            return store.to_document(restored)
+            return restored.document
 
     async def purge(self, doc_id: str) -> None:
         """Remove a deleted document and its history for good (admin scope). Live documents must be deleted first."""
         with self._operation("purge", "complex", logging.INFO, id=doc_id, audit=True):
             entry = audit.Entry("purge", doc_id)
-            async with self._write(entry, ADMIN) as conn:
-                row = await store.fetch_row(conn, doc_id)
-                if row is None:
+            async with self._write(entry, ADMIN) as writer:
+                found = await writer.document(doc_id)
+                if found is None:
                     raise await self._not_found(doc_id)
-                if row["deleted_at"] is None:
+                if not found.ref.deleted:
                     raise Conflict(f"document {doc_id!r} is live; delete it before purging", id=doc_id)
-                entry.revision = row["revision"]
-                await store.purge(conn, row)
-                generation = await store.bump_generation(conn, [])  # it was deleted already: nothing served changed
+                entry.revision = found.ref.revision
+                await writer.purge(found.ref)
+                generation = await writer.bump_generation([])  # it was deleted already: nothing served changed
             await self._committed(generation)
 
     async def import_paths(self, paths: PathList) -> ImportReport:
@@ -682,71 +644,16 @@ class KnowledgeService(BoundedViews):
 
     async def _import(self, paths: PathList, bootstrap: bool = False) -> ImportReport:
         started = time.perf_counter()
-        generation: int | None = None
         with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths], audit=True):
             self._require(WRITE)
             collected = await anyio.to_thread.run_sync(ingest.collect, paths, self.settings)
-            bundled_root = str(knowledge_dir().resolve()) + os.sep
             entry = audit.Entry("import", ", ".join(str(p) for p in paths)[:1000])
-            async with self._write(entry, bootstrap=bootstrap) as conn:
-                rows = await store.import_rows(conn, reconcile.claimed_ids(collected.files))
-                stored = [
-                    reconcile.Stored(
-                        id=row["id"],
-                        source_path=row["source_path"],
-                        source_hash=row["source_hash"],
-                        deleted=row["deleted_at"] is not None,
-                        removed_by_import=row["change"] == "remove",
-                        bundled=(row["source_path"] or "").startswith(bundled_root),
-                    )
-                    for row in rows.values()
-                ]
-                plan = reconcile.plan_import(
-                    collected.files, stored, collected.folders, collected.seen, lambda path: Path(path).exists()
-                )
-                for parsed in plan.update:
-                    await store.replace(
-                        conn, rows[parsed.doc.id], parsed.doc, store.Source(parsed.path, parsed.source_hash), "update"
-                    )
-                await store.insert_many(conn, [(p.doc, store.Source(p.path, p.source_hash)) for p in plan.create])
-                for gone in plan.remove:
-                    await store.soft_delete(conn, rows[gone.id], "remove")
-                if plan.create or plan.update or plan.remove:
-                    changed = [p.doc.id for p in plan.create + plan.update] + [gone.id for gone in plan.remove]
-                    generation = await store.bump_generation(conn, changed)
-                entry.detail = {
-                    "created": len(plan.create),
-                    "updated": len(plan.update),
-                    "removed": len(plan.remove),
-                    "unchanged": plan.unchanged,
-                    "skipped": len(collected.skipped) + len(plan.skipped),
-                }
-            if generation is not None:
-                await self._committed(generation)
-            report = ImportReport(
-                scanned=len(collected.seen),
-                created=len(plan.create),
-                updated=len(plan.update),
-                unchanged=plan.unchanged,
-                removed=len(plan.remove),
-                skipped=collected.skipped + plan.skipped,
-                shadowed=plan.shadowed,
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
-            )
-        for skipped in report.skipped:
-            log_event(
-                log, logging.WARNING, "File skipped", operation="import", path=skipped.path, reason=skipped.reason
-            )
-        if report.shadowed:
-            # Once per import, not per file: a user overriding bundled documents is a choice, not a fault.
-            log_event(
-                log,
-                logging.INFO,
-                "Bundled documents shadowed by the user's documents with the same ids",
-                operation="import",
-                ids=[s.id for s in report.shadowed],
-            )
-        return report
+            async with self._write(entry, bootstrap=bootstrap) as writer:
+                applied = await importing.apply(writer, collected)
+                entry.detail = importing.audit_detail(collected, applied.plan)
+            if applied.generation is not None:
+                await self._committed(applied.generation)
+        return importing.report(collected, applied.plan, (time.perf_counter() - started) * 1000)
 
     # -- keys, the audit trail, and what the front door tells -------------------------------------------------------
 

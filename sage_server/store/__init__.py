@@ -1,0 +1,65 @@
+"""The store: the one package that speaks SQL. Everything else uses the `Store` protocol (store/interface.py) and
+the records it returns; tests/test_architecture.py keeps it that way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sage_server.config import Settings
+from sage_server.store.interface import AuditRow, Backend, Reader, Store, Writer
+from sage_server.store.records import (
+    CHANGE_IDS,
+    CHANGE_RETENTION,
+    EVERYTHING,
+    PRUNE_EVERY,
+    ChangeLog,
+    Check,
+    DocumentPage,
+    DocumentRef,
+    ImportCandidate,
+    LayerTotal,
+    Source,
+    StoredDocument,
+    StoredKey,
+    VerifyReport,
+    content_hash,
+    now_iso,
+)
+from sage_server.store.sqlite import SqliteStore
+
+__all__ = [
+    "CHANGE_IDS",
+    "CHANGE_RETENTION",
+    "EVERYTHING",
+    "PRUNE_EVERY",
+    "AuditRow",
+    "Backend",
+    "ChangeLog",
+    "Check",
+    "DocumentPage",
+    "DocumentRef",
+    "ImportCandidate",
+    "LayerTotal",
+    "Reader",
+    "Source",
+    "SqliteStore",
+    "Store",
+    "StoredDocument",
+    "StoredKey",
+    "VerifyReport",
+    "Writer",
+    "content_hash",
+    "now_iso",
+    "open_store",
+    "sqlite_store",
+]
+
+
+def sqlite_store(path: Path) -> Store:
+    """A store in the SQLite file at `path`."""
+    return SqliteStore(path)
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings choose (not yet connected: call `open()`)."""
+    return SqliteStore(settings.db_path)

@@ -1,0 +1,139 @@
+"""The store boundary: everything SAGE asks of its database, as typed methods. Only sage_server.store speaks SQL;
+the service, context packing, search ranking, backup, keys and the audit trail use these protocols.
+
+A `Store` hands out sessions: `read()` a `Reader` (a consistent snapshot, never blocking writers), `transaction()` a
+`Writer` (one write transaction, committed when the block ends, rolled back when it raises). Database failures
+surface as `Unavailable`, never as a driver's exception.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, Protocol
+
+from sage_server.models import AuditEntry, Change, DocumentIn, Revision
+from sage_server.store.records import (
+    ChangeLog,
+    DocumentPage,
+    DocumentRef,
+    ImportCandidate,
+    LayerTotal,
+    Source,
+    StoredDocument,
+    StoredKey,
+)
+from sage_server.store.search_index import SearchIndex
+
+Backend = Literal["sqlite", "postgresql"]
+# An audit entry to write: (at, key_name, client, operation, target, revision, outcome, count, detail as JSON).
+AuditRow = tuple[object, ...]
+
+
+class Reader(SearchIndex, Protocol):
+    """Reads, all from one snapshot of the database."""
+
+    async def document(self, doc_id: str) -> StoredDocument | None:
+        """The document with `doc_id`, live or soft-deleted."""
+
+    async def document_by_alias(self, alias: str) -> StoredDocument | None:
+        """The live document that absorbed the document once called `alias`, if any."""
+
+    async def revisions(self, doc: StoredDocument) -> list[Revision]:
+        """Every revision of `doc`, newest (the current one) first."""
+
+    async def revision_content(self, doc: StoredDocument, revision: int) -> DocumentIn | None:
+        """The content of one revision of `doc`, or None when it has no such revision."""
+
+    async def list_documents(
+        self, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
+    ) -> DocumentPage:
+        """Live documents in (layer, id) order, filtered by layers and (all of) tags; `limit` + 1 items at most
+        (one more than a page, so the caller knows whether another page follows)."""
+
+    async def ids_from(self, prefix: str, limit: int) -> list[str]:
+        """Ids of live documents starting with `prefix` (close-id suggestions)."""
+
+    async def layer_totals(self) -> list[LayerTotal]:
+        """Live documents and tokens per layer (layers without any left out)."""
+
+    async def has_live_documents(self) -> bool:
+        """Whether any document is live."""
+
+    async def generation(self) -> int:
+        """The current generation number (every committed write advances it)."""
+
+    async def identity(self) -> tuple[str, datetime]:
+        """The database's random identity (a restore gives it a new one), and when it was created."""
+
+    async def changes_after(self, generation: int, limit: int) -> ChangeLog:
+        """The change log after `generation`, at most `limit` rows, from one snapshot."""
+
+    async def keys(self) -> list[StoredKey]:
+        """Every key ever made, revoked ones included, oldest first."""
+
+    async def audit_entries(self, since: str, after: int, limit: int) -> list[AuditEntry]:
+        """Audit entries at or after `since` (ISO time) and after entry `after`, in the order written."""
+
+
+class Writer(Reader, Protocol):
+    """One write transaction; it reads its own writes."""
+
+    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
+        """By id, the documents an import must reconcile with: every imported one, and any holding one of `ids`."""
+
+    async def insert_many(self, items: list[tuple[DocumentIn, Source]]) -> None:
+        """Create documents at revision 1."""
+
+    async def replace(self, ref: DocumentRef, doc: DocumentIn, source: Source, change: Change) -> None:
+        """Store `doc` as the next revision of `ref` (live afterwards), archiving the current one."""
+
+    async def soft_delete(self, ref: DocumentRef, change: Change) -> None:
+        """Mark a live document deleted as a new revision; its text stays recoverable."""
+
+    async def purge(self, ref: DocumentRef) -> None:
+        """Remove a soft-deleted document and all its revisions for good."""
+
+    async def bump_generation(self, changed: list[str] | None = None) -> int:
+        """Advance the generation and log which documents (by id) the write changed (None: anything may have).
+        Every write transaction that changes documents calls it once, last."""
+
+    async def insert_key(self, name: str, digest: str, scope: str, expires_at: str | None) -> bool:
+        """Store a new key (its digest, never its secret); False when the name is taken (names are never reused)."""
+
+    async def revoke_key(self, name: str) -> bool:
+        """Revoke the key `name`; False when there is no such key that is not revoked already."""
+
+    async def insert_audit(self, rows: list[AuditRow]) -> None:
+        """Append audit entries."""
+
+    async def add_auth_failures(self, rows: list[tuple[str, str, str, int]]) -> None:
+        """Count authentication failures into one entry per (minute, client, reason): (minute, client, reason, n)."""
+
+    async def prune_audit(self, before: str) -> int:
+        """Delete audit entries older than `before` (ISO time); how many went."""
+
+
+class Store(Protocol):
+    """One database holding a knowledge base."""
+
+    backend: Backend
+    # The database file, for a store that is one (backups copy it); None for a database server.
+    path: Path | None
+
+    @property
+    def location(self) -> str:
+        """Where the data is, for people (a file path, or a URL without its password)."""
+
+    async def open(self) -> list[str]:
+        """Connect and migrate to the newest schema; the migrations applied now."""
+
+    def read(self) -> AbstractAsyncContextManager[Reader]:
+        """A read session."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Writer]:
+        """A write transaction."""
+
+    async def close(self) -> None:
+        """Close every connection; safe to call twice."""

@@ -1,0 +1,85 @@
+"""The SQLite store: one file, one serialized writer and a pool of readers (see sqlite_connections)."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from sage_server.errors import Unavailable
+from sage_server.locks import FileLock, serving_lock_path
+from sage_server.logs import get_logger, log_event
+from sage_server.resources import migrations_dir
+from sage_server.store.migrations import migrate
+from sage_server.store.sqlite_connections import Database
+from sage_server.store.sqlite_documents import SqliteReader, SqliteWriter
+
+log = get_logger("store")
+
+
+def _unavailable(exc: sqlite3.Error) -> Unavailable:
+    return Unavailable(f"database error: {exc}")
+
+
+class SqliteStore:
+    """A knowledge base in one SQLite file."""
+
+    backend: Literal["sqlite"] = "sqlite"
+
+    def __init__(self, path: Path, readers: int = 3) -> None:
+        self.path: Path | None = path
+        self.db = Database(path, readers)
+        self._in_use: FileLock | None = None
+
+    @property
+    def location(self) -> str:
+        return str(self.db.path)
+
+    async def open(self) -> list[str]:
+        # Held shared while open, by every SAGE process using this file: `sage restore --backup` needs it exclusively.
+        in_use = FileLock(serving_lock_path(self.db.path), shared=True)
+        try:
+            if not in_use.acquire():
+                raise Unavailable(f"{self.db.path} is being restored from a backup; try again in a moment")
+        except OSError as exc:  # no lock where the folder cannot be written: opening the database says why
+            log_event(log, logging.WARNING, "No in-use lock beside the database", operation="start", error=str(exc))
+        try:
+            applied = await migrate(await self.db.open_writer(), migrations_dir())
+            await self.db.open_readers()
+        except sqlite3.DatabaseError as exc:
+            await self.db.close()
+            in_use.release()
+            raise Unavailable(f"cannot use database {self.db.path}: {exc}", path=str(self.db.path)) from exc
+        except BaseException:
+            await self.db.close()
+            in_use.release()
+            raise
+        self._in_use = in_use
+        return applied
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[SqliteReader]:
+        try:
+            async with self.db.read() as conn:
+                yield SqliteReader(conn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqliteWriter]:
+        try:
+            async with self.db.transaction() as conn:
+                yield SqliteWriter(conn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
+
+    async def close(self) -> None:
+        try:
+            await self.db.close()
+        finally:
+            if self._in_use is not None:
+                self._in_use.release()
+                self._in_use = None

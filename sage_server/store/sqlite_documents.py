@@ -1,0 +1,459 @@
+"""The SQLite store's sessions: document rows where every change archives the old revision and deletes are soft
+until purged, the generation and change log, keys and the audit trail."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+
+from sage_server.markdown import heading_texts, sections
+from sage_server.models import ApiKey, AuditEntry, Change, Document, DocumentIn, DocumentSummary, Revision
+from sage_server.store.records import (
+    CHANGE_IDS,
+    CHANGE_RETENTION,
+    EVERYTHING,
+    PRUNE_EVERY,
+    ChangeLog,
+    DocumentPage,
+    DocumentRef,
+    ImportCandidate,
+    LayerTotal,
+    Source,
+    StoredDocument,
+    StoredKey,
+    content_hash,
+    now_iso,
+    translations_json,
+)
+from sage_server.store.sqlite_search import SqliteSearch, filter_sql
+from sage_server.text import cjk_index_text, estimate_tokens
+
+DOCUMENT_COLUMNS = (
+    "key, id, title, layer, tags, triggers, summary, body, related, aliases, translations, source_path, source_hash, "
+    "content_hash, tokens, revision, change, created_at, updated_at, deleted_at"
+)
+# The content of a document as a revision keeps it (the rest of a documents row is derived or bookkeeping).
+CONTENT_COLUMNS = "title, layer, tags, triggers, summary, body, related, aliases, translations"
+
+
+DOCUMENT_INSERT = (
+    "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, related, aliases, translations, "
+    "headings, cjk, alt_titles, alt_summaries, source_path, source_hash, content_hash, tokens, revision, change, "
+    "created_at, updated_at) "
+    "VALUES (:id, :title, :layer, :tags, :triggers, :summary, :body, :related, :aliases, :translations, "
+    ":headings, :cjk, :alt_titles, :alt_summaries, :source_path, :source_hash, :content_hash, :tokens, 1, 'create', "
+    ":now, :now)"
+)
+SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+def to_document(row: sqlite3.Row) -> Document:
+    """Build the public model from a documents row."""
+    return Document(
+        id=row["id"],
+        title=row["title"],
+        layer=row["layer"],
+        tags=json.loads(row["tags"]),
+        triggers=json.loads(row["triggers"]),
+        summary=row["summary"],
+        body=row["body"],
+        related=json.loads(row["related"]),
+        aliases=json.loads(row["aliases"]),
+        translations=json.loads(row["translations"]),
+        source_path=row["source_path"],
+        content_hash=row["content_hash"],
+        tokens=row["tokens"],
+        revision=row["revision"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        deleted=row["deleted_at"] is not None,
+    )
+
+
+def to_summary(row: sqlite3.Row) -> DocumentSummary:
+    """Build a listing entry from a documents row (body not needed)."""
+    return DocumentSummary(
+        id=row["id"],
+        title=row["title"],
+        layer=row["layer"],
+        tags=json.loads(row["tags"]),
+        summary=row["summary"],
+        tokens=row["tokens"],
+        revision=row["revision"],
+        updated_at=row["updated_at"],
+    )
+
+
+def to_content(doc_id: str, row: sqlite3.Row) -> DocumentIn:
+    """The content of a documents or revisions row (both have the CONTENT_COLUMNS) as a document to store."""
+    return DocumentIn(
+        id=doc_id,
+        title=row["title"],
+        layer=row["layer"],
+        body=row["body"],
+        tags=json.loads(row["tags"]),
+        triggers=json.loads(row["triggers"]),
+        summary=row["summary"],
+        related=json.loads(row["related"]),
+        aliases=json.loads(row["aliases"]),
+        translations=json.loads(row["translations"]),
+    )
+
+
+def _ref(row: sqlite3.Row) -> DocumentRef:
+    return DocumentRef(key=row["key"], id=row["id"], revision=row["revision"], deleted=row["deleted_at"] is not None)
+
+
+def _stored(row: sqlite3.Row | None) -> StoredDocument | None:
+    if row is None:
+        return None
+    source = Source(row["source_path"], row["source_hash"])
+    return StoredDocument(ref=_ref(row), document=to_document(row), source=source, change=row["change"])
+
+
+def _fields(doc: DocumentIn) -> dict[str, Any]:
+    titles = [t.title for t in doc.translations.values() if t.title]
+    summaries = [t.summary for t in doc.translations.values() if t.summary]
+    return {
+        "title": doc.title,
+        "layer": doc.layer,
+        "tags": json.dumps(doc.tags, ensure_ascii=False),
+        "triggers": json.dumps(doc.triggers, ensure_ascii=False),
+        "summary": doc.summary,
+        "body": doc.body,
+        "related": json.dumps(doc.related, ensure_ascii=False),
+        "aliases": json.dumps(doc.aliases, ensure_ascii=False),
+        "translations": json.dumps(translations_json(doc), ensure_ascii=False),
+        "headings": "\n".join(heading_texts(doc.body)),
+        "cjk": cjk_index_text(doc.title, *titles, " ".join(doc.triggers), doc.summary, *summaries, doc.body),
+        "alt_titles": "\n".join(titles),
+        "alt_summaries": "\n".join(summaries),
+        "content_hash": content_hash(doc),
+        "tokens": estimate_tokens(doc.body),
+    }
+
+
+def _section_rows(doc_key: int, body: str) -> list[tuple[int, int, str, int, int, int]]:
+    return [
+        (doc_key, number, part.heading, part.start, part.end - part.start, estimate_tokens(body[part.start : part.end]))
+        for number, part in enumerate(sections(body))
+    ]
+
+
+# One row per changed document with the layer it is in now, whether its listing entry changed (new, deleted,
+# undeleted, retitled, resummarised or moved), and a second row with the layer it left when it moved.
+_RECORD_CHANGES = """
+INSERT INTO changes (generation, doc_id, layer, listed)
+SELECT :generation, d.id, d.layer,
+       p.doc_key IS NULL OR p.deleted <> (d.deleted_at IS NOT NULL) OR p.layer <> d.layer OR p.title <> d.title
+       OR p.summary <> d.summary
+FROM documents AS d LEFT JOIN revisions AS p ON p.doc_key = d.key AND p.revision = d.revision - 1
+WHERE d.id IN (SELECT value FROM json_each(:ids))
+UNION ALL
+SELECT :generation, d.id, p.layer, 1
+FROM documents AS d JOIN revisions AS p ON p.doc_key = d.key AND p.revision = d.revision - 1
+WHERE d.id IN (SELECT value FROM json_each(:ids)) AND p.layer <> d.layer
+"""
+
+KEY_COLUMNS = "name, digest, scope, created_at, expires_at, revoked_at"
+AUDIT_COLUMNS = "at, key_name, client, operation, target, revision, outcome, count, detail"
+
+
+class SqliteReader(SqliteSearch):
+    """Reads on one SQLite connection."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def _row(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
+        async with self.conn.execute(sql, params) as cursor:
+            row: sqlite3.Row | None = await cursor.fetchone()
+            return row
+
+    async def _rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        async with self.conn.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def document(self, doc_id: str) -> StoredDocument | None:
+        return _stored(await self._row(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (doc_id,)))
+
+    async def document_by_alias(self, alias: str) -> StoredDocument | None:
+        return _stored(
+            await self._row(
+                f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE key = (SELECT doc_key FROM aliases WHERE alias = ?) "
+                "AND deleted_at IS NULL",
+                (alias,),
+            )
+        )
+
+    async def revisions(self, doc: StoredDocument) -> list[Revision]:
+        current = doc.document
+        newest = Revision(
+            id=current.id,
+            revision=current.revision,
+            change=doc.change,
+            title=current.title,
+            layer=current.layer,
+            content_hash=current.content_hash,
+            tokens=current.tokens,
+            source_path=current.source_path,
+            created_at=current.updated_at,
+        )
+        rows = await self._rows(
+            "SELECT revision, change, title, layer, content_hash, tokens, source_path, created_at FROM revisions "
+            "WHERE doc_key = ? ORDER BY revision DESC",
+            (doc.ref.key,),
+        )
+        older = [
+            Revision(
+                id=current.id,
+                revision=r["revision"],
+                change=r["change"],
+                title=r["title"],
+                layer=r["layer"],
+                content_hash=r["content_hash"],
+                tokens=r["tokens"],
+                source_path=r["source_path"],
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+        return [newest, *older]
+
+    async def revision_content(self, doc: StoredDocument, revision: int) -> DocumentIn | None:
+        if revision == doc.ref.revision:
+            current = doc.document
+            return DocumentIn.model_validate(current.model_dump(include=set(DocumentIn.model_fields)))
+        row = await self._row(
+            f"SELECT {CONTENT_COLUMNS} FROM revisions WHERE doc_key = ? AND revision = ?", (doc.ref.key, revision)
+        )
+        return None if row is None else to_content(doc.ref.id, row)
+
+    async def list_documents(
+        self, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
+    ) -> DocumentPage:
+        where, params = filter_sql(layers, tags)
+        page = await self._rows(
+            f"SELECT {DOCUMENT_COLUMNS} FROM documents d WHERE d.deleted_at IS NULL{where} "
+            "ORDER BY d.layer, d.id LIMIT ? OFFSET ?",
+            [*params, limit + 1, offset],
+        )
+        total = await self._row(f"SELECT count(*) FROM documents d WHERE d.deleted_at IS NULL{where}", params)
+        return DocumentPage(items=[to_summary(row) for row in page], total=total[0] if total else 0)
+
+    async def ids_from(self, prefix: str, limit: int) -> list[str]:
+        rows = await self._rows(
+            "SELECT id FROM documents WHERE deleted_at IS NULL AND id >= ? AND id < ? LIMIT ?",
+            (prefix, prefix + "\uffff", limit),
+        )
+        return [row[0] for row in rows]
+
+    async def layer_totals(self) -> list[LayerTotal]:
+        rows = await self._rows(
+            "SELECT layer, count(*), coalesce(sum(tokens), 0) FROM documents WHERE deleted_at IS NULL GROUP BY layer"
+        )
+        return [LayerTotal(row[0], row[1], row[2]) for row in rows]
+
+    async def has_live_documents(self) -> bool:
+        return await self._row("SELECT 1 FROM documents WHERE deleted_at IS NULL LIMIT 1") is not None
+
+    async def generation(self) -> int:
+        row = await self._row("SELECT value FROM meta WHERE key = 'generation'")
+        return int(row[0]) if row else 0
+
+    async def identity(self) -> tuple[str, datetime]:
+        rows = await self._rows("SELECT key, value FROM meta WHERE key IN ('database_id', 'created_at')")
+        meta = {row[0]: row[1] for row in rows}
+        try:
+            created = datetime.fromisoformat(meta["created_at"])
+        except ValueError:  # only ever read for the age of the newest backup: a bad value must not stop the server
+            created = datetime.now(UTC)
+        return meta["database_id"], created
+
+    async def changes_after(self, generation: int, limit: int) -> ChangeLog:
+        # One statement, so one snapshot: the newest generation and the rows agree.
+        found = await self._rows(
+            "SELECT CAST(value AS INTEGER), NULL, NULL, NULL FROM meta WHERE key = 'generation' "
+            "UNION ALL SELECT * FROM (SELECT generation, doc_id, layer, listed FROM changes WHERE generation > ? "
+            "ORDER BY generation LIMIT ?)",
+            (generation, limit + 1),
+        )
+        newest = next((int(r[0]) for r in found if r[1] is None), 0)
+        rows = [(int(r[0]), str(r[1]), r[2], bool(r[3])) for r in found if r[1] is not None]
+        complete = len(rows) <= limit and generation >= newest - CHANGE_RETENTION
+        return ChangeLog(newest=newest, rows=rows[:limit], complete=complete)
+
+    async def keys(self) -> list[StoredKey]:
+        rows = await self._rows(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, name")
+        return [
+            StoredKey(
+                key=ApiKey(
+                    name=row["name"],
+                    scope=row["scope"],
+                    created_at=row["created_at"],
+                    expires_at=row["expires_at"],
+                    revoked_at=row["revoked_at"],
+                ),
+                digest=row["digest"],
+            )
+            for row in rows
+        ]
+
+    async def audit_entries(self, since: str, after: int, limit: int) -> list[AuditEntry]:
+        rows = await self._rows(
+            f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE at >= ? AND seq > ? ORDER BY seq LIMIT ?",
+            (since, after, limit),
+        )
+        return [
+            AuditEntry(
+                seq=row["seq"],
+                at=row["at"],
+                key=row["key_name"],
+                client=row["client"],
+                operation=row["operation"],
+                target=row["target"],
+                revision=row["revision"],
+                outcome=row["outcome"],
+                count=row["count"],
+                detail=json.loads(row["detail"]),
+            )
+            for row in rows
+        ]
+
+
+class SqliteWriter(SqliteReader):
+    """One write transaction on the SQLite writer connection."""
+
+    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
+        # Only the bookkeeping columns (replace and soft_delete need no more): at 100k documents the bodies are 450 MB.
+        rows = await self._rows(
+            "SELECT key, id, source_path, source_hash, revision, change, deleted_at FROM documents "
+            "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        )
+        return {
+            row["id"]: ImportCandidate(_ref(row), Source(row["source_path"], row["source_hash"]), row["change"])
+            for row in rows
+        }
+
+    async def insert_many(self, items: list[tuple[DocumentIn, Source]]) -> None:
+        # Three statements for any number of documents (an import's new files arrive this way: one round trip to the
+        # database thread per document would cost more than indexing them).
+        if not items:
+            return
+        now = now_iso()
+        rows = [
+            {**_fields(doc), "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now}
+            for doc, source in items
+        ]
+        await self.conn.executemany(DOCUMENT_INSERT, rows)
+        ids = json.dumps([doc.id for doc, _ in items])
+        found = await self._rows("SELECT id, key FROM documents WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+        keys: dict[str, int] = {row[0]: row[1] for row in found}
+        await self.conn.executemany(
+            SECTION_INSERT, [row for doc, _ in items for row in _section_rows(keys[doc.id], doc.body)]
+        )
+        await self._set_aliases([(keys[doc.id], doc.aliases) for doc, _ in items if doc.aliases])
+
+    async def _set_aliases(self, rows: list[tuple[int, list[str]]]) -> None:
+        """Point each document's aliases at it. An alias another document claimed first stays with that one."""
+        await self.conn.executemany("DELETE FROM aliases WHERE doc_key = ?", [(key,) for key, _ in rows])
+        await self.conn.executemany(
+            "INSERT OR IGNORE INTO aliases (alias, doc_key) VALUES (?, ?)",
+            [(alias, key) for key, aliases in rows for alias in aliases],
+        )
+
+    async def _archive(self, ref: DocumentRef) -> None:
+        await self.conn.execute(
+            f"INSERT INTO revisions (doc_key, revision, change, {CONTENT_COLUMNS}, source_path, content_hash, tokens, "
+            "created_at, deleted) "
+            f"SELECT key, revision, change, {CONTENT_COLUMNS}, source_path, content_hash, tokens, updated_at, "
+            "deleted_at IS NOT NULL FROM documents WHERE key = ?",
+            (ref.key,),
+        )
+
+    async def replace(self, ref: DocumentRef, doc: DocumentIn, source: Source, change: Change) -> None:
+        await self._archive(ref)
+        if not ref.deleted:
+            await self.conn.execute("DELETE FROM sections WHERE doc_key = ?", (ref.key,))
+        await self.conn.execute(
+            "UPDATE documents SET title = :title, layer = :layer, tags = :tags, triggers = :triggers, "
+            "summary = :summary, body = :body, related = :related, aliases = :aliases, translations = :translations, "
+            "headings = :headings, cjk = :cjk, alt_titles = :alt_titles, alt_summaries = :alt_summaries, "
+            "source_path = :source_path, source_hash = :source_hash, content_hash = :content_hash, tokens = :tokens, "
+            "revision = revision + 1, change = :change, updated_at = :now, deleted_at = NULL WHERE key = :key",
+            {
+                **_fields(doc),
+                "source_path": source.path,
+                "source_hash": source.hash,
+                "change": change,
+                "now": now_iso(),
+                "key": ref.key,
+            },
+        )
+        await self.conn.executemany(SECTION_INSERT, _section_rows(ref.key, doc.body))
+        await self._set_aliases([(ref.key, doc.aliases)])
+
+    async def soft_delete(self, ref: DocumentRef, change: Change) -> None:
+        await self._archive(ref)
+        await self.conn.execute("DELETE FROM sections WHERE doc_key = ?", (ref.key,))
+        now = now_iso()
+        await self.conn.execute(
+            "UPDATE documents SET revision = revision + 1, change = ?, updated_at = ?, deleted_at = ? WHERE key = ?",
+            (change, now, now, ref.key),
+        )
+
+    async def purge(self, ref: DocumentRef) -> None:
+        await self.conn.execute("DELETE FROM documents WHERE key = ?", (ref.key,))
+
+    async def bump_generation(self, changed: list[str] | None = None) -> int:
+        row = await self._row(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation' RETURNING value"
+        )
+        assert row is not None
+        generation = int(row[0])
+        if changed is None or len(changed) > CHANGE_IDS:
+            await self.conn.execute(
+                "INSERT INTO changes (generation, doc_id, layer, listed) VALUES (?, ?, NULL, 1)",
+                (generation, EVERYTHING),
+            )
+        elif changed:
+            await self.conn.execute(_RECORD_CHANGES, {"generation": generation, "ids": json.dumps(list(changed))})
+        if generation % PRUNE_EVERY == 0:
+            await self.conn.execute("DELETE FROM changes WHERE generation <= ?", (generation - CHANGE_RETENTION,))
+        return generation
+
+    async def insert_key(self, name: str, digest: str, scope: str, expires_at: str | None) -> bool:
+        row = await self._row(
+            f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (name) DO NOTHING "
+            "RETURNING name",
+            (name, digest, scope, now_iso(), expires_at),
+        )
+        return row is not None
+
+    async def revoke_key(self, name: str) -> bool:
+        row = await self._row(
+            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING name",
+            (now_iso(), name),
+        )
+        return row is not None
+
+    async def insert_audit(self, rows: list[tuple[object, ...]]) -> None:
+        await self.conn.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    async def add_auth_failures(self, rows: list[tuple[str, str, str, int]]) -> None:
+        for minute, client, reason, count in rows:
+            updated = await self._row(
+                "UPDATE audit SET count = count + ? WHERE operation = 'authenticate' AND at = ? AND client = ? "
+                "AND outcome = ? RETURNING seq",
+                (count, minute, client, reason),
+            )
+            if updated is None:
+                await self.insert_audit([(minute, "anonymous", client, "authenticate", None, None, reason, count, "{}")])
+
+    async def prune_audit(self, before: str) -> int:
+        return len(await self._rows("DELETE FROM audit WHERE at < ? RETURNING seq", (before,)))
