@@ -112,6 +112,12 @@ class Settings(BaseModel):
         30, ge=1, description="A request's body must arrive within this long after its headers (408)"
     )
     max_header_bytes: int = Field(65_536, ge=1024, description="Largest request line and headers accepted (431)")
+    instance_name: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9-]{0,31}$",
+        description="This instance's name behind a load balancer: MCP session ids carry it, so a balancer can route "
+        "each session to the instance holding it",
+    )
     mcp_session_idle_seconds: int = Field(
         300, ge=1, description="An MCP session (2025-11-25 handshake) with no request this long is closed"
     )

@@ -190,6 +190,9 @@ def trigger_matches(text: str, triggers: list[str], plain: str | None = None) ->
     return count
 
 
+MAX_CURSOR_OFFSET = 10_000_000
+
+
 def encode_cursor(offset: int, key: str) -> str:
     """An opaque cursor for the next page of the query identified by `key`."""
     raw = json.dumps({"o": offset, "k": key}).encode()
@@ -205,8 +208,12 @@ def decode_cursor(cursor: str | None, key: str) -> int:
         offset, owner = int(data["o"]), str(data["k"])
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput("cursor is not one this server issued", field="cursor") from exc
-    if owner != key or offset < 0:
+    if owner != key:
         raise InvalidInput("cursor belongs to a different query or filter; start again without it", field="cursor")
+    # Cursors are not signed, so an offset is bounded here: SQLite's OFFSET takes a 64-bit integer, and no page
+    # of a real result lies this far down anyway.
+    if not 0 <= offset <= MAX_CURSOR_OFFSET:
+        raise InvalidInput(f"cursor offset must be between 0 and {MAX_CURSOR_OFFSET}", field="cursor")
     return offset
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
 from sage_server import search
@@ -126,6 +129,12 @@ async def test_pages_do_not_overlap_and_cursors_belong_to_their_query(service: K
         await service.search("other", cursor=first.next_cursor)
     with pytest.raises(InvalidInput, match="not one this server issued"):
         await service.search("pagination", cursor="garbage!")
+    assert first.next_cursor is not None
+    forged = json.loads(base64.urlsafe_b64decode(first.next_cursor + "=" * (-len(first.next_cursor) % 4)))
+    for offset in (-1, 10**30):
+        cursor = base64.urlsafe_b64encode(json.dumps({**forged, "o": offset}).encode()).decode()
+        with pytest.raises(InvalidInput, match="offset must be between"):
+            await service.search("pagination", cursor=cursor)
 
 
 def test_parse_query_quotes_everything() -> None:

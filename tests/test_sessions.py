@@ -133,3 +133,18 @@ async def test_idle_sessions_expire(tmp_path: Path) -> None:
         with anyio.fail_after(30):
             async with Client(f"{url}/mcp", mode="legacy") as client:
                 await client.list_tools()
+
+
+async def test_session_ids_carry_the_instance_name_for_the_balancer(tmp_path: Path) -> None:
+    app = create_mcp_app(settings_for(tmp_path, write_knowledge(tmp_path / "kb"), instance_name="sage-b"))
+    async with serving(app) as url, httpx2.AsyncClient(base_url=url) as http:
+        session_id = await abandoned_session(http)
+        bare = session_id.removeprefix("sage-b.")
+        assert session_id.startswith("sage-b.") and bare and "." not in bare
+        assert await ping(http, session_id) == 200
+        # Another instance's id names no session here: 404, and the client starts a new one.
+        assert await ping(http, f"sage-a.{bare}") == 404
+        with anyio.fail_after(30):
+            async with Client(f"{url}/mcp", mode="legacy") as client:
+                result = await client.call_tool("sage_search", {"query": "retry budget"})
+                assert not result.is_error

@@ -103,3 +103,40 @@ def _opens_session(scope: Scope) -> bool:
         if name == _VERSION_HEADER:
             version = value
     return version is None or version.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS
+
+
+class InstanceSessions:
+    """The streamable-HTTP app with session ids tagged by this instance's name (`instance_name`): the id a client
+    gets is `<name>.<id>`, so a load balancer can send every request of a session to the instance holding it, by
+    the `Mcp-Session-Id` header alone (nginx: a `map` on its prefix; see deploy/nginx.conf).
+
+    A session of the 2025-11-25 handshake lives in one process's memory; the 2026-07-28 protocol is sessionless
+    and needs none of this. A request carrying another instance's (or an untagged) id reaches the SDK unchanged and
+    is answered 404, as for any unknown session: the client then starts a new one, as the specification says.
+    """
+
+    def __init__(self, app: ASGIApp, instance: str) -> None:
+        self.app = app
+        self.prefix = f"{instance}.".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [
+            (name, value.removeprefix(self.prefix) if name == _SESSION_HEADER else value)
+            for name, value in scope["headers"]
+        ]
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [
+                        (name, self.prefix + value if name.lower() == _SESSION_HEADER else value)
+                        for name, value in message.get("headers", [])
+                    ],
+                }
+            await send(message)
+
+        await self.app({**scope, "headers": headers}, receive, tagged)

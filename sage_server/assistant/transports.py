@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sage_server.assistant.server import build_server
-from sage_server.assistant.sessions import SessionCap
+from sage_server.assistant.sessions import InstanceSessions, SessionCap
 from sage_server.config import Settings
 from sage_server.hosts import ANY_HOST, allowed_names
 from sage_server.logs import get_logger, log_event
@@ -153,6 +153,8 @@ def mcp_routes(server: MCPServer[Any], settings: Settings) -> list[BaseRoute]:
         session_idle_timeout=settings.mcp_session_idle_seconds,
         max_sessions=settings.mcp_max_sessions,
     )
-    sessions = SessionCap(streamable, server.session_manager, settings.mcp_max_sessions)
+    sessions: ASGIApp = SessionCap(streamable, server.session_manager, settings.mcp_max_sessions)
+    if settings.instance_name:
+        sessions = InstanceSessions(sessions, settings.instance_name)
     sse = server.sse_app(transport_security=security)
     return [*sse.routes, Route("/mcp", endpoint=TrimmedMcpHeaders(sessions))]
