@@ -18,7 +18,6 @@ from sage_server.locks import FileLock, serving_lock_path
 from sage_server.models import ComponentStatus
 from sage_server.store import AuditRow, Store, VerifyReport, sqlite_backup
 
-
 BACKUP_GLOB = "sage-*.db"
 STATE_FILE = "state.json"
 
@@ -200,5 +199,3 @@ def _restore_entry(backup_path: Path) -> Callable[[int], AuditRow]:
     """The audit entry of a restore, once it is known how many newer entries of the replaced database it carries."""
     caller = current_caller()
     return lambda carried: Entry("restore_backup", target=str(backup_path), detail={"carried": carried}).row(caller)
-
-

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 from dataclasses import dataclass
-
-import aiosqlite
 
 from sage_server.markdown import headings
 from sage_server.models import ContextResult, ContextSection, OmittedSection
 from sage_server.search import ParsedQuery, Plan, Ranked, rank, term_patterns
+from sage_server.store.records import SectionText
+from sage_server.store.search_index import SearchIndex
 from sage_server.text import estimate_tokens
 
 TOP_DOCUMENTS = 4
@@ -86,20 +85,17 @@ def nest(text: str, below: int = PACKED_LEVEL) -> str:
     return text
 
 
-async def essentials(conn: aiosqlite.Connection, layer: str) -> list[str]:
+async def essentials(index: SearchIndex, layer: str) -> list[str]:
     """One line per live document of the core layer: title, id and summary."""
-    async with conn.execute(
-        "SELECT id, title, summary FROM documents WHERE layer = ? AND deleted_at IS NULL ORDER BY id", (layer,)
-    ) as cursor:
-        return [f"- **{r['title']}** (`{r['id']}`): {r['summary']}".rstrip(": ") for r in await cursor.fetchall()]
+    return [f"- **{r.title}** (`{r.id}`): {r.summary}".rstrip(": ") for r in await index.essentials(layer)]
 
 
-def _section_scores(query: ParsedQuery, rows: list[sqlite3.Row]) -> list[float]:
+def _section_scores(query: ParsedQuery, rows: list[SectionText]) -> list[float]:
     """How well each section answers the query: every query word found counts by how rare it is among these
     sections (a word in all of them tells nothing) and how often it occurs; in the heading it counts double."""
     patterns = term_patterns(query)
-    counts = [[len(p.findall(row["text"])) for p in patterns] for row in rows]
-    in_heading = [[bool(p.search(row["heading"])) for p in patterns] for row in rows]
+    counts = [[len(p.findall(row.text)) for p in patterns] for row in rows]
+    in_heading = [[bool(p.search(row.heading)) for p in patterns] for row in rows]
     spread = [sum(1 for c in counts if c[t]) for t in range(len(patterns))]
     weights = [math.log(1 + len(rows) / (1 + n)) for n in spread]
     return [
@@ -108,36 +104,30 @@ def _section_scores(query: ParsedQuery, rows: list[sqlite3.Row]) -> list[float]:
     ]
 
 
-async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list[Ranked]) -> list[Candidate]:
-    docs = {r.row["key"]: (i, r) for i, r in enumerate(ranked)}
-    async with conn.execute(
-        "SELECT s.doc_key, s.ord, s.heading, substr(d.body, s.start + 1, s.length) AS text "
-        f"FROM sections s JOIN documents d ON d.key = s.doc_key WHERE s.doc_key IN ({','.join('?' * len(docs))}) "
-        "ORDER BY s.doc_key, s.ord",
-        list(docs),
-    ) as cursor:
-        rows = list(await cursor.fetchall())
+async def _sections(index: SearchIndex, query: ParsedQuery, ranked: list[Ranked]) -> list[Candidate]:
+    docs = {r.row.key: (i, r) for i, r in enumerate(ranked)}
+    rows = await index.sections_of(list(docs))
     scores = _section_scores(query, rows) if rows else []
-    best: dict[int, list[tuple[float, sqlite3.Row]]] = {}
+    best: dict[int, list[tuple[float, SectionText]]] = {}
     for row, score in zip(rows, scores, strict=True):
-        best.setdefault(row["doc_key"], []).append((score, row))
+        best.setdefault(row.doc_key, []).append((score, row))
     ordered: list[tuple[float, int, Candidate]] = []
     for key, sections in best.items():
         rank, doc = docs[key]
-        readable = [item for item in sections if not only_links(_strip_heading(item[1]["text"]))]
+        readable = [item for item in sections if not only_links(_strip_heading(item[1].text))]
         matching = sorted((item for item in readable if item[0] > 0), key=lambda item: -item[0])
         # A document found by its triggers or tags may have no matching section: offer its opening section.
         chosen = matching[:SECTIONS_PER_DOCUMENT] or readable[:1]
         for nth, (_, row) in enumerate(chosen):
             candidate = Candidate(
                 doc_rank=rank,
-                doc_id=doc.row["id"],
-                title=doc.row["title"],
-                layer=doc.row["layer"],
+                doc_id=doc.row.id,
+                title=doc.row.title,
+                layer=doc.row.layer,
                 revision=doc.body.revision if doc.body else 0,
-                ord=row["ord"],
-                heading=row["heading"],
-                text=nest(_strip_heading(row["text"])),
+                ord=row.ord,
+                heading=row.heading,
+                text=nest(_strip_heading(row.text)),
             )
             # A document's n-th best section is worth its document's score times SECTION_DECAY**n: a strong
             # document gives several sections before a weak one gives its first.
@@ -157,13 +147,13 @@ def _truncate(text: str, budget: int) -> str:
     return cut.rstrip() + note if cut.strip() else ""
 
 
-async def candidates(conn: aiosqlite.Connection, plan: Plan, layers: list[str] | None) -> list[Candidate]:
+async def candidates(index: SearchIndex, plan: Plan, layers: list[str] | None) -> list[Candidate]:
     """The sections worth reading for `plan`, best first: the top documents' best-matching sections."""
-    ranked = await rank(conn, plan, layers, None, TOP_DOCUMENTS, weights=TASK_WEIGHTS, rescored=TASK_CANDIDATES)
+    ranked = await rank(index, plan, layers, None, TOP_DOCUMENTS, weights=TASK_WEIGHTS, rescored=TASK_CANDIDATES)
     if not ranked:
         return []
     ranked = [r for r in ranked if r.score >= ranked[0].score * RELATIVE_SCORE_FLOOR]
-    return await _sections(conn, plan.searched, ranked)
+    return await _sections(index, plan.searched, ranked)
 
 
 def assemble(task: str, max_tokens: int, lines: list[str], found: list[Candidate]) -> ContextResult:

@@ -159,4 +159,3 @@ class KeyStore:
             known = [key.name for key in await self.list_keys() if key.revoked_at is None]
             raise NotFound(f"no key named {name!r} that is not revoked already (keys: {', '.join(known) or 'none'})")
         return next(key for key in await self.list_keys() if key.name == name)
-

@@ -25,15 +25,14 @@ import json
 import math
 import os
 import re
-import sqlite3
-import weakref
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import aiosqlite
-
 from sage_server.errors import InvalidInput
 from sage_server.models import QueryTermExplanation, ScoreExplanation, SearchHit
+from sage_server.store.records import Body as Body
+from sage_server.store.records import SearchRow
+from sage_server.store.search_index import SearchIndex
 from sage_server.text import CJK_CLASS, bigrams, has_cjk
 
 # Index columns in docs_fts order, and their weights for bm25().
@@ -222,19 +221,6 @@ def query_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
-def filter_sql(layers: list[str] | None, tags: list[str] | None, alias: str = "d") -> tuple[str, list[object]]:
-    """SQL conditions (and parameters) for layer and tag filters; every given tag must be present."""
-    sql = ""
-    params: list[object] = []
-    if layers:
-        sql += f" AND {alias}.layer IN ({','.join('?' * len(layers))})"
-        params += layers
-    for tag in tags or []:
-        sql += f" AND EXISTS (SELECT 1 FROM json_each({alias}.tags) WHERE value = ?)"
-        params.append(tag)
-    return sql, params
-
-
 @dataclass(frozen=True)
 class Unit:
     """A piece of a query term that re-scoring looks for: the word starts that mark it in raw lower-case text and
@@ -333,63 +319,6 @@ def idf(df: int, documents: int) -> float:
     return math.log(1 + (documents - min(df, documents) + 0.5) / (min(df, documents) + 0.5))
 
 
-_prepared: weakref.WeakSet[aiosqlite.Connection] = weakref.WeakSet()
-
-
-async def _stems(conn: aiosqlite.Connection, texts: list[str]) -> list[list[str]]:
-    """Each text's tokens as the index stems them ('calling' -> call)."""
-    if conn not in _prepared:
-        # A scratch full-text table in the connection's own temp schema (allowed on read-only connections) runs
-        # the index's own tokenizer, so a query word is seen exactly as the index stored it.
-        await conn.execute(
-            f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.sage_words USING fts5 (w, tokenize = '{TOKENIZER}')"
-        )
-        await conn.execute(
-            "CREATE VIRTUAL TABLE IF NOT EXISTS temp.sage_stems USING fts5vocab (temp, sage_words, 'instance')"
-        )
-        _prepared.add(conn)
-    values = ", ".join("(?, ?)" for _ in texts)
-    await conn.execute(
-        f"INSERT OR REPLACE INTO temp.sage_words (rowid, w) VALUES {values}",
-        [value for pair in enumerate(texts) for value in pair],
-    )
-    found: list[list[str]] = [[] for _ in texts]
-    async with conn.execute(
-        "SELECT doc, term FROM temp.sage_stems WHERE doc < ? ORDER BY doc, offset", (len(texts),)
-    ) as cursor:
-        for number, stem in await cursor.fetchall():
-            found[number].append(stem)
-    return found
-
-
-async def document_counts(conn: aiosqlite.Connection, expressions: list[str], documents: int) -> list[int]:
-    """How many documents match each FTS5 expression: exact up to COUNT_UP_TO, estimated above it.
-
-    Counting every match walks a common word's whole list of documents (milliseconds at 10,000 documents). FTS5
-    returns matches in key order, so the key of the COUNT_UP_TO-th match tells what share of the keys holds that
-    many matches, and the count is scaled up from there.
-    """
-    unique = list(dict.fromkeys(expressions))
-    part = (
-        "SELECT {n}, count(*), coalesce(max(rowid), 0) FROM "
-        f"(SELECT rowid FROM docs_fts WHERE docs_fts MATCH ? LIMIT {COUNT_UP_TO})"
-    )
-    sql = " UNION ALL ".join(part.format(n=n) for n in range(len(unique)))
-    counts: dict[str, int] = {}
-    async with conn.execute(sql, unique) as cursor:
-        for number, count, last in await cursor.fetchall():
-            counts[unique[number]] = count if count < COUNT_UP_TO else min(documents, round(count * documents / last))
-    return [counts[expression] for expression in expressions]
-
-
-async def _document_count(conn: aiosqlite.Connection) -> int:
-    # The largest key bounds the number of documents at the cost of one index probe (count(*) reads every row);
-    # IDF needs only its order of magnitude.
-    async with conn.execute("SELECT coalesce(max(key), 1) FROM documents") as cursor:
-        row = await cursor.fetchone()
-    return max(1, int(row[0]) if row else 1)
-
-
 def _keys(term: Term, stems: list[str]) -> tuple[str, ...]:
     """What marks `term` in raw lower-case text, as word starts: for a word, the part its stem shares with it
     ('calling'/'call' -> 'call', 'directory'/'directori' -> 'director')."""
@@ -450,7 +379,7 @@ def _split(term: Term) -> bool:
 
 
 async def plan(
-    conn: aiosqlite.Connection, query: ParsedQuery, memory: Vocabulary | None = None, generation: object = None
+    index: SearchIndex, query: ParsedQuery, memory: Vocabulary | None = None, generation: object = None
 ) -> Plan:
     """Look every term up in the index's vocabulary: how many documents hold it, hence its weight (IDF).
 
@@ -458,7 +387,7 @@ async def plan(
     """
     known = (memory or Vocabulary()).at(generation)
     if not known.documents:
-        known.documents = await _document_count(conn)
+        known.documents = await index.document_count()
     documents = known.documents
     if not query.terms:
         return Plan(query, [], documents)
@@ -466,18 +395,18 @@ async def plan(
     found = {term.fts(): known.words[term.fts()] for term in query.terms if term.fts() in known.words}
     missing = [term for term in query.terms if term.fts() not in found]
     if missing:
-        stems = await _stems(conn, [_index_text(term) for term in missing])
+        stems = await index.stems([_index_text(term) for term in missing])
         # How many documents hold each term, how many hold it in their title, tags, triggers or summary, and, for a
         # short word, how many hold a word starting with it.
         expressions = [e for term in missing for e in (term.fts(), _meta_fts(term), _short_fts(term))]
-        counts = await document_counts(conn, expressions, documents)
+        counts = await index.document_counts(expressions, documents)
         for number, (term, tokens) in enumerate(zip(missing, stems, strict=True)):
             found[term.fts()] = (tokens, counts[3 * number], counts[3 * number + 1], counts[3 * number + 2])
             known.remember(known.words, term.fts(), found[term.fts()])
     pieces = {gram: Term(gram, "cjk").fts() for term in query.terms if _split(term) for gram in bigrams(term.text)}
     unknown = [gram for gram, fts in pieces.items() if fts not in found and fts not in known.words]
     if unknown:
-        counts = await document_counts(conn, [pieces[gram] for gram in unknown], documents)
+        counts = await index.document_counts([pieces[gram] for gram in unknown], documents)
         for gram, count in zip(unknown, counts, strict=True):
             found[pieces[gram]] = ([gram], count, count, 0)
             known.remember(known.words, pieces[gram], found[pieces[gram]])
@@ -512,69 +441,17 @@ async def plan(
     return Plan(query, planned, documents)
 
 
-async def rank_documents(
-    conn: aiosqlite.Connection, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
-) -> list[sqlite3.Row]:
-    """Live documents matching `fts` by BM25 alone, best first (score: lower is better).
-
-    Only live documents are indexed, so without filters the ranking runs on the index alone and only the page's
-    rows are joined: joining first made SQLite decode every matching row into the sort (2-3x slower at 100k).
-    """
-    weights = ", ".join(str(w) for w in DOC_WEIGHTS)
-    # Columns stored before the body only: reading one after it walks the body's overflow pages (see `bodies`).
-    columns = "d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary"
-    if not layers and not tags:
-        sql = (
-            f"SELECT {columns}, r.score FROM (SELECT rowid, bm25(docs_fts, {weights}) AS score FROM docs_fts "
-            f"WHERE docs_fts MATCH ? ORDER BY score LIMIT ? OFFSET ?) r "
-            f"JOIN documents d ON d.key = r.rowid ORDER BY r.score"
-        )
-        params: list[object] = [fts, limit, offset]
-    else:
-        where, filters = filter_sql(layers, tags)
-        sql = (
-            f"SELECT {columns}, bm25(docs_fts, {weights}) AS score FROM docs_fts "
-            f"JOIN documents d ON d.key = docs_fts.rowid WHERE docs_fts MATCH ?{where} "
-            f"ORDER BY score LIMIT ? OFFSET ?"
-        )
-        params = [fts, *filters, limit, offset]
-    async with conn.execute(sql, params) as cursor:
-        return list(await cursor.fetchall())
-
-
 @dataclass
 class Ranked:
     """A ranked document row, its final score (higher is better), the parts of that score (each 0-1) and, for
     the re-scored candidates, the opening of its body."""
 
-    row: sqlite3.Row
+    row: SearchRow
     score: float
     body: Body | None = None
     parts: dict[str, float] = field(default_factory=dict)
     found: list[str] = field(default_factory=list)
     around: int | None = None  # where the query's words are densest in `body`, for the snippet
-
-
-@dataclass(frozen=True)
-class Body:
-    """The opening of a document's body, and the columns stored after it."""
-
-    text: str
-    tokens: int
-    revision: int
-    alternates: str = ""  # titles and summaries in other languages, newline-separated
-
-
-async def bodies(conn: aiosqlite.Connection, keys: list[int]) -> dict[int, Body]:
-    """The opening of each document's body (as much as snippets and re-scoring read), its tokens and revision."""
-    if not keys:
-        return {}
-    async with conn.execute(
-        "SELECT key, substr(body, 1, ?), tokens, revision, alt_titles || char(10) || alt_summaries FROM documents "
-        f"WHERE key IN ({','.join('?' * len(keys))})",
-        [SNIPPET_SCAN_CHARS, *keys],
-    ) as cursor:
-        return {row[0]: Body(row[1], row[2], row[3], row[4]) for row in await cursor.fetchall()}
 
 
 def _starts(text: str, key: str, cjk: bool) -> list[int]:
@@ -666,7 +543,8 @@ def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) 
     weight is 0) that part is not worked out."""
     row, body = item.row, item.body.text if item.body else ""
     alternates = item.body.alternates if item.body else ""
-    meta = " ".join((row["title"], row["tags"], row["triggers"], row["summary"], alternates)).lower()
+    tags, triggers = json.dumps(row.tags, ensure_ascii=False), json.dumps(row.triggers, ensure_ascii=False)
+    meta = " ".join((row.title, tags, triggers, row.summary, alternates)).lower()
     text = body.lower()
     per_unit: list[list[int]] = []
     covered = in_meta = 0.0
@@ -693,7 +571,7 @@ def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) 
         together = covered / total
     else:
         together = _pair_proximity(per_unit, weights)
-    triggered = trigger_matches(plan.query.text, json.loads(row["triggers"]), query_plain)
+    triggered = trigger_matches(plan.query.text, row.triggers, query_plain)
     item.parts = {
         "bm25": item.parts["bm25"],
         "coverage": covered / total,
@@ -708,7 +586,7 @@ def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) 
 def explain_hit(item: Ranked, fields: dict[str, float]) -> ScoreExplanation:
     """Why `item` ranked where it did: its BM25 (whole and per field) and the parts of its score."""
     return ScoreExplanation(
-        bm25=round(-item.row["score"], 4),
+        bm25=round(-item.row.score, 4),
         bm25_fields=fields,
         parts={name: round(value, 4) for name, value in item.parts.items()},
         weights=dict(WEIGHTS),
@@ -729,26 +607,26 @@ def _total(parts: dict[str, float], weights: dict[str, float]) -> float:
 
 
 async def candidates(
-    conn: aiosqlite.Connection, plan: Plan, layers: list[str] | None, tags: list[str] | None, window: int
-) -> list[sqlite3.Row]:
+    index: SearchIndex, plan: Plan, layers: list[str] | None, tags: list[str] | None, window: int
+) -> list[SearchRow]:
     """The best `window` documents by BM25 for `plan`, asking first for those that hold every term.
 
     When enough documents hold every term they are the answer; asking for them first spares BM25 from scoring
     every document that holds any term (most of a large knowledge base when the words are common: 200+ ms at
     100k documents). When fewer do, they are kept and the best documents holding any term are added.
     """
-    rows: list[sqlite3.Row] = []
+    rows: list[SearchRow] = []
     if 1 < len(plan.terms) <= ALL_TERMS_FIRST:
-        rows = await rank_documents(conn, plan.fts_all(), layers, tags, window, 0)
+        rows = await index.rank_documents(plan.fts_all(), layers, tags, window, 0)
         if len(rows) >= ENOUGH_HOLDING_ALL:
             return rows
-    seen = {row["key"] for row in rows}
-    more = [row for row in await rank_documents(conn, plan.fts(), layers, tags, window, 0) if row["key"] not in seen]
-    return sorted([*rows, *more], key=lambda row: row["score"])
+    seen = {row.key for row in rows}
+    more = [row for row in await index.rank_documents(plan.fts(), layers, tags, window, 0) if row.key not in seen]
+    return sorted([*rows, *more], key=lambda row: row.score)
 
 
 async def rank(
-    conn: aiosqlite.Connection,
+    index: SearchIndex,
     plan: Plan,
     layers: list[str] | None,
     tags: list[str] | None,
@@ -765,42 +643,30 @@ async def rank(
     if not plan.terms:
         return []
     weights = weights or WEIGHTS
-    rows = await candidates(conn, plan, layers, tags, max(rescored, offset + limit))
-    best = max((-row["score"] for row in rows), default=0.0)
-    ranked = [Ranked(row, 0.0, parts={"bm25": -row["score"] / best if best > 0 else 0.0}) for row in rows]
+    rows = await candidates(index, plan, layers, tags, max(rescored, offset + limit))
+    best = max((-row.score for row in rows), default=0.0)
+    ranked = [Ranked(row, 0.0, parts={"bm25": -row.score / best if best > 0 else 0.0}) for row in rows]
     head = ranked[:rescored]
-    texts = await bodies(conn, [item.row["key"] for item in head])
+    texts = await index.bodies([item.row.key for item in head])
     query_plain = _normalized(plan.query.text)
     for item in head:
-        item.body = texts.get(item.row["key"], Body("", 0, 0))
+        item.body = texts.get(item.row.key, Body("", 0, 0))
         rescore(plan, item, query_plain, proximity=weights["proximity"] > 0)
     for item in ranked:
         item.score = _total(item.parts, weights)
-    head.sort(key=lambda item: (-item.score, item.row["score"]))
+    head.sort(key=lambda item: (-item.score, item.row.score))
     ranked[:rescored] = head
     return ranked[offset : offset + limit]
 
 
-async def field_scores(conn: aiosqlite.Connection, plan: Plan, keys: list[int]) -> dict[int, dict[str, float]]:
+async def field_scores(index: SearchIndex, plan: Plan, keys: list[int]) -> dict[int, dict[str, float]]:
     """BM25 of each document in `keys` counting one field at a time (with that field's weight), for --explain.
 
     BM25 saturates, so the fields' figures do not add up exactly to the whole.
     """
     if not keys or not plan.terms:
         return {}
-    columns = []
-    for number, name in enumerate(FIELDS):
-        weights = ", ".join(str(DOC_WEIGHTS[i] if i == number else 0.0) for i in range(len(FIELDS)))
-        columns.append(f"-bm25(docs_fts, {weights}) AS {name}")
-    async with conn.execute(
-        f"SELECT rowid, {', '.join(columns)} FROM docs_fts WHERE docs_fts MATCH ? "
-        f"AND rowid IN ({','.join('?' * len(keys))})",
-        [plan.fts(), *keys],
-    ) as cursor:
-        return {
-            row[0]: {name: round(row[i + 1], 4) for i, name in enumerate(FIELDS) if row[i + 1]}
-            for row in await cursor.fetchall()
-        }
+    return await index.field_scores(plan.fts(), keys)
 
 
 SNIPPET_WIDTH = 220
@@ -922,16 +788,11 @@ def _distance(word: str, candidate: str, limit: int) -> int:
     return best
 
 
-async def _closest(conn: aiosqlite.Connection, word: str) -> list[tuple[float, str, int]]:
+async def _closest(index: SearchIndex, word: str) -> list[tuple[float, str, int]]:
     """Indexed stems that may stand for `word` (at most 1 edit for words up to 5 letters, 2 above), likeliest
     first: (how unlikely, stem, documents holding it). An edit weighs as much as a factor of e^2 in use."""
     limit = 1 if len(word) <= 5 else 2
-    async with conn.execute(
-        "SELECT v.term, v.doc FROM json_each(?) p CROSS JOIN docs_vocab v "
-        "WHERE v.term >= p.value AND v.term < p.value || char(1114111) AND length(v.term) <= ?",
-        (json.dumps(_neighbour_starts(word)), len(word) + limit),
-    ) as cursor:
-        rows = await cursor.fetchall()
+    rows = await index.vocabulary_near(_neighbour_starts(word), len(word) + limit)
     found = []
     for candidate, docs in rows:
         distance = _distance(word, candidate, limit)
@@ -940,18 +801,12 @@ async def _closest(conn: aiosqlite.Connection, word: str) -> list[tuple[float, s
     return sorted(found)
 
 
-async def _together(conn: aiosqlite.Connection, fts: str) -> int:
+async def _together(index: SearchIndex, fts: str) -> int:
     """How many documents match `fts`, counted up to 1,000."""
-    async with conn.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM docs_fts WHERE docs_fts MATCH ? LIMIT 1000)", (fts,)
-    ) as cursor:
-        row = await cursor.fetchone()
-    return int(row[0]) if row else 0
+    return await index.count_matches(fts, 1000)
 
 
-async def _best_fix(
-    conn: aiosqlite.Connection, choices: list[tuple[float, str, int]], others: list[Term]
-) -> tuple[str, int]:
+async def _best_fix(index: SearchIndex, choices: list[tuple[float, str, int]], others: list[Term]) -> tuple[str, int]:
     """The likeliest of the closest stems, judged also by how often each is found with the query's other words
     (relative to how common it is): 'clsed file' reads 'closed', not 'cased'."""
     if len(choices) == 1 or not others:
@@ -959,7 +814,7 @@ async def _best_fix(
     rest = " AND ".join(term.fts() for term in others)
     best: tuple[float, str, int] | None = None
     for cost, stem, docs in choices[:CORRECTION_CHOICES]:
-        share = await _together(conn, f'"{stem}"* AND {rest}') / max(docs, 1)
+        share = await _together(index, f'"{stem}"* AND {rest}') / max(docs, 1)
         weighed = cost - CONTEXT_WEIGHT * math.log(share + 0.01)
         if best is None or weighed < best[0]:
             best = (weighed, stem, docs)
@@ -967,12 +822,12 @@ async def _best_fix(
     return best[1], best[2]
 
 
-async def _maybe_typo(conn: aiosqlite.Connection, term: PlannedTerm, documents: int, others: list[Term]) -> PlannedTerm:
+async def _maybe_typo(index: SearchIndex, term: PlannedTerm, documents: int, others: list[Term]) -> PlannedTerm:
     """`term` (a rare word) with a far more common word one or two edits away as its alternative, if there is one."""
-    choices = [c for c in await _closest(conn, term.term.text) if c[1] != term.stem and c[2] >= RARE_RATIO * term.df]
+    choices = [c for c in await _closest(index, term.term.text) if c[1] != term.stem and c[2] >= RARE_RATIO * term.df]
     if not choices:
         return term
-    fix, df = await _best_fix(conn, choices, [t for t in others if t is not term.term])
+    fix, df = await _best_fix(index, choices, [t for t in others if t is not term.term])
     both = min(documents, term.df + df)
     return PlannedTerm(
         term.term,
@@ -991,7 +846,7 @@ def _stem_keys(stem: str) -> tuple[str, ...]:
     return (stem, stem[:-1] + "y") if stem.endswith("i") and len(stem) > 3 else (stem,)
 
 
-async def correct(conn: aiosqlite.Connection, plan: Plan) -> Plan | None:
+async def correct(index: SearchIndex, plan: Plan) -> Plan | None:
     """Read the words no document holds: as the start of longer words when some indexed word begins with them
     ('direc' -> direc*), else as a typo of the closest indexed word. None when no word changed."""
     changed = False
@@ -1000,23 +855,23 @@ async def correct(conn: aiosqlite.Connection, plan: Plan) -> Plan | None:
     for term in plan.terms:
         word = term.term.text
         if term.rare:
-            terms.append(await _maybe_typo(conn, term, plan.documents, others))
+            terms.append(await _maybe_typo(index, term, plan.documents, others))
             changed = changed or terms[-1].alternative is not None
             continue
         if not term.unknown or len(word) < MIN_PREFIX:
             terms.append(term)
             continue
         as_prefix = Term(word, "prefix")
-        [df] = await document_counts(conn, [as_prefix.fts()], plan.documents)
+        [df] = await index.document_counts([as_prefix.fts()], plan.documents)
         if df:
             terms.append(PlannedTerm(as_prefix, word, df, idf(df, plan.documents), (word,), term.stem, "prefix"))
             changed = True
             continue
-        choices = await _closest(conn, word)
+        choices = await _closest(index, word)
         if not choices:
             terms.append(term)
             continue
-        fix, df = await _best_fix(conn, choices, others)
+        fix, df = await _best_fix(index, choices, others)
         terms.append(
             PlannedTerm(Term(fix, "prefix"), word, df, idf(df, plan.documents), _stem_keys(fix), fix, "corrected")
         )
@@ -1040,10 +895,10 @@ def to_hit(ranked: Ranked, snippet: str) -> SearchHit:
     row = ranked.row
     assert ranked.body is not None
     return SearchHit(
-        id=row["id"],
-        title=row["title"],
-        layer=row["layer"],
-        tags=json.loads(row["tags"]),
+        id=row.id,
+        title=row.title,
+        layer=row.layer,
+        tags=row.tags,
         score=round(ranked.score, 4),
         snippet=" ".join(snippet.split()),  # one line: Markdown line breaks mean nothing in an excerpt
         tokens=ranked.body.tokens,

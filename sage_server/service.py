@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,9 +17,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
-from sage_server import audit, backup, importing, ingest, search, store
-from sage_server.store import Store, Writer
-from sage_server import context as context_packing
+from sage_server import audit, backup, importing, ingest, retrieval, search, store
 from sage_server.auth import ADMIN, READ, WRITE, Principal, current_caller
 from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
@@ -35,7 +31,6 @@ from sage_server.errors import (
     NotFound,
     SageError,
     StaleRevision,
-    Timeout,
     Unavailable,
 )
 from sage_server.generation import GenerationWatcher
@@ -60,6 +55,7 @@ from sage_server.models import (
     SearchResult,
 )
 from sage_server.resources import knowledge_dir
+from sage_server.store import Store, Writer
 from sage_server.timeouts import Deadlines, Level
 from sage_server.version import __version__
 
@@ -71,7 +67,6 @@ Compute = Callable[[], Awaitable[M]]
 # The class has a method named `list`, which would shadow the builtin in its annotations.
 Strings = list[str]
 PathList = list[Path]
-RankedList = list[search.Ranked]
 NewDocuments = list[tuple[DocumentIn, store.Source]]
 
 
@@ -264,9 +259,7 @@ class KnowledgeService(BoundedViews):
             )
 
     @asynccontextmanager
-    async def _write(
-        self, entry: audit.Entry, scope: str = WRITE, *, bootstrap: bool = False
-    ) -> AsyncIterator[Writer]:
+    async def _write(self, entry: audit.Entry, scope: str = WRITE, *, bootstrap: bool = False) -> AsyncIterator[Writer]:
         """A write transaction for a caller holding `scope`. It leaves its audit entry: in the same transaction when
         it commits, on its own (with the error's code as the outcome) when it fails. Only the `bootstrap` import of
         the embedded fallback writes to the fallback's temporary database."""
@@ -302,18 +295,8 @@ class KnowledgeService(BoundedViews):
         if not 1 <= limit <= MAX_LIMIT:
             raise InvalidInput(f"limit must be between 1 and {MAX_LIMIT}, got {limit}", field="limit")
 
-    async def _not_found(self, doc_id: str) -> NotFound:
-        """A NotFound naming the closest ids, found by prefix and by the id's words."""
-        candidates: set[str] = set()
-        async with self.store.read() as reader:
-            candidates |= set(await reader.ids_from(doc_id[:3], 50))
-            query = search.parse_query(doc_id.replace("-", " ").replace("_", " "))
-            if query.terms:
-                rows = await reader.rank_documents(query.fts(), None, None, 20, 0)
-                candidates |= {row.id for row in rows}
-        suggestions = difflib.get_close_matches(doc_id, sorted(candidates), n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
-        return NotFound(f"no document with id {doc_id!r}{hint}", id=doc_id, suggestions=suggestions)
+    def _where(self) -> retrieval.Where:
+        return retrieval.Where(self.store, self.deadlines, self.vocabulary, (self.database_id, self.generation))
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -330,7 +313,7 @@ class KnowledgeService(BoundedViews):
                 # A document merged into another lives on as an alias of the one that absorbed it.
                 found = await reader.document_by_alias(doc_id) or found
         if found is None:
-            raise await self._not_found(doc_id)
+            raise await retrieval.not_found(self.store, doc_id)
         if found.ref.deleted:
             raise NotFound(
                 f"document {doc_id!r} was deleted at revision {found.ref.revision}; restore an earlier revision "
@@ -388,59 +371,11 @@ class KnowledgeService(BoundedViews):
             layers = self._check_layers(layers)
             args = (query, layers, tags, limit, cursor, explain)
             return await self._cached(
-                "search", args, SearchResult, lambda: self._search(query, layers, tags, limit, cursor, explain)
+                "search",
+                args,
+                SearchResult,
+                lambda: retrieval.run_search(self._where(), query, layers, tags, limit, cursor, explain),
             )
-
-    async def _search(
-        self, query: str, layers: Strings | None, tags: Strings | None, limit: int, cursor: str | None, explain: bool
-    ) -> SearchResult:
-        parsed = search.parse_query(query)
-        if not parsed.terms:
-            return SearchResult(query=query, hits=[], corrected_query=None)
-        query_key = search.query_key("search", parsed.fts(), layers, tags)
-        offset = search.decode_cursor(cursor, query_key)
-        corrected: str | None = None
-        ranked: RankedList | None = None
-        texts: dict[int, search.Body] = {}
-        fields: dict[int, dict[str, float]] = {}
-        plan: search.Plan | None = None
-        with self.deadlines.partial("search", "search") as window:
-            async with self.db.read() as conn:
-                plan = await search.plan(conn, parsed, self.vocabulary, (self.database_id, self.generation))
-                ranked = await search.rank(conn, plan, layers, tags, limit + 1, offset)
-                # Words no document holds are typos or cut short: read them again once the rest has ranked (a
-                # deadline here still leaves an answer).
-                if offset == 0 and plan.doubtful:
-                    fixed = await search.correct(conn, plan)
-                    if fixed is not None:
-                        plan, corrected = fixed, fixed.corrected
-                        ranked = await search.rank(conn, plan, layers, tags, limit + 1, 0)
-                # Past the re-scored head (deep pages), bodies for the snippets are read here.
-                texts = await search.bodies(conn, [i.row["key"] for i in ranked[:limit] if i.body is None])
-                if explain:
-                    fields = await search.field_scores(conn, plan, [i.row["key"] for i in ranked[:limit]])
-        if ranked is None:
-            raise Timeout(window.reason or "search timed out", operation="search")
-        hits = []
-        for item in ranked[:limit]:
-            item.body = item.body or texts.get(item.row["key"])
-            if item.body is None:
-                break  # the deadline came before this deep page's rows were read: the hits before it are the answer
-            snippet = search.make_snippet(item.body.text, plan.searched if plan else parsed, around=item.around)
-            hit = search.to_hit(item, snippet or item.row["summary"])
-            if explain:
-                hit.explain = search.explain_hit(item, fields.get(item.row["key"], {}))
-            hits.append(hit)
-        more = len(ranked) > limit and not corrected
-        return SearchResult(
-            query=query,
-            hits=hits,
-            next_cursor=search.encode_cursor(offset + limit, query_key) if more else None,
-            corrected_query=corrected,
-            partial=window.partial,
-            partial_reason=window.reason,
-            terms=search.explain_terms(plan) if explain and plan else None,
-        )
 
     async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
         """What to read before doing `task`: core essentials, then the best sections, within `max_tokens`."""
@@ -453,22 +388,12 @@ class KnowledgeService(BoundedViews):
                 raise InvalidInput(f"max_tokens must be between 200 and 100000, got {budget}", field="max_tokens")
             layers = self._check_layers(layers)
             args = (task, budget, layers)
-            return await self._cached("context", args, ContextResult, lambda: self._context(task, budget, layers))
-
-    async def _context(self, task: str, budget: int, layers: Strings | None) -> ContextResult:
-        parsed = search.parse_query(task, phrases=False)
-        async with self.db.read() as conn:
-            lines = await context_packing.essentials(conn, self.settings.layers[0])
-        found: list[context_packing.Candidate] = []
-        # Past the context deadline the caller still gets the core essentials, marked partial.
-        with self.deadlines.partial("context", "context") as window:
-            async with self.db.read() as conn:
-                plan = await search.plan(conn, parsed, self.vocabulary, (self.database_id, self.generation))
-                if plan.doubtful:
-                    plan = await search.correct(conn, plan) or plan
-                found = await context_packing.candidates(conn, plan, layers)
-        result = context_packing.assemble(task, budget, lines, found)
-        return result.model_copy(update={"partial": window.partial, "partial_reason": window.reason})
+            return await self._cached(
+                "context",
+                args,
+                ContextResult,
+                lambda: retrieval.run_context(self._where(), self.settings.layers[0], task, budget, layers),
+            )
 
     async def history(self, doc_id: str) -> History:
         """Every revision of a document (live or deleted), newest first."""
@@ -477,7 +402,7 @@ class KnowledgeService(BoundedViews):
             async with self.store.read() as reader:
                 found = await reader.document(doc_id) or await reader.document_by_alias(doc_id)
                 if found is None:
-                    raise await self._not_found(doc_id)
+                    raise await retrieval.not_found(self.store, doc_id)
                 revisions = await reader.revisions(found)
             return History(id=found.ref.id, deleted=found.ref.deleted, revisions=revisions)
 
@@ -579,7 +504,7 @@ class KnowledgeService(BoundedViews):
             async with self._write(entry) as writer:
                 found = await writer.document(doc_id)
                 if found is None or found.ref.deleted:
-                    raise await self._not_found(doc_id)
+                    raise await retrieval.not_found(self.store, doc_id)
                 if expected_revision is not None and expected_revision != found.ref.revision:
                     raise StaleRevision(
                         f"document {doc_id!r} is at revision {found.ref.revision}, not {expected_revision}",
@@ -601,7 +526,7 @@ class KnowledgeService(BoundedViews):
             async with self._write(entry) as writer:
                 found = await writer.document(doc_id)
                 if found is None:
-                    raise await self._not_found(doc_id)
+                    raise await retrieval.not_found(self.store, doc_id)
                 content = await writer.revision_content(found, revision)
                 if content is None:
                     raise NotFound(
@@ -626,7 +551,7 @@ class KnowledgeService(BoundedViews):
             async with self._write(entry, ADMIN) as writer:
                 found = await writer.document(doc_id)
                 if found is None:
-                    raise await self._not_found(doc_id)
+                    raise await retrieval.not_found(self.store, doc_id)
                 if not found.ref.deleted:
                     raise Conflict(f"document {doc_id!r} is live; delete it before purging", id=doc_id)
                 entry.revision = found.ref.revision

@@ -13,6 +13,8 @@ import pytest
 
 from sage_server.config import Settings, load_settings
 from sage_server.service import KnowledgeService, open_service
+from sage_server.store.sqlite import SqliteStore
+from sage_server.store.sqlite_connections import Database
 from tests.redis_support import RedisServer
 
 
@@ -139,9 +141,15 @@ async def service(settings: Settings) -> AsyncIterator[KnowledgeService]:
         yield kb
 
 
+def sqlite_db(kb: KnowledgeService) -> Database:
+    """The SQLite connections under a service's store, for tests that reach into the file."""
+    assert isinstance(kb.store, SqliteStore)
+    return kb.store.db
+
+
 async def assert_index_consistent(kb: KnowledgeService) -> None:
     """FTS5's own integrity check: the full-text indexes agree with the rows they index."""
-    async with kb.db.transaction() as conn:
+    async with sqlite_db(kb).transaction() as conn:
         # rank 1: compare the index with the rows it was built from, not only with itself.
         await conn.execute("INSERT INTO docs_fts (docs_fts, rank) VALUES ('integrity-check', 1)")
 

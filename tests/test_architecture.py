@@ -24,19 +24,16 @@ def violations(source: str) -> list[str]:
     """What in a module's source breaks the boundary: driver imports and SQL in string literals."""
     found: set[tuple[int, str]] = set()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""] if node.level == 0 else []
-        else:
-            names = []
-        for name in names:
-            if name.split(".")[0] in DRIVERS:
-                found.add((node.lineno, f"imports {name}"))
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL.match(node.value):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                names = [node.module or ""] if node.level == 0 else []
+            found |= {(node.lineno, f"imports {name}") for name in names if name.split(".")[0] in DRIVERS}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL.match(node.value):
             found.add((node.lineno, f"SQL {node.value.strip()[:40]!r}"))
-        if isinstance(node, ast.JoinedStr):
-            head = next((part.value for part in node.values if isinstance(part, ast.Constant)), "")
+        elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            head = node.values[0].value
             if isinstance(head, str) and SQL.match(head):
                 found.add((node.lineno, f"SQL {head.strip()[:40]!r}"))
     return [f"line {line}: {what}" for line, what in sorted(found)]
@@ -66,12 +63,12 @@ MIGRATE = """
 
 
 def test_the_checker_lets_prose_and_other_imports_pass() -> None:
-    sample = '''
+    sample = """
 import json
 from sage_server.store import Store
 HELP = "Select the documents to update. Then delete the ones from the list you do not need."
 NOTE = "update the index"
-'''
+"""
     assert violations(sample) == []
 
 

@@ -17,10 +17,10 @@ import pytest
 from sage_server import backup
 from sage_server.config import Settings
 from sage_server.errors import Conflict, InvalidInput, Unavailable
-from sage_server.migrate import migrate
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings, sage_env, sage_runner, write_doc
+from sage_server.store.migrations import migrate
+from tests.conftest import make_settings, sage_env, sage_runner, sqlite_db, write_doc
 
 pytestmark = pytest.mark.anyio
 
@@ -203,7 +203,7 @@ async def test_backup_health_follows_the_state_in_the_backup_folder(tmp_path: Pa
 
 async def test_an_old_database_that_never_had_a_backup_is_degraded(settings: Settings) -> None:
     async with open_service(settings) as kb:
-        async with kb.db.transaction() as conn:
+        async with sqlite_db(kb).transaction() as conn:
             await conn.execute("UPDATE meta SET value = '2020-01-01T00:00:00+00:00' WHERE key = 'created_at'")
     async with open_service(settings) as kb:
         assert (await kb.health()).components["backup"] == "degraded"

@@ -3,7 +3,6 @@ database (through Redis, or the database poll without it), and the log that carr
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,9 +14,10 @@ import pytest
 from sage_server import store
 from sage_server.changes import Change
 from sage_server.config import Settings
+from sage_server.errors import Unavailable
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings, write_doc
+from tests.conftest import make_settings, sqlite_db, write_doc
 
 pytestmark = pytest.mark.anyio
 
@@ -98,7 +98,7 @@ async def test_an_import_of_many_files_is_one_change_to_everything(kb: Knowledge
     await kb.import_paths([tmp_path / "many"])
     change = await heard.next()
     assert change.everything and change.listing
-    async with kb.db.read() as conn:
+    async with sqlite_db(kb).read() as conn:
         rows = await conn.execute_fetchall("SELECT doc_id FROM changes WHERE generation = ?", (kb.generation,))
     assert [row[0] for row in rows] == [store.EVERYTHING]  # one row, not one per file
 
@@ -108,15 +108,16 @@ async def test_the_log_keeps_only_the_newest_generations_and_a_reader_too_far_be
 ) -> None:
     first = kb.generation
     for n in range(store.CHANGE_RETENTION + 5):
-        async with kb.db.transaction() as conn:
-            await store.bump_generation(conn, [f"ghost-{n}"])  # ids of no document: rows are still bounded
+        async with kb.store.transaction() as writer:
+            await writer.bump_generation([f"ghost-{n}"])  # ids of no document: rows are still bounded
     await kb.save(doc("last"))
-    async with kb.db.read() as conn:
+    async with sqlite_db(kb).read() as conn:
         generations = [row[0] for row in await conn.execute_fetchall("SELECT generation FROM changes")]
         assert len(generations) <= store.CHANGE_RETENTION + store.PRUNE_EVERY
         assert min(generations) > kb.generation - store.CHANGE_RETENTION - store.PRUNE_EVERY
-        behind = await store.changes_after(conn, first, 100)
-        recent = await store.changes_after(conn, kb.generation - 1, 100)
+    async with kb.store.read() as reader:
+        behind = await reader.changes_after(first, 100)
+        recent = await reader.changes_after(kb.generation - 1, 100)
     assert Change.from_log(behind).everything
     assert Change.from_log(recent).documents == {("last", "practices")}
 
@@ -141,7 +142,7 @@ async def test_an_unreadable_log_is_told_as_everything(kb: KnowledgeService, mon
     heard = Heard(kb)
 
     async def broken(after: int, limit: int) -> store.ChangeLog:
-        raise sqlite3.OperationalError("disk I/O error")
+        raise Unavailable("database error: disk I/O error")
 
     monkeypatch.setattr(kb.changes, "_read", broken)
     await kb.save(doc("x"))

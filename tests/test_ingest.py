@@ -9,12 +9,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from sage_server import store
 from sage_server.config import Settings
 from sage_server.ingest import collect
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import assert_index_consistent, make_settings, write_doc
+from sage_server.store.sqlite_documents import SqliteWriter
+from tests.conftest import assert_index_consistent, make_settings, sqlite_db, write_doc
 
 pytestmark = pytest.mark.anyio
 
@@ -120,7 +120,7 @@ async def test_an_interrupted_import_leaves_the_previous_state_whole(
             # By now the changed core/honesty.md has been written as a new revision in this transaction.
             raise OSError("disk full")
 
-        monkeypatch.setattr(store, "insert_many", failing_insert)
+        monkeypatch.setattr(SqliteWriter, "insert_many", failing_insert)
         with pytest.raises(OSError, match="disk full"):
             await kb.import_paths([knowledge])
         after = await kb.info()
@@ -191,7 +191,7 @@ async def test_every_distinct_file_gets_its_own_id(tmp_path: Path) -> None:
 
 async def test_a_stored_id_never_changes(service: KnowledgeService, knowledge: Path) -> None:
     # A database written by an older SAGE holds ids of the old scheme ('plain-note'); the file keeps its id.
-    async with service.db.transaction() as conn:
+    async with sqlite_db(service).transaction() as conn:
         await conn.execute("UPDATE documents SET id = 'plain-note' WHERE id = 'scenarios.plain-note'")
     write_doc(knowledge, "scenarios/plain-note.md", "# Production Incident Notes\n\nRevised.\n")
     report = await service.import_paths([knowledge])

@@ -25,7 +25,7 @@ from sage_server.errors import Conflict, InvalidInput
 from sage_server.keys import StoredKeys
 from sage_server.models import ApiKey, AuditEntry, DocumentIn
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings, sage_env, sage_runner
+from tests.conftest import make_settings, sage_env, sage_runner, sqlite_db
 from tests.mcp_support import error_text, payload, serving
 
 pytestmark = pytest.mark.anyio
@@ -62,7 +62,7 @@ async def test_a_key_is_shown_once_and_stored_as_a_digest(kb: KnowledgeService) 
     listed = (await kb.list_keys()).keys
     assert [(k.name, k.scope) for k in listed] == [("ci", "write")]
     assert created.token not in listed[0].model_dump_json()
-    async with kb.db.read() as conn:
+    async with sqlite_db(kb).read() as conn:
         async with conn.execute("SELECT * FROM api_keys") as cursor:
             stored = [tuple(row) for row in await cursor.fetchall()]
     assert created.token not in repr(stored)
@@ -134,7 +134,7 @@ async def test_revoked_and_expired_keys_are_refused_by_reason(kb: KnowledgeServi
     await kb.revoke_key("old")
     refused = await http.get("/v1/info", headers=bearer(old.token))
     assert refused.status_code == 401 and refused.json()["error"]["details"]["reason"] == "revoked"
-    async with kb.db.transaction() as conn:
+    async with sqlite_db(kb).transaction() as conn:
         await conn.execute("UPDATE api_keys SET expires_at = '2020-01-01T00:00:00+00:00' WHERE name = 'short'")
     kb.key_source.forget()
     expired = await http.get("/v1/info", headers=bearer(short.token))
@@ -284,7 +284,7 @@ async def test_the_trail_survives_a_restore(settings: Settings, tmp_path: Path) 
 
 async def test_old_entries_are_pruned_by_retention(kb: KnowledgeService) -> None:
     await kb.save(DocumentIn(id="q", title="Q", layer="practices", body="one"))
-    async with kb.db.transaction() as conn:
+    async with sqlite_db(kb).transaction() as conn:
         await conn.execute("UPDATE audit SET at = '2020-01-01T00:00:00+00:00' WHERE target = 'q'")
     assert await kb.audit.prune() == 1
     assert await trail(kb, target="q") == []

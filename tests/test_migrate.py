@@ -10,8 +10,8 @@ import aiosqlite
 import pytest
 
 from sage_server.errors import MigrationError
-from sage_server.migrate import migrate, migration_files, statements
 from sage_server.resources import migrations_dir
+from sage_server.store.migrations import migrate, migration_files, statements
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ from sage_server.errors import Timeout, Unavailable
 from sage_server.models import DocumentIn
 from sage_server.resources import knowledge_dir
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings
+from tests.conftest import make_settings, sqlite_db
 from tests.redis_support import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -203,7 +203,7 @@ async def test_a_cancelled_read_leaves_no_poisoned_connection(settings: Settings
     async with open_service(settings) as kb:
         for _ in range(6):  # more than the pool holds, so every reader is cancelled at least once
             with anyio.move_on_after(0):
-                async with kb.db.read() as conn:
+                async with sqlite_db(kb).read() as conn:
                     await conn.execute("SELECT count(*) FROM docs_fts WHERE docs_fts MATCH 'retry OR key OR rotate'")
         for _ in range(6):
             assert (await kb.search("rotate a leaked key")).hits

@@ -25,7 +25,6 @@ from sage_server.store.records import (
     content_hash,
     now_iso,
 )
-from sage_server.store.sqlite import SqliteStore
 
 __all__ = [
     "CHANGE_IDS",
@@ -42,7 +41,6 @@ __all__ = [
     "LayerTotal",
     "Reader",
     "Source",
-    "SqliteStore",
     "Store",
     "StoredDocument",
     "StoredKey",
@@ -57,9 +55,11 @@ __all__ = [
 
 def sqlite_store(path: Path) -> Store:
     """A store in the SQLite file at `path`."""
+    from sage_server.store.sqlite import SqliteStore  # noqa: PLC0415 - it imports search.py, which imports records
+
     return SqliteStore(path)
 
 
 def open_store(settings: Settings) -> Store:
     """The store the settings choose (not yet connected: call `open()`)."""
-    return SqliteStore(settings.db_path)
+    return sqlite_store(settings.db_path)

@@ -118,9 +118,13 @@ class Writer(Reader, Protocol):
 class Store(Protocol):
     """One database holding a knowledge base."""
 
-    backend: Backend
-    # The database file, for a store that is one (backups copy it); None for a database server.
-    path: Path | None
+    @property
+    def backend(self) -> Backend:
+        """Which kind of database it is."""
+
+    @property
+    def path(self) -> Path | None:
+        """The database file, for a store that is one (backups copy it); None for a database server."""
 
     @property
     def location(self) -> str:

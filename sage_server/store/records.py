@@ -133,3 +133,47 @@ class VerifyReport(BaseModel):
     path: str
     ok: bool
     checks: list[Check]
+
+
+@dataclass(frozen=True)
+class SearchRow:
+    """A document the full-text index matched, with its BM25 score (lower is better) and the columns ranking reads
+    before the body."""
+
+    key: int
+    id: str
+    title: str
+    layer: str
+    tags: list[str]
+    triggers: list[str]
+    summary: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Body:
+    """The opening of a document's body, and the columns stored after it."""
+
+    text: str
+    tokens: int
+    revision: int
+    alternates: str = ""  # titles and summaries in other languages, newline-separated
+
+
+@dataclass(frozen=True)
+class Essential:
+    """A live document of the core layer as context packing lists it."""
+
+    id: str
+    title: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class SectionText:
+    """One section of a document (by its internal key): its place, heading and text."""
+
+    doc_key: int
+    ord: int
+    heading: str
+    text: str

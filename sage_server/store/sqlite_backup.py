@@ -127,6 +127,7 @@ def _revisions(conn: sqlite3.Connection) -> Check:
         name="revision history", ok=ok, detail="every revision is kept" if ok else f"gaps in {[g[0] for g in gaps[:5]]}"
     )
 
+
 def copy_database(db_path: Path, target: Path) -> int:
     """Copy the live database to `target` with SQLite's online backup (consistent while others write), as one
     self-contained file; how many live documents it holds."""

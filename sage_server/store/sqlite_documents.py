@@ -453,7 +453,8 @@ class SqliteWriter(SqliteReader):
                 (count, minute, client, reason),
             )
             if updated is None:
-                await self.insert_audit([(minute, "anonymous", client, "authenticate", None, None, reason, count, "{}")])
+                entry = (minute, "anonymous", client, "authenticate", None, None, reason, count, "{}")
+                await self.insert_audit([entry])
 
     async def prune_audit(self, before: str) -> int:
         return len(await self._rows("DELETE FROM audit WHERE at < ? RETURNING seq", (before,)))

@@ -7,17 +7,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import aiosqlite
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 import sage_server
 from sage_server import search
 from sage_server.config import Settings
-from sage_server.db import PRAGMAS
 from sage_server.service import KnowledgeService
+from sage_server.store.sqlite_connections import PRAGMAS
+from sage_server.store.sqlite_search import rank_documents_sql
 from tests.bench.corpus import Corpus, QueryStream
 from tests.bench.load import CONCURRENCY, Budget, Latency, run_load, time_each
 from tests.bench.report import Results
@@ -42,32 +42,9 @@ def db_megabytes(db_path: Path) -> float:
     return round(sum(p.stat().st_size for p in paths if p.exists()) / 2**20, 1)
 
 
-class _Recorder:
-    """Stands in for an aiosqlite connection to capture the statement `search.rank_documents` would run."""
-
-    def __init__(self) -> None:
-        self.sql = ""
-        self.params: list[object] = []
-
-    def execute(self, sql: str, params: list[object]) -> _Recorder:
-        self.sql, self.params = sql, list(params)
-        return self
-
-    async def __aenter__(self) -> _Recorder:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def fetchall(self) -> list[sqlite3.Row]:
-        return []
-
-
 async def ranking_statement(fts: str, limit: int = 10) -> tuple[str, list[object]]:
-    """The exact SQL and parameters SAGE's BM25 ranking runs for `fts` (taken from rank_documents itself)."""
-    recorder = _Recorder()
-    await search.rank_documents(cast(aiosqlite.Connection, recorder), fts, None, None, limit, 0)
-    return recorder.sql, recorder.params
+    """The exact SQL and parameters SAGE's BM25 ranking runs for `fts` (the store's own statement)."""
+    return rank_documents_sql(fts, None, None, limit, 0)
 
 
 async def raw_sqlite_search(db_path: Path, queries: list[str]) -> Latency:

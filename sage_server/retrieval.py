@@ -1,0 +1,117 @@
+"""Reads that rank: search, context packing and close-id suggestions, run against the store within their
+deadlines. The ranking itself is search.py's and context.py's; this is the order the reads happen in."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from sage_server import context as context_packing
+from sage_server import search
+from sage_server.errors import NotFound, Timeout
+from sage_server.models import ContextResult, SearchResult
+from sage_server.store import Store
+from sage_server.timeouts import Deadlines
+
+Strings = list[str]
+
+
+@dataclass(frozen=True)
+class Where:
+    """What a ranked read runs against: the store, the deadlines, and what searches learned of the index's words at
+    the index's `version` (the database's identity and generation)."""
+
+    store: Store
+    deadlines: Deadlines
+    vocabulary: search.Vocabulary
+    version: object
+
+
+async def not_found(store: Store, doc_id: str) -> NotFound:
+    """A NotFound naming the closest ids, found by prefix and by the id's words."""
+    candidates: set[str] = set()
+    async with store.read() as reader:
+        candidates |= set(await reader.ids_from(doc_id[:3], 50))
+        query = search.parse_query(doc_id.replace("-", " ").replace("_", " "))
+        if query.terms:
+            rows = await reader.rank_documents(query.fts(), None, None, 20, 0)
+            candidates |= {row.id for row in rows}
+    suggestions = difflib.get_close_matches(doc_id, sorted(candidates), n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
+    return NotFound(f"no document with id {doc_id!r}{hint}", id=doc_id, suggestions=suggestions)
+
+
+async def run_search(
+    where: Where,
+    query: str,
+    layers: Strings | None,
+    tags: Strings | None,
+    limit: int,
+    cursor: str | None,
+    explain: bool,
+) -> SearchResult:
+    """A search's hits (see KnowledgeService.search): ranked, corrected, with snippets; partial past the deadline."""
+    parsed = search.parse_query(query)
+    if not parsed.terms:
+        return SearchResult(query=query, hits=[], corrected_query=None)
+    query_key = search.query_key("search", parsed.fts(), layers, tags)
+    offset = search.decode_cursor(cursor, query_key)
+    corrected: str | None = None
+    ranked: list[search.Ranked] | None = None
+    texts: dict[int, search.Body] = {}
+    fields: dict[int, dict[str, float]] = {}
+    plan: search.Plan | None = None
+    with where.deadlines.partial("search", "search") as window:
+        async with where.store.read() as reader:
+            plan = await search.plan(reader, parsed, where.vocabulary, where.version)
+            ranked = await search.rank(reader, plan, layers, tags, limit + 1, offset)
+            # Words no document holds are typos or cut short: read them again once the rest has ranked (a
+            # deadline here still leaves an answer).
+            if offset == 0 and plan.doubtful:
+                fixed = await search.correct(reader, plan)
+                if fixed is not None:
+                    plan, corrected = fixed, fixed.corrected
+                    ranked = await search.rank(reader, plan, layers, tags, limit + 1, 0)
+            # Past the re-scored head (deep pages), bodies for the snippets are read here.
+            texts = await reader.bodies([i.row.key for i in ranked[:limit] if i.body is None])
+            if explain:
+                fields = await search.field_scores(reader, plan, [i.row.key for i in ranked[:limit]])
+    if ranked is None:
+        raise Timeout(window.reason or "search timed out", operation="search")
+    hits = []
+    for item in ranked[:limit]:
+        item.body = item.body or texts.get(item.row.key)
+        if item.body is None:
+            break  # the deadline came before this deep page's rows were read: the hits before it are the answer
+        snippet = search.make_snippet(item.body.text, plan.searched if plan else parsed, around=item.around)
+        hit = search.to_hit(item, snippet or item.row.summary)
+        if explain:
+            hit.explain = search.explain_hit(item, fields.get(item.row.key, {}))
+        hits.append(hit)
+    more = len(ranked) > limit and not corrected
+    return SearchResult(
+        query=query,
+        hits=hits,
+        next_cursor=search.encode_cursor(offset + limit, query_key) if more else None,
+        corrected_query=corrected,
+        partial=window.partial,
+        partial_reason=window.reason,
+        terms=search.explain_terms(plan) if explain and plan else None,
+    )
+
+
+async def run_context(where: Where, core_layer: str, task: str, budget: int, layers: Strings | None) -> ContextResult:
+    """What to read for `task` (see KnowledgeService.context): the core essentials, then the best sections."""
+    parsed = search.parse_query(task, phrases=False)
+    async with where.store.read() as reader:
+        lines = await context_packing.essentials(reader, core_layer)
+    found: list[context_packing.Candidate] = []
+    # Past the context deadline the caller still gets the core essentials, marked partial.
+    with where.deadlines.partial("context", "context") as window:
+        async with where.store.read() as reader:
+            plan = await search.plan(reader, parsed, where.vocabulary, where.version)
+            if plan.doubtful:
+                plan = await search.correct(reader, plan) or plan
+            found = await context_packing.candidates(reader, plan, layers)
+    result = context_packing.assemble(task, budget, lines, found)
+    return result.model_copy(update={"partial": window.partial, "partial_reason": window.reason})
