@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from sage_server.audit import Entry
 from sage_server.auth import current_caller
+from sage_server.config import Settings
 from sage_server.errors import Conflict, InvalidInput, Unavailable
 from sage_server.locks import FileLock, serving_lock_path
 from sage_server.models import ComponentStatus
@@ -28,15 +29,25 @@ def verify(path: Path, thorough: bool = False) -> VerifyReport:
     return sqlite_backup.verify(path, thorough)
 
 
+POSTGRESQL_NOT_YET = (
+    "backup, restore --backup and verify of a PostgreSQL store (SAGE_DATABASE_URL) are not supported yet (issue "
+    "19); back it up with PostgreSQL's own tools (pg_dump) meanwhile"
+)
+
+
 def database_file(store: Store) -> Path:
     """The file a store keeps its data in, which backups copy; refused for a database server."""
     if store.path is None:
-        raise Unavailable(
-            f"backups of a {store.backend} store are not supported yet (issue 19); back it up with the database's "
-            "own tools (pg_dump)",
-            backend=store.backend,
-        )
+        raise Unavailable(POSTGRESQL_NOT_YET, backend=store.backend)
     return store.path
+
+
+def database_path(settings: Settings) -> Path:
+    """The SQLite file the settings name, which `sage backup`, `restore --backup` and `verify` work on; refused
+    when the settings choose PostgreSQL."""
+    if settings.database_url is not None:
+        raise Unavailable(POSTGRESQL_NOT_YET, backend="postgresql")
+    return settings.db_path
 
 
 class BackupReport(BaseModel):

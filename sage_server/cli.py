@@ -272,7 +272,8 @@ def info(ctx: click.Context, as_json: bool) -> None:
     result: Info = run(ctx, lambda kb: kb.info())
 
     def human() -> None:
-        click.echo(f"SAGE {result.version}  database {result.db_path}  generation {result.generation}")
+        where = f"{result.backend} {result.db_path}"
+        click.echo(f"SAGE {result.version}  database {where}  generation {result.generation}")
         for layer, count in result.layers.items():
             click.echo(f"  {layer:<12} {count:>6} documents")
         click.echo(f"  {'total':<12} {result.documents:>6} documents, ~{result.tokens} tokens")
@@ -346,7 +347,7 @@ def restore(
             _fail("give either DOC_ID REVISION or --backup PATH, not both", 2)
         from sage_server import backup
 
-        db_path = _settings(ctx).db_path
+        db_path = backup.database_path(_settings(ctx))
         saved = backup.restore(backup_path, db_path, checksum=not no_checksum)
         click.echo(
             f"restored {db_path} from {backup_path}" + (f"; the previous database is at {saved}" if saved else "")
@@ -370,7 +371,7 @@ def backup_command(ctx: click.Context, backup_dir: Path | None, as_json: bool) -
 
     settings = _settings(ctx)
     target = backup_dir or settings.backup_dir
-    report = backup.backup(settings.db_path, target, settings.backup_retention_days)
+    report = backup.backup(backup.database_path(settings), target, settings.backup_retention_days)
     backup.record(target, report=report)  # a manual backup counts: the schedule and /health see it
     emit(
         report,
@@ -398,7 +399,7 @@ def verify(ctx: click.Context, thorough: bool, path: Path | None, as_json: bool)
     anything is wrong."""
     from sage_server import backup
 
-    target = path or _settings(ctx).db_path
+    target = path or backup.database_path(_settings(ctx))
     report = backup.verify(target, thorough)
 
     def human() -> None:

@@ -34,6 +34,12 @@ class Settings(BaseModel):
     debug: bool = Field(False, description="Debug mode: tracebacks on errors")
     cache_dir: Path = Field(default_factory=lambda: _home() / ".sage" / "cache", description="Cache directory")
     db_path: Path = Field(default_factory=lambda: _home() / ".sage" / "sage.db", description="SQLite database file")
+    database_url: SecretStr | None = Field(
+        None,
+        description="A PostgreSQL database to use instead of the SQLite file, shared by every instance, e.g. "
+        "postgresql://sage@db.internal/sage (unset: SQLite at db_path)",
+    )
+    database_pool_size: int = Field(10, ge=1, le=500, description="Most PostgreSQL connections one instance opens")
     backup_dir: Path = Field(default_factory=lambda: _home() / ".sage" / "backups", description="Where backups go")
     backup_retention_days: int = Field(90, ge=1, description="Backups older than this are removed")
     backup_interval_hours: float = Field(24, ge=0, description="sage serve backs up this often (0: never)")
@@ -179,6 +185,15 @@ class Settings(BaseModel):
             normalized.append(str(network) if "/" in entry else str(network.network_address))
         return normalized
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_valid(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL (unset it to use the SQLite file at db_path)")
+        return value
+
     @field_validator("oauth_issuer", "oauth_audience", "oauth_jwks_url")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
@@ -223,7 +238,7 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-SECRET_FIELDS = {"api_key", "redis_url"}
+SECRET_FIELDS = {"api_key", "redis_url", "database_url"}
 LIST_FIELDS = {"knowledge_dirs", "layers", "allowed_hosts", "trusted_proxies"}
 
 

@@ -33,7 +33,7 @@ async def not_found(store: Store, doc_id: str) -> NotFound:
     async with store.read() as reader:
         candidates |= set(await reader.ids_from(doc_id[:3], 50))
         query = search.parse_query(doc_id.replace("-", " ").replace("_", " "))
-        if query.terms:
+        if query.terms and store.searchable:
             rows = await reader.rank_documents(query.fts(), None, None, 20, 0)
             candidates |= {row.id for row in rows}
     suggestions = difflib.get_close_matches(doc_id, sorted(candidates), n=5, cutoff=0.5)

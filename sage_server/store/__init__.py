@@ -61,5 +61,10 @@ def sqlite_store(path: Path) -> Store:
 
 
 def open_store(settings: Settings) -> Store:
-    """The store the settings choose (not yet connected: call `open()`)."""
+    """The store the settings choose (not yet connected: call `open()`): PostgreSQL when database_url is set,
+    else the SQLite file at db_path."""
+    if settings.database_url is not None:
+        from sage_server.store.postgres import PostgresStore  # noqa: PLC0415 - psycopg is loaded only when chosen
+
+        return PostgresStore(settings.database_url.get_secret_value(), settings.database_pool_size)
     return sqlite_store(settings.db_path)

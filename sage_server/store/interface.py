@@ -123,6 +123,10 @@ class Store(Protocol):
         """Which kind of database it is."""
 
     @property
+    def searchable(self) -> bool:
+        """Whether the full-text index (the SearchIndex reads) is there; without it search and context refuse."""
+
+    @property
     def path(self) -> Path | None:
         """The database file, for a store that is one (backups copy it); None for a database server."""
 

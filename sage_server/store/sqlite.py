@@ -28,6 +28,7 @@ class SqliteStore:
     """A knowledge base in one SQLite file."""
 
     backend: Literal["sqlite"] = "sqlite"
+    searchable = True
 
     def __init__(self, path: Path, readers: int = 3) -> None:
         self.path: Path | None = path

@@ -19,7 +19,8 @@ from sage_server.resources import migrations_dir
 from sage_server.store.interface import AuditRow
 from sage_server.store.migrations import migration_files
 from sage_server.store.records import Check, VerifyReport, content_hash
-from sage_server.store.sqlite_documents import AUDIT_COLUMNS, to_content
+from sage_server.store.rows import to_content
+from sage_server.store.sqlite_documents import AUDIT_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,7 @@ from typing import Any
 
 import aiosqlite
 
-from sage_server.markdown import heading_texts, sections
-from sage_server.models import ApiKey, AuditEntry, Change, Document, DocumentIn, DocumentSummary, Revision
+from sage_server.models import ApiKey, AuditEntry, Change, DocumentIn, Revision
 from sage_server.store.records import (
     CHANGE_IDS,
     CHANGE_RETENTION,
@@ -25,12 +24,10 @@ from sage_server.store.records import (
     Source,
     StoredDocument,
     StoredKey,
-    content_hash,
     now_iso,
-    translations_json,
 )
+from sage_server.store.rows import document_fields, ref, section_rows, stored, to_content, to_summary
 from sage_server.store.sqlite_search import SqliteSearch, filter_sql
-from sage_server.text import cjk_index_text, estimate_tokens
 
 DOCUMENT_COLUMNS = (
     "key, id, title, layer, tags, triggers, summary, body, related, aliases, translations, source_path, source_hash, "
@@ -49,99 +46,6 @@ DOCUMENT_INSERT = (
     ":now, :now)"
 )
 SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (?, ?, ?, ?, ?, ?)"
-
-
-def to_document(row: sqlite3.Row) -> Document:
-    """Build the public model from a documents row."""
-    return Document(
-        id=row["id"],
-        title=row["title"],
-        layer=row["layer"],
-        tags=json.loads(row["tags"]),
-        triggers=json.loads(row["triggers"]),
-        summary=row["summary"],
-        body=row["body"],
-        related=json.loads(row["related"]),
-        aliases=json.loads(row["aliases"]),
-        translations=json.loads(row["translations"]),
-        source_path=row["source_path"],
-        content_hash=row["content_hash"],
-        tokens=row["tokens"],
-        revision=row["revision"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        deleted=row["deleted_at"] is not None,
-    )
-
-
-def to_summary(row: sqlite3.Row) -> DocumentSummary:
-    """Build a listing entry from a documents row (body not needed)."""
-    return DocumentSummary(
-        id=row["id"],
-        title=row["title"],
-        layer=row["layer"],
-        tags=json.loads(row["tags"]),
-        summary=row["summary"],
-        tokens=row["tokens"],
-        revision=row["revision"],
-        updated_at=row["updated_at"],
-    )
-
-
-def to_content(doc_id: str, row: sqlite3.Row) -> DocumentIn:
-    """The content of a documents or revisions row (both have the CONTENT_COLUMNS) as a document to store."""
-    return DocumentIn(
-        id=doc_id,
-        title=row["title"],
-        layer=row["layer"],
-        body=row["body"],
-        tags=json.loads(row["tags"]),
-        triggers=json.loads(row["triggers"]),
-        summary=row["summary"],
-        related=json.loads(row["related"]),
-        aliases=json.loads(row["aliases"]),
-        translations=json.loads(row["translations"]),
-    )
-
-
-def _ref(row: sqlite3.Row) -> DocumentRef:
-    return DocumentRef(key=row["key"], id=row["id"], revision=row["revision"], deleted=row["deleted_at"] is not None)
-
-
-def _stored(row: sqlite3.Row | None) -> StoredDocument | None:
-    if row is None:
-        return None
-    source = Source(row["source_path"], row["source_hash"])
-    return StoredDocument(ref=_ref(row), document=to_document(row), source=source, change=row["change"])
-
-
-def _fields(doc: DocumentIn) -> dict[str, Any]:
-    titles = [t.title for t in doc.translations.values() if t.title]
-    summaries = [t.summary for t in doc.translations.values() if t.summary]
-    return {
-        "title": doc.title,
-        "layer": doc.layer,
-        "tags": json.dumps(doc.tags, ensure_ascii=False),
-        "triggers": json.dumps(doc.triggers, ensure_ascii=False),
-        "summary": doc.summary,
-        "body": doc.body,
-        "related": json.dumps(doc.related, ensure_ascii=False),
-        "aliases": json.dumps(doc.aliases, ensure_ascii=False),
-        "translations": json.dumps(translations_json(doc), ensure_ascii=False),
-        "headings": "\n".join(heading_texts(doc.body)),
-        "cjk": cjk_index_text(doc.title, *titles, " ".join(doc.triggers), doc.summary, *summaries, doc.body),
-        "alt_titles": "\n".join(titles),
-        "alt_summaries": "\n".join(summaries),
-        "content_hash": content_hash(doc),
-        "tokens": estimate_tokens(doc.body),
-    }
-
-
-def _section_rows(doc_key: int, body: str) -> list[tuple[int, int, str, int, int, int]]:
-    return [
-        (doc_key, number, part.heading, part.start, part.end - part.start, estimate_tokens(body[part.start : part.end]))
-        for number, part in enumerate(sections(body))
-    ]
 
 
 # One row per changed document with the layer it is in now, whether its listing entry changed (new, deleted,
@@ -179,10 +83,10 @@ class SqliteReader(SqliteSearch):
             return list(await cursor.fetchall())
 
     async def document(self, doc_id: str) -> StoredDocument | None:
-        return _stored(await self._row(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (doc_id,)))
+        return stored(await self._row(f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id = ?", (doc_id,)))
 
     async def document_by_alias(self, alias: str) -> StoredDocument | None:
-        return _stored(
+        return stored(
             await self._row(
                 f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE key = (SELECT doc_key FROM aliases WHERE alias = ?) "
                 "AND deleted_at IS NULL",
@@ -336,7 +240,7 @@ class SqliteWriter(SqliteReader):
             (json.dumps(ids),),
         )
         return {
-            row["id"]: ImportCandidate(_ref(row), Source(row["source_path"], row["source_hash"]), row["change"])
+            row["id"]: ImportCandidate(ref(row), Source(row["source_path"], row["source_hash"]), row["change"])
             for row in rows
         }
 
@@ -347,7 +251,7 @@ class SqliteWriter(SqliteReader):
             return
         now = now_iso()
         rows = [
-            {**_fields(doc), "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now}
+            {**document_fields(doc), "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now}
             for doc, source in items
         ]
         await self.conn.executemany(DOCUMENT_INSERT, rows)
@@ -355,7 +259,7 @@ class SqliteWriter(SqliteReader):
         found = await self._rows("SELECT id, key FROM documents WHERE id IN (SELECT value FROM json_each(?))", (ids,))
         keys: dict[str, int] = {row[0]: row[1] for row in found}
         await self.conn.executemany(
-            SECTION_INSERT, [row for doc, _ in items for row in _section_rows(keys[doc.id], doc.body)]
+            SECTION_INSERT, [row for doc, _ in items for row in section_rows(keys[doc.id], doc.body)]
         )
         await self._set_aliases([(keys[doc.id], doc.aliases) for doc, _ in items if doc.aliases])
 
@@ -387,7 +291,7 @@ class SqliteWriter(SqliteReader):
             "source_path = :source_path, source_hash = :source_hash, content_hash = :content_hash, tokens = :tokens, "
             "revision = revision + 1, change = :change, updated_at = :now, deleted_at = NULL WHERE key = :key",
             {
-                **_fields(doc),
+                **document_fields(doc),
                 "source_path": source.path,
                 "source_hash": source.hash,
                 "change": change,
@@ -395,7 +299,7 @@ class SqliteWriter(SqliteReader):
                 "key": ref.key,
             },
         )
-        await self.conn.executemany(SECTION_INSERT, _section_rows(ref.key, doc.body))
+        await self.conn.executemany(SECTION_INSERT, section_rows(ref.key, doc.body))
         await self._set_aliases([(ref.key, doc.aliases)])
 
     async def soft_delete(self, ref: DocumentRef, change: Change) -> None:

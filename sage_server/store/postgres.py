@@ -1,0 +1,182 @@
+"""The PostgreSQL store: a pool of psycopg 3 connections shared by every instance pointed at one database.
+
+Reads run in a REPEATABLE READ, READ ONLY transaction (one snapshot, as a SQLite reader sees). Writes take one
+transaction-scoped advisory lock first, so they run one at a time across every instance, as SQLite's BEGIN
+IMMEDIATE makes them: an optimistic-concurrency check and the write it guards cannot interleave with another
+instance's, and two imports at once never create a document twice. A deadline that cancels a query cancels it on
+the server too (psycopg sends the cancel request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from sage_server.errors import MigrationError, Unavailable
+from sage_server.resources import migrations_dir
+from sage_server.store.migrations import migration_files
+from sage_server.store.postgres_documents import PostgresReader, PostgresWriter
+
+# Advisory lock keys (any two 64-bit numbers SAGE alone uses): one held while migrating, one by each write.
+MIGRATION_LOCK = 0x5A6E_0001
+WRITE_LOCK = 0x5A6E_0002
+CONNECT_SECONDS = 10.0
+SERVER_GRACE = 0.25  # seconds past a deadline before the server stops the query itself
+
+_TRACKING = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    name TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    applied_at TEXT NOT NULL
+)"""
+
+
+def postgres_migrations() -> Path:
+    """The PostgreSQL migrations (migrations/postgresql/NNNN_name.sql)."""
+    return migrations_dir() / "postgresql"
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, to show and log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _unavailable(url: str, exc: BaseException) -> Unavailable:
+    return Unavailable(f"database error ({redacted(url)}): {exc}", backend="postgresql")
+
+
+async def migrate(conn: AsyncConnection[DictRow], directory: Path) -> list[str]:
+    """Bring the database to the newest migration, each file in a transaction of its own, checked by sha256. An
+    advisory lock makes instances that start at once take turns: the first applies, the others find it done."""
+    await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        await conn.execute(_TRACKING)
+        cursor = await conn.execute("SELECT name, sha256 FROM schema_migrations")
+        applied = {row["name"]: row["sha256"] for row in await cursor.fetchall()}
+        files = migration_files(directory)
+        unknown = sorted(set(applied) - {f.name for f in files})
+        if unknown:
+            raise MigrationError(
+                f"the database was migrated by a newer SAGE (unknown migrations: {', '.join(unknown)}); upgrade SAGE"
+            )
+        done: list[str] = []
+        for path in files:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.name in applied:
+                if applied[path.name] != digest:
+                    raise MigrationError(
+                        f"{path}: migration changed after it was applied (recorded sha256 {applied[path.name][:12]}…, "
+                        f"file {digest[:12]}…); migrations are forward-only: add a new numbered file instead",
+                        migration=path.name,
+                    )
+                continue
+            try:
+                script = path.read_text(encoding="utf-8")
+                async with conn.transaction():
+                    await conn.execute(script.encode("utf-8"))  # bytes: the script's % signs are not placeholders
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (name, sha256, applied_at) VALUES (%s, %s, %s)",
+                        (path.name, digest, datetime.now(UTC).isoformat()),
+                    )
+            except (psycopg.Error, UnicodeDecodeError) as exc:
+                raise MigrationError(f"{path}: {exc}", migration=path.name) from exc
+            done.append(path.name)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+class PostgresStore:
+    """A knowledge base in a PostgreSQL database."""
+
+    backend: Literal["postgresql"] = "postgresql"
+    path: Path | None = None
+    searchable = False  # the full-text index is still to be built on PostgreSQL (issue 18, part 2)
+
+    def __init__(self, url: str, pool_size: int = 10, migrations: Path | None = None) -> None:
+        self.url = url
+        self.migrations = migrations or postgres_migrations()
+        self.pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"row_factory": dict_row, "autocommit": True},  # each session says BEGIN and COMMIT itself
+            connection_class=AsyncConnection[DictRow],
+            timeout=CONNECT_SECONDS,
+        )
+
+    @property
+    def location(self) -> str:
+        return redacted(self.url)
+
+    async def open(self) -> list[str]:
+        try:
+            async with await AsyncConnection.connect(
+                self.url, autocommit=True, row_factory=dict_row, connect_timeout=int(CONNECT_SECONDS)
+            ) as conn:
+                applied = await migrate(conn, self.migrations)
+            await self.pool.open(wait=True, timeout=CONNECT_SECONDS)
+        except (psycopg.Error, PoolTimeout) as exc:
+            await self.pool.close()
+            raise Unavailable(f"cannot use database {redacted(self.url)}: {exc}", backend="postgresql") from exc
+        return applied
+
+    @asynccontextmanager
+    async def _session(self, begin: str) -> AsyncIterator[AsyncConnection[DictRow]]:
+        """A pooled connection inside one transaction, committed when the block ends and rolled back when it raises.
+
+        Under a deadline (an anyio cancel scope) the transaction's statements get the time left as their
+        statement_timeout, plus SERVER_GRACE so the deadline fires first: when the caller stops waiting, the server
+        stops the query too. The cancelled connection is closed (the pool opens another)."""
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(begin)
+                deadline = anyio.current_effective_deadline()
+                if deadline != math.inf:
+                    left_ms = max(1, round((deadline - anyio.current_time() + SERVER_GRACE) * 1000))
+                    await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(left_ms),))
+                try:
+                    yield conn
+                except anyio.get_cancelled_exc_class():
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+                    raise
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await conn.execute("ROLLBACK")
+                    raise
+                else:
+                    await conn.execute("COMMIT")
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise _unavailable(self.url, exc) from exc
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[PostgresReader]:
+        async with self._session("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as conn:
+            yield PostgresReader(conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresWriter]:
+        async with self._session("BEGIN") as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            yield PostgresWriter(conn)
+
+    async def close(self) -> None:
+        await self.pool.close()

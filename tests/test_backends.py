@@ -1,0 +1,265 @@
+"""The same behaviour on both stores: every test here runs on SQLite and on PostgreSQL (a database of its own,
+created and dropped). Search is the one part PostgreSQL does not have yet: that it refuses clearly is tested too."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from sage_server import backup
+from sage_server.config import Settings
+from sage_server.errors import Conflict, MigrationError, NotFound, StaleRevision, Unavailable
+from sage_server.models import DocumentIn
+from sage_server.service import KnowledgeService, open_service
+from sage_server.store.postgres import PostgresStore, migrate, postgres_migrations
+from tests.conftest import make_settings, write_doc
+from tests.postgres_support import scratch_database
+
+pytestmark = pytest.mark.anyio
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend_settings(request: pytest.FixtureRequest, tmp_path: Path, knowledge: Path) -> AsyncIterator[Settings]:
+    if request.param == "sqlite":
+        yield make_settings(tmp_path, knowledge_dirs=[knowledge])
+        return
+    async with scratch_database() as url:
+        yield make_settings(tmp_path, knowledge_dirs=[knowledge], database_url=url)
+
+
+@pytest.fixture
+async def kb(backend_settings: Settings) -> AsyncIterator[KnowledgeService]:
+    async with open_service(backend_settings) as service:
+        yield service
+
+
+def doc(doc_id: str, body: str = "# Title\n\nText.\n", **fields: object) -> DocumentIn:
+    return DocumentIn.model_validate(
+        {"id": doc_id, "title": doc_id.title(), "layer": "practices", "body": body, **fields}
+    )
+
+
+def backend_of(settings: Settings) -> str:
+    return "postgresql" if settings.database_url is not None else "sqlite"
+
+
+async def test_info_and_health_name_the_backend(kb: KnowledgeService, backend_settings: Settings) -> None:
+    info = await kb.info()
+    assert info.backend == backend_of(backend_settings)
+    assert info.documents == 4 and info.layers["core"] == 1
+    health = await kb.health()
+    assert health.backend == backend_of(backend_settings) and health.components["knowledge"] == "healthy"
+    if info.backend == "postgresql":
+        assert info.db_path.startswith("postgresql://") and health.components["backup"] == "disabled"
+
+
+async def test_revisions_soft_delete_restore_and_purge(kb: KnowledgeService) -> None:
+    first = await kb.save(doc("note", tags=["a"], aliases=["old-note"]))
+    second = await kb.save(doc("note", "# Title\n\nChanged.\n", tags=["a", "b"]))
+    assert (first.revision, second.revision) == (1, 2)
+    assert (await kb.save(doc("note", "# Title\n\nChanged.\n", tags=["a", "b"]))).revision == 2  # identical: kept
+    deleted = await kb.delete("note")
+    assert deleted.deleted and deleted.revision == 3
+    with pytest.raises(NotFound, match="was deleted at revision 3"):
+        await kb.get("note")
+    history = await kb.history("note")
+    assert history.deleted and [r.revision for r in history.revisions] == [3, 2, 1]
+    assert [r.change for r in history.revisions] == ["delete", "update", "create"]
+    restored = await kb.restore("note", 1)
+    assert (restored.revision, restored.body, restored.deleted) == (4, "# Title\n\nText.\n", False)
+    assert (await kb.get("old-note")).id == "note"  # an alias of the first revision is back
+    with pytest.raises(Conflict, match="is live"):
+        await kb.purge("note")
+    await kb.delete("note")
+    await kb.purge("note")
+    with pytest.raises(NotFound):
+        await kb.history("note")
+
+
+async def test_optimistic_concurrency(kb: KnowledgeService) -> None:
+    await kb.save(doc("race"), expected_revision=0)
+    with pytest.raises(StaleRevision) as stale:
+        await kb.save(doc("race", "# T\n\nmine\n"), expected_revision=0)
+    assert stale.value.details["current_revision"] == 1
+    await kb.save(doc("race", "# T\n\nmine\n"), expected_revision=1)
+    with pytest.raises(StaleRevision):
+        await kb.delete("race", expected_revision=1)
+    assert (await kb.delete("race", expected_revision=2)).revision == 3
+
+
+async def test_listing_orders_filters_and_pages_alike(kb: KnowledgeService) -> None:
+    for doc_id in ("b-2", "b_1", "b.3", "B4"):
+        await kb.save(doc(doc_id, tags=["paged"]))
+    page = await kb.list(layer="practices", tags=["paged"], limit=3)
+    # Bytewise order, as SQLite sorts: upper case first, then '-', '.', '_'.
+    assert [item.id for item in page.items] == ["B4", "b-2", "b.3"] and page.total == 4
+    assert page.next_cursor is not None
+    rest = await kb.list(layer="practices", tags=["paged"], limit=3, cursor=page.next_cursor)
+    assert [item.id for item in rest.items] == ["b_1"] and rest.next_cursor is None
+
+
+async def test_incremental_import(kb: KnowledgeService, knowledge: Path) -> None:
+    again = await kb.import_paths([knowledge])
+    assert (again.created, again.updated, again.removed, again.unchanged) == (0, 0, 0, 4)
+    write_doc(knowledge, "practices/new.md", "# New\n\nFresh.\n")
+    write_doc(knowledge, "frameworks/timeouts.md", "# Timeouts\n\nRewritten.\n")
+    (knowledge / "scenarios/plain-note.md").unlink()
+    report = await kb.import_paths([knowledge])
+    assert (report.created, report.updated, report.removed, report.unchanged) == (1, 1, 1, 2)
+    assert (await kb.get("timeout-resilience")).revision == 2
+    assert (await kb.history("scenarios.plain-note")).deleted
+    write_doc(knowledge, "scenarios/plain-note.md", "# Back\n\nAgain.\n")
+    back = await kb.import_paths([knowledge])
+    assert (back.created, back.updated) == (0, 1)  # a file that returns brings its document (and history) back
+    assert (await kb.get("scenarios.plain-note")).revision == 3
+
+
+async def test_two_instances_importing_at_once_neither_duplicate_nor_lose(
+    backend_settings: Settings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "many"
+    for n in range(40):
+        write_doc(folder, f"practices/n{n}.md", f"# Note {n}\n\nText {n}.\n")
+    async with open_service(backend_settings) as one, open_service(backend_settings) as two:
+        reports = []
+
+        async def run(service: KnowledgeService) -> None:
+            reports.append(await service.import_paths([folder]))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run, one)
+            tasks.start_soon(run, two)
+        assert sorted(r.created for r in reports) == [0, 40]
+        assert sum(r.unchanged for r in reports) >= 40
+        listed = await one.list(layer="practices", limit=100)
+        assert listed.total == 41 and len({item.id for item in listed.items}) == 41
+
+
+async def test_generations_and_the_change_log(kb: KnowledgeService) -> None:
+    before = kb.generation
+    await kb.save(doc("moving"))
+    await kb.save(doc("moving").model_copy(update={"layer": "scenarios"}))
+    assert kb.generation == before + 2
+    async with kb.store.read() as reader:
+        assert await reader.generation() == kb.generation
+        log = await reader.changes_after(before, 10)
+    assert log.complete and log.newest == kb.generation
+    assert [(g - before, doc_id, layer, listed) for g, doc_id, layer, listed in log.rows] == [
+        (1, "moving", "practices", True),  # created
+        (2, "moving", "scenarios", True),  # moved: the layer it is in now
+        (2, "moving", "practices", True),  # and the one it left
+    ]
+
+
+async def test_keys_and_the_audit_trail(kb: KnowledgeService) -> None:
+    created = await kb.create_key("ci", "write", expires_in_days=30)
+    with pytest.raises(Conflict, match="exists"):
+        await kb.create_key("ci", "read")
+    assert [(k.name, k.scope, k.revoked_at) for k in (await kb.list_keys()).keys] == [("ci", "write", None)]
+    revoked = await kb.revoke_key("ci")
+    assert revoked.revoked_at is not None
+    with pytest.raises(NotFound):
+        await kb.revoke_key("ci")
+    loaded = await kb.keys.load()
+    assert [digest for _, digest in loaded] != [created.token]
+    kb.audit.failures.add("10.0.0.9", "unknown_key")
+    kb.audit.failures.add("10.0.0.9", "unknown_key")
+    await kb.audit.flush()
+    entries = (await kb.audit_trail(limit=1000)).entries
+    outcomes = [(e.operation, e.target, e.outcome) for e in entries]
+    assert ("key_create", "ci", "ok") in outcomes and ("key_create", "ci", "conflict") in outcomes
+    assert ("key_revoke", "ci", "not_found") in outcomes
+    failures = [e for e in entries if e.operation == "authenticate"]
+    assert [(e.client, e.count) for e in failures] == [("10.0.0.9", 2)]
+
+
+async def test_an_unknown_id_suggests_close_ones(kb: KnowledgeService) -> None:
+    with pytest.raises(NotFound) as missing:
+        await kb.get("handling-secret")
+    assert "handling-secrets" in missing.value.details["suggestions"]
+
+
+# -- PostgreSQL only -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    async with scratch_database() as url:
+        yield url
+
+
+async def test_search_and_context_refuse_clearly_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    async with open_service(make_settings(tmp_path, database_url=postgres_url)) as kb:
+        with pytest.raises(Unavailable, match="not available on PostgreSQL yet"):
+            await kb.search("secrets")
+        with pytest.raises(Unavailable, match="not available on PostgreSQL yet"):
+            await kb.context("rotate a leaked key")
+
+
+async def test_backups_of_a_postgresql_store_are_refused_naming_the_issue(tmp_path: Path, postgres_url: str) -> None:
+    settings = make_settings(tmp_path, database_url=postgres_url)
+    with pytest.raises(Unavailable, match=r"not supported yet \(issue 19\)"):
+        backup.database_path(settings)
+    async with open_service(settings) as kb:
+        with pytest.raises(Unavailable, match="issue 19"):
+            backup.database_file(kb.store)
+
+
+async def test_instances_starting_at_once_migrate_once(postgres_url: str) -> None:
+    stores = [PostgresStore(postgres_url, pool_size=2) for _ in range(4)]
+    applied: list[list[str]] = []
+
+    async def start(store: PostgresStore) -> None:
+        applied.append(await store.open())
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            for store in stores:
+                tasks.start_soon(start, store)
+    finally:
+        for store in stores:
+            await store.close()
+    assert sorted(applied) == [[], [], [], ["0001_initial.sql"]]
+
+
+async def test_a_changed_migration_is_refused(postgres_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    first = postgres_migrations() / "0001_initial.sql"
+    (folder / first.name).write_bytes(first.read_bytes())
+    connect = psycopg.AsyncConnection.connect(postgres_url, autocommit=True, row_factory=dict_row)
+    async with await connect as conn:
+        assert await migrate(conn, folder) == ["0001_initial.sql"]
+        (folder / first.name).write_bytes(first.read_bytes() + b"\n-- edited\n")
+        with pytest.raises(MigrationError, match="forward-only"):
+            await migrate(conn, folder)
+
+
+async def test_a_deadline_cancels_the_query_on_the_server(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url, pool_size=1)
+    await store.open()
+    try:
+        with anyio.move_on_after(0.5):
+            async with store.read() as reader:
+                await reader.conn.execute("SELECT pg_sleep(60)")
+        # The server stops it within moments (the sleep would run a minute): poll, bounded far below that.
+        running = 1
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as watcher:
+            with anyio.fail_after(20):
+                while running:
+                    cursor = await watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'"
+                    )
+                    row = await cursor.fetchone()
+                    running = row[0] if row else 0
+                    await anyio.sleep(0.1)
+        async with store.read() as reader:  # the pool replaced the cancelled connection
+            assert await reader.generation() == 0
+    finally:
+        await store.close()
