@@ -132,6 +132,7 @@ class KnowledgeService(BoundedViews):
         tasks = await self._resources.enter_async_context(anyio.create_task_group())
         self._resources.callback(tasks.cancel_scope.cancel)  # runs first on close: stop the poller
         tasks.start_soon(self._poll_generation)
+        tasks.start_soon(self.store.watch, self._saw_generation)  # pushed by the database where it can
         tasks.start_soon(self.changes.run, self.generation)
         tasks.start_soon(self.audit.run)
         if import_now:

@@ -12,6 +12,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from sage_server import backup
+from sage_server import service as service_module
 from sage_server.config import Settings
 from sage_server.errors import Conflict, MigrationError, NotFound, StaleRevision, Unavailable
 from sage_server.models import DocumentIn
@@ -263,3 +264,21 @@ async def test_a_deadline_cancels_the_query_on_the_server(postgres_url: str) -> 
             assert await reader.generation() == 0
     finally:
         await store.close()
+
+
+async def test_instances_hear_each_others_writes_through_listen_notify(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "GENERATION_POLL_SECONDS", 3600.0)  # no poll: only NOTIFY can tell
+    settings = make_settings(tmp_path, database_url=postgres_url)
+    async with open_service(settings) as writer, open_service(settings) as reader:
+        await writer.save(doc("shared"))
+        with anyio.fail_after(20):
+            while reader.generation < writer.generation:
+                await anyio.sleep(0.05)
+        assert (await reader.get("shared")).revision == 1  # read (and cached) at this generation
+        await writer.save(doc("shared", "# Title\n\nNew.\n"))
+        with anyio.fail_after(20):
+            while reader.generation < writer.generation:
+                await anyio.sleep(0.05)
+        assert (await reader.get("shared")).body == "# Title\n\nNew.\n"  # the cached revision 1 is not served

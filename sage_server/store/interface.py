@@ -8,6 +8,7 @@ surface as `Unavailable`, never as a driver's exception.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
@@ -133,6 +134,10 @@ class Store(Protocol):
     @property
     def location(self) -> str:
         """Where the data is, for people (a file path, or a URL without its password)."""
+
+    async def watch(self, seen: Callable[[int], None]) -> None:
+        """Until cancelled, call `seen(generation)` whenever any instance commits a write, where the database can
+        push it (PostgreSQL's LISTEN/NOTIFY); return at once where it cannot (SQLite: the service's poll tells)."""
 
     async def open(self) -> list[str]:
         """Connect and migrate to the newest schema; the migrations applied now."""

@@ -10,8 +10,9 @@ the server too (psycopg sends the cancel request).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,14 +26,18 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sage_server.errors import MigrationError, Unavailable
+from sage_server.logs import get_logger, log_event
 from sage_server.resources import migrations_dir
 from sage_server.store.migrations import migration_files
-from sage_server.store.postgres_documents import PostgresReader, PostgresWriter
+from sage_server.store.postgres_documents import CHANNEL, PostgresReader, PostgresWriter
+
+log = get_logger("store")
 
 # Advisory lock keys (any two 64-bit numbers SAGE alone uses): one held while migrating, one by each write.
 MIGRATION_LOCK = 0x5A6E_0001
 WRITE_LOCK = 0x5A6E_0002
 CONNECT_SECONDS = 10.0
+WATCH_RETRY_SECONDS = 1.0
 SERVER_GRACE = 0.25  # seconds past a deadline before the server stops the query itself
 
 _TRACKING = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -137,6 +142,21 @@ class PostgresStore:
             await self.pool.close()
             raise Unavailable(f"cannot use database {redacted(self.url)}: {exc}", backend="postgresql") from exc
         return applied
+
+    async def watch(self, seen: Callable[[int], None]) -> None:
+        # A connection of its own, outside the pool, LISTENing for the generation every write NOTIFYs at commit; a
+        # lost connection is opened again (the service's poll covers the gap).
+        while True:
+            try:
+                async with await AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=int(CONNECT_SECONDS)
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    async for note in conn.notifies():
+                        seen(int(note.payload))
+            except (psycopg.Error, ValueError) as exc:
+                log_event(log, logging.WARNING, "Listening for writes failed", operation="watch", error=str(exc))
+            await anyio.sleep(WATCH_RETRY_SECONDS)
 
     @asynccontextmanager
     async def _session(self, begin: str) -> AsyncIterator[AsyncConnection[DictRow]]:

@@ -70,6 +70,7 @@ WHERE d.id = ANY(%(ids)s) AND p.layer <> d.layer
 """
 
 Connection = AsyncConnection[DictRow]
+CHANNEL = "sage_generation"  # every committed write NOTIFYs its generation here (see PostgresStore.watch)
 
 
 def _filters(layers: list[str] | None, tags: list[str] | None) -> tuple[str, list[object]]:
@@ -376,6 +377,7 @@ class PostgresWriter(PostgresReader):
             await self.conn.execute(_RECORD_CHANGES, {"generation": generation, "ids": list(changed)})
         if generation % PRUNE_EVERY == 0:
             await self.conn.execute("DELETE FROM changes WHERE generation <= %s", (generation - CHANGE_RETENTION,))
+        await self.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(generation)))  # sent at commit
         return generation
 
     async def insert_key(self, name: str, digest: str, scope: str, expires_at: str | None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -60,6 +60,9 @@ class SqliteStore:
             raise
         self._in_use = in_use
         return applied
+
+    async def watch(self, seen: Callable[[int], None]) -> None:
+        return None  # a file cannot push: the service polls the generation
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[SqliteReader]:
