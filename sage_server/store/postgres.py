@@ -152,6 +152,10 @@ class PostgresStore:
                     self.url, autocommit=True, connect_timeout=int(CONNECT_SECONDS)
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    # Writes committed before the LISTEN took hold are told by the generation they left.
+                    cursor = await conn.execute("SELECT value FROM meta WHERE key = 'generation'")
+                    row = await cursor.fetchone()
+                    seen(int(row[0]) if row else 0)
                     async for note in conn.notifies():
                         seen(int(note.payload))
             except (psycopg.Error, ValueError) as exc:
