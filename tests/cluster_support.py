@@ -212,6 +212,6 @@ async def load(
     return outcomes
 
 
-def failures(outcomes: Outcomes) -> dict[str, int]:
+def failures(outcomes: dict[str, int]) -> dict[str, int]:
     """The answers that count as failed requests: 5xx and no answer at all."""
     return {status: n for status, n in outcomes.items() if status == "transport" or status.startswith("5")}

@@ -14,10 +14,11 @@ import anyio
 import httpx
 import httpx2
 import pytest
+import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.cluster_support import NAMES, Cluster, failures, load, nginx_binary
+from tests.cluster_support import DEPLOY_CONF, NAMES, Cluster, failures, load, nginx_binary
 from tests.redis_support import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -112,7 +113,11 @@ async def test_mcp_through_the_balancer_sessionless_and_in_sessions(cluster: Clu
             "jsonrpc": "2.0",
             "id": 1,
             "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
         },
     )
     assert opened.status_code == 200 and opened.headers["mcp-session-id"].split(".")[0] in NAMES
@@ -183,3 +188,15 @@ async def test_stopping_an_instance_fails_nothing_and_killing_one_fails_no_idemp
     assert failures(after_kill) == {}, after_kill  # GETs and If-Match PUTs in flight on it were retried
     survivor = cluster.instances["sage-a"].url
     assert httpx.get(f"{survivor}/health").json()["status"] in {"healthy", "degraded"}
+
+
+def test_the_compose_file_and_the_nginx_config_name_the_same_instances() -> None:
+    compose = yaml.safe_load((DEPLOY_CONF.parent / "compose.yaml").read_text())
+    services = compose["services"]
+    named = {service["environment"]["SAGE_INSTANCE_NAME"] for service in services.values() if "environment" in service}
+    assert named == set(NAMES) <= set(services)
+    conf = DEPLOY_CONF.read_text()
+    for name in NAMES:
+        assert f"server {name}:8000" in conf and f"~^{name}\\.  {name};" in conf
+    nginx_ip = services["nginx"]["networks"]["default"]["ipv4_address"]
+    assert all(services[name]["environment"]["SAGE_TRUSTED_PROXIES"] == nginx_ip for name in NAMES)
