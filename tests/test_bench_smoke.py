@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,6 +105,17 @@ async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_serv
     assert 0 < assistant["tools_list_tokens"] < 2500 and "tools/list, estimated tokens" in stdout
     assert 0 < assistant["calls_with_hints"] < assistant["calls_without_hints"]
     assert assistant["kb_saved"] > 0 and assistant["stale_reads"] == 0
+
+    # The cluster part: three instances behind nginx (skipped, and said, where nginx is not installed).
+    several = document["cluster"]
+    if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
+        assert len(several["latencies"]) == 4
+        for name, latency in several["latencies"].items():
+            assert latency["n"] > 0 and latency["errors"] == 0, (name, latency["first_error"])
+        assert several["figures"]["propagation_samples"] > 0 and several["figures"]["propagation_max_ms"] > 0
+        assert "writes, 3 instances through nginx, c=32" in stdout
+    else:
+        assert "nginx is not installed" in several["notes"][0]
 
     verdicts = {target["name"]: target["verdict"] for target in result["targets"]}
     assert len(verdicts) == 11 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts

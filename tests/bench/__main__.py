@@ -28,7 +28,7 @@ def parse(argv: list[str] | None = None) -> Options:
         "--only",
         choices=PARTS,
         help="run one part: corpus (speed and scale per corpus size), limits (resources and shutdown) or mcp (the "
-        "tool list's size, and what a client honouring cache hints saves)",
+        "tool list's size, and what a client honouring cache hints saves) or cluster (three instances behind nginx)",
     )
     args = parser.parse_args(argv)
     parts = (args.only,) if args.only else PARTS

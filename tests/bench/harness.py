@@ -8,14 +8,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.bench import inprocess, limits, mcp, remote
+from tests.bench import cluster, inprocess, limits, mcp, remote
 from tests.bench.corpus import QueryStream, generate
 from tests.bench.load import FULL, QUICK
 from tests.bench.report import Results, table, to_json, write_json
 
 DEFAULT_SIZES = (1000, 10_000)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-PARTS = ("corpus", "limits", "mcp")
+PARTS = ("corpus", "limits", "mcp", "cluster")
 
 
 @dataclass
@@ -27,7 +27,8 @@ class Options:
     out: Path = Path("bench-results")
     quick: bool = False
     redis_url: str = DEFAULT_REDIS_URL
-    # "corpus" (speed and scale per corpus size), "limits" (resources, shutdown), "mcp" (tool list, cache hints)
+    # "corpus" (speed and scale per corpus size), "limits" (resources, shutdown), "mcp" (tool list, cache hints),
+    # "cluster" (three instances behind nginx)
     parts: tuple[str, ...] = PARTS
 
 
@@ -70,18 +71,26 @@ async def run(options: Options) -> tuple[list[Results], Path]:
     if "mcp" in options.parts:
         with tempfile.TemporaryDirectory(prefix="sage-bench-mcp-") as tmp:
             assistant = await mcp.measure(Path(tmp), options.quick, progress)
+    several = None
+    if "cluster" in options.parts:
+        with tempfile.TemporaryDirectory(prefix="sage-bench-cluster-") as tmp:
+            several = await cluster.measure(Path(tmp), options.redis_url, options.quick, progress)
     if results:
         print(table(results), flush=True)
     if resources is not None:
         print(limits.table(resources), flush=True)
     if assistant is not None:
         print(mcp.table(assistant), flush=True)
+    if several is not None:
+        print(cluster.table(several), flush=True)
     settings = {**asdict(options), "out": str(options.out), "budget": asdict(QUICK if options.quick else FULL)}
     document = to_json(results, settings)
     if resources is not None:
         document["limits"] = limits.to_json(resources)
     if assistant is not None:
         document["mcp"] = mcp.to_json(assistant)
+    if several is not None:
+        document["cluster"] = cluster.to_json(several)
     path = write_json(options.out, document)
     progress(f"results written to {path}")
     return results, path

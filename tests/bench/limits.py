@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +23,7 @@ import httpx
 from anyio.abc import SocketStream
 
 from tests.bench.load import Latency, summarize
-from tests.bench.report import Target, _num
+from tests.bench.report import Target, section_json, section_table
 from tests.bench.servers import Running, memory_mb, sage_env, start_sage, stop
 
 ACCEPT = {"Accept": "application/json, text/event-stream"}
@@ -386,30 +386,8 @@ async def _stdio_exit(work: Path, signum: signal.Signals) -> tuple[float, int]:
 
 def table(r: LimitResults) -> str:
     """The resources section of the printed table."""
-    header = f"{'resources':<9}  {'measurement':<64} {'value':>10}"
-    rule = "-" * 92
-    lines = [header, rule]
-    for name, lat in r.latencies.items():
-        lines.append(
-            f"{'':<9}  {name + ' p50 / p99 ms':<64} {_num(lat.p50_ms, 3):>10} / {_num(lat.p99_ms, 3)}"
-            f"  (n {lat.n}, errors {lat.errors})"
-        )
-    for key, label in FIGURES.items():
-        if key in r.figures:
-            lines.append(f"{'':<9}  {label:<64} {_num(r.figures[key]):>10}")
-    lines.append(rule)
-    for t in targets(r):
-        limit = f"{'>=' if t.higher_is_better else '<='}{_num(t.limit)}{t.unit}"
-        measured = "-" if t.measured is None else f"{_num(t.measured)}{t.unit}"
-        lines.append(f"{'target':<9}  {t.name:<64} {measured:>10} {limit:>8}  {t.verdict}")
-    lines += [f"{'note':<9}  {note}" for note in r.notes]
-    return "\n".join(lines)
+    return section_table("resources", r.latencies, r.figures, FIGURES, targets(r), r.notes)
 
 
 def to_json(r: LimitResults) -> dict[str, Any]:
-    return {
-        "latencies": {name: asdict(lat) for name, lat in r.latencies.items()},
-        "figures": r.figures,
-        "notes": r.notes,
-        "targets": [{**asdict(t), "passed": t.passed, "verdict": t.verdict} for t in targets(r)],
-    }
+    return section_json(r.latencies, r.figures, targets(r), r.notes)

@@ -203,3 +203,40 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def section_table(
+    title: str,
+    latencies: dict[str, Latency],
+    figures: dict[str, float],
+    labels: dict[str, str],
+    judged: list[Target],
+    notes: list[str],
+) -> str:
+    """One part's section of the printed table: latencies, figures (in the order of `labels`), targets, notes."""
+    rule = "-" * 92
+    lines = [f"{title:<9}  {'measurement':<64} {'value':>10}", rule]
+    for name, lat in latencies.items():
+        lines.append(
+            f"{'':<9}  {name + ' p50 / p99 ms':<64} {_num(lat.p50_ms, 3):>10} / {_num(lat.p99_ms, 3)}"
+            f"  (n {lat.n}, {_num(lat.rps)}/s, errors {lat.errors})"
+        )
+    lines += [f"{'':<9}  {label:<64} {_num(figures[key]):>10}" for key, label in labels.items() if key in figures]
+    lines.append(rule)
+    for t in judged:
+        limit = f"{'>=' if t.higher_is_better else '<='}{_num(t.limit)}{t.unit}"
+        measured = "-" if t.measured is None else f"{_num(t.measured)}{t.unit}"
+        lines.append(f"{'target':<9}  {t.name:<64} {measured:>10} {limit:>8}  {t.verdict}")
+    lines += [f"{'note':<9}  {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def section_json(
+    latencies: dict[str, Latency], figures: dict[str, float], judged: list[Target], notes: list[str]
+) -> dict[str, Any]:
+    return {
+        "latencies": {name: asdict(lat) for name, lat in latencies.items()},
+        "figures": figures,
+        "notes": notes,
+        "targets": [{**asdict(t), "passed": t.passed, "verdict": t.verdict} for t in judged],
+    }
