@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sage_server.audit import Entry
 from sage_server.auth import current_caller
 from sage_server.config import Settings
-from sage_server.errors import Conflict, InvalidInput, Unavailable
+from sage_server.errors import Conflict, InvalidInput, NotSupported, Unavailable
 from sage_server.locks import FileLock, serving_lock_path
 from sage_server.models import ComponentStatus
 from sage_server.store import AuditRow, Store, VerifyReport, sqlite_backup
@@ -38,7 +38,7 @@ POSTGRESQL_NOT_YET = (
 def database_file(store: Store) -> Path:
     """The file a store keeps its data in, which backups copy; refused for a database server."""
     if store.path is None:
-        raise Unavailable(POSTGRESQL_NOT_YET, backend=store.backend)
+        raise NotSupported(POSTGRESQL_NOT_YET, backend=store.backend)
     return store.path
 
 
@@ -46,7 +46,7 @@ def database_path(settings: Settings) -> Path:
     """The SQLite file the settings name, which `sage backup`, `restore --backup` and `verify` work on; refused
     when the settings choose PostgreSQL."""
     if settings.database_url is not None:
-        raise Unavailable(POSTGRESQL_NOT_YET, backend="postgresql")
+        raise NotSupported(POSTGRESQL_NOT_YET, backend="postgresql")
     return settings.db_path
 
 

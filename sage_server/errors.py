@@ -156,6 +156,14 @@ class Unavailable(SageError):
     public_message = "the knowledge base cannot serve this request now; try again later"
 
 
+class NotSupported(SageError):
+    """The store in use does not do this yet (e.g. search on PostgreSQL): the message says what does."""
+
+    status = 501
+    code = "not_supported"
+    internal = False
+
+
 class ConfigError(SageError):
     """A setting or config file is invalid; the program stops with exit code 2."""
 

@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import httpx
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from sage_server import backup
 from sage_server import service as service_module
+from sage_server.app import create_app
 from sage_server.config import Settings
-from sage_server.errors import Conflict, MigrationError, NotFound, StaleRevision, Unavailable
+from sage_server.errors import Conflict, MigrationError, NotFound, NotSupported, StaleRevision
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from sage_server.store.postgres import PostgresStore, migrate, postgres_migrations
@@ -197,18 +199,18 @@ async def postgres_url() -> AsyncIterator[str]:
 
 async def test_search_and_context_refuse_clearly_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
     async with open_service(make_settings(tmp_path, database_url=postgres_url)) as kb:
-        with pytest.raises(Unavailable, match="not available on PostgreSQL yet"):
+        with pytest.raises(NotSupported, match="not available on PostgreSQL yet"):
             await kb.search("secrets")
-        with pytest.raises(Unavailable, match="not available on PostgreSQL yet"):
+        with pytest.raises(NotSupported, match="not available on PostgreSQL yet"):
             await kb.context("rotate a leaked key")
 
 
 async def test_backups_of_a_postgresql_store_are_refused_naming_the_issue(tmp_path: Path, postgres_url: str) -> None:
     settings = make_settings(tmp_path, database_url=postgres_url)
-    with pytest.raises(Unavailable, match=r"not supported yet \(issue 19\)"):
+    with pytest.raises(NotSupported, match=r"not supported yet \(issue 19\)"):
         backup.database_path(settings)
     async with open_service(settings) as kb:
-        with pytest.raises(Unavailable, match="issue 19"):
+        with pytest.raises(NotSupported, match="issue 19"):
             backup.database_file(kb.store)
 
 
@@ -282,3 +284,33 @@ async def test_instances_hear_each_others_writes_through_listen_notify(
             while reader.generation < writer.generation:
                 await anyio.sleep(0.05)
         assert (await reader.get("shared")).body == "# Title\n\nNew.\n"  # the cached revision 1 is not served
+
+
+async def test_the_rest_face_behaves_alike(kb: KnowledgeService, backend_settings: Settings) -> None:
+    kb.ready = True
+    app = create_app(kb.settings, kb)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            health = (await http.get("/health")).json()
+            assert health["backend"] == backend_of(backend_settings) and health["status"] == "healthy"
+            body = {"title": "Rate Limits", "layer": "practices", "body": "Token buckets smooth bursts."}
+            assert (await http.put("/v1/knowledge/rate-limits", json=body)).status_code == 201
+            url = "/v1/knowledge/rate-limits"
+            stale = await http.put(url, json=body | {"body": "x"}, headers={"If-Match": '"0"'})
+            assert stale.status_code == 412 and stale.json()["error"]["details"]["current_revision"] == 1
+            updated = await http.put(
+                "/v1/knowledge/rate-limits", json=body | {"body": "y"}, headers={"If-Match": '"1"'}
+            )
+            assert updated.status_code == 200 and updated.headers["etag"] == '"2"'
+            listed = (await http.get("/v1/knowledge", params={"layer": "practices"})).json()
+            assert [item["id"] for item in listed["items"]] == ["handling-secrets", "rate-limits"]
+            assert (await http.delete("/v1/knowledge/rate-limits")).json()["deleted"] is True
+            assert (await http.get("/v1/knowledge/rate-limits")).status_code == 404
+            restored = await http.post("/v1/knowledge/rate-limits/restore", json={"revision": 1})
+            assert restored.json()["revision"] == 4 and restored.json()["body"] == "Token buckets smooth bursts."
+            search = await http.get("/v1/search", params={"q": "token buckets"})
+            if backend_of(backend_settings) == "sqlite":
+                assert search.status_code == 200 and search.json()["hits"][0]["id"] == "rate-limits"
+            else:
+                assert search.status_code == 501 and "not available on PostgreSQL yet" in search.text

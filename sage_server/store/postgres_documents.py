@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
-from sage_server.errors import Unavailable
+from sage_server.errors import NotSupported
 from sage_server.models import ApiKey, AuditEntry, Change, DocumentIn, Revision
 from sage_server.store.records import (
     CHANGE_IDS,
@@ -233,7 +233,7 @@ class PostgresReader:
 
     @staticmethod
     def _no_full_text() -> NoReturn:
-        raise Unavailable(FULL_TEXT_MISSING, backend="postgresql")
+        raise NotSupported(FULL_TEXT_MISSING, backend="postgresql")
 
     async def stems(self, texts: list[str]) -> list[list[str]]:
         self._no_full_text()
