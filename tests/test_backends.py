@@ -3,10 +3,12 @@ created and dropped). Search is the one part PostgreSQL does not have yet: that 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import httpx
 import psycopg
 import pytest
@@ -20,7 +22,7 @@ from sage_server.errors import Conflict, MigrationError, NotFound, NotSupported,
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from sage_server.store.postgres import PostgresStore, migrate, postgres_migrations
-from tests.conftest import make_settings, write_doc
+from tests.conftest import make_settings, sage_env, sage_runner, write_doc
 from tests.postgres_support import scratch_database
 
 pytestmark = pytest.mark.anyio
@@ -314,3 +316,17 @@ async def test_the_rest_face_behaves_alike(kb: KnowledgeService, backend_setting
                 assert search.status_code == 200 and search.json()["hits"][0]["id"] == "rate-limits"
             else:
                 assert search.status_code == 501 and "not available on PostgreSQL yet" in search.text
+
+
+async def test_the_command_line_names_the_backend_and_refuses_postgresql_backups(
+    tmp_path: Path, knowledge: Path, postgres_url: str
+) -> None:
+    env = sage_env(tmp_path, SAGE_DATABASE_URL=postgres_url, SAGE_KNOWLEDGE_DIRS=str(knowledge))
+    sage = sage_runner(tmp_path, {**env, "SAGE_BUNDLED_KNOWLEDGE": "false"})
+    info = await anyio.to_thread.run_sync(sage, "info", "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["backend"] == "postgresql" and json.loads(info.stdout)["documents"] == 4
+    human = await anyio.to_thread.run_sync(sage, "info")
+    assert "database postgresql postgresql://" in human.stdout
+    refused = await anyio.to_thread.run_sync(sage, "backup")
+    assert refused.returncode != 0 and "issue 19" in refused.stderr and "pg_dump" in refused.stderr
