@@ -22,6 +22,8 @@ from sage_server.errors import Conflict, MigrationError, NotFound, NotSupported,
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from sage_server.store.postgres import PostgresStore, migrate, postgres_migrations
+from sage_server.store.postgres_documents import PostgresWriter
+from sage_server.store.sqlite_documents import SqliteWriter
 from tests.conftest import make_settings, sage_env, sage_runner, write_doc
 from tests.postgres_support import scratch_database
 
@@ -330,3 +332,23 @@ async def test_the_command_line_names_the_backend_and_refuses_postgresql_backups
     assert "database postgresql postgresql://" in human.stdout
     refused = await anyio.to_thread.run_sync(sage, "backup")
     assert refused.returncode != 0 and "issue 19" in refused.stderr and "pg_dump" in refused.stderr
+
+
+async def test_an_interrupted_import_changes_nothing(
+    kb: KnowledgeService, knowledge: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = await kb.info()
+    write_doc(knowledge, "practices/fresh.md", "# Fresh\n\ntext\n")
+    write_doc(knowledge, "core/honesty.md", "# Honesty rewritten\n\nnew\n")
+
+    async def failing_insert(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")  # by now the changed core/honesty.md is a new revision in this transaction
+
+    writer = PostgresWriter if kb.store.backend == "postgresql" else SqliteWriter
+    monkeypatch.setattr(writer, "insert_many", failing_insert)
+    with pytest.raises(OSError, match="disk full"):
+        await kb.import_paths([knowledge])
+    after = await kb.info()
+    assert (after.documents, after.generation) == (before.documents, before.generation)
+    assert (await kb.get("honesty")).title == "Honesty About Verification"
+    assert [r.revision for r in (await kb.history("honesty")).revisions] == [1]
