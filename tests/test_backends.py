@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
 import httpx
 import psycopg
 import pytest
+from mcp import Client
 from psycopg.rows import dict_row
 
 from sage_server import backup
 from sage_server import service as service_module
 from sage_server.app import create_app
+from sage_server.assistant import build_server
 from sage_server.config import Settings
 from sage_server.errors import Conflict, MigrationError, NotFound, NotSupported, StaleRevision
 from sage_server.models import DocumentIn
@@ -25,6 +28,7 @@ from sage_server.store.postgres import PostgresStore, migrate, postgres_migratio
 from sage_server.store.postgres_documents import PostgresWriter
 from sage_server.store.sqlite_documents import SqliteWriter
 from tests.conftest import make_settings, sage_env, sage_runner, write_doc
+from tests.mcp_support import error_text, payload
 from tests.postgres_support import scratch_database
 
 pytestmark = pytest.mark.anyio
@@ -352,3 +356,32 @@ async def test_an_interrupted_import_changes_nothing(
     assert (after.documents, after.generation) == (before.documents, before.generation)
     assert (await kb.get("honesty")).title == "Honesty About Verification"
     assert [r.revision for r in (await kb.history("honesty")).revisions] == [1]
+
+
+async def test_the_mcp_face_behaves_alike(kb: KnowledgeService) -> None:
+    async with Client(build_server(kb), raise_exceptions=True, mode="auto") as client:
+
+        async def call(tool: str, **arguments: Any) -> dict[str, Any]:
+            return payload(await client.call_tool(tool, arguments))
+
+        doc = {"id": "retry-budgets", "title": "Retry budgets", "body": "# Retry budgets\n\nCap retries.\n"}
+        assert (await call("sage_save_knowledge", **doc, expected_revision=0))["revision"] == 1
+        assert (await call("sage_save_knowledge", **doc))["revision"] == 1  # identical: nothing stored
+        assert (await call("sage_save_knowledge", **{**doc, "body": "At 10%.\n"}, expected_revision=1))["revision"] == 2
+        stale = error_text(await client.call_tool("sage_save_knowledge", {**doc, "expected_revision": 1}))
+        assert "conflict" in stale and "revision 2" in stale
+        assert (await call("sage_get_document", id="retry-budgets"))["text"] == "At 10%.\n"
+        assert (await call("sage_delete_knowledge", id="retry-budgets"))["deleted"] is True
+        history = await call("sage_history", id="retry-budgets")
+        assert [(r["revision"], r["change"]) for r in history["revisions"]] == [
+            (3, "delete"),
+            (2, "update"),
+            (1, "create"),
+        ]
+        assert (await call("sage_restore_revision", id="retry-budgets", revision=1))["revision"] == 4
+        assert (await call("sage_info"))["documents"] == 5
+        searched = await client.call_tool("sage_search", {"query": "retries"})
+        if kb.store.backend == "sqlite":
+            assert "retry-budgets" in [hit["id"] for hit in payload(searched)["hits"]]
+        else:
+            assert "not available on PostgreSQL yet" in error_text(searched)
