@@ -67,7 +67,6 @@ Compute = Callable[[], Awaitable[M]]
 # The class has a method named `list`, which would shadow the builtin in its annotations.
 Strings = list[str]
 PathList = list[Path]
-NewDocuments = list[tuple[DocumentIn, store.Source]]
 
 
 class KnowledgeService(BoundedViews):
