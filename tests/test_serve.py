@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -48,7 +49,7 @@ def scrape(server: Running) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     }
 
 
-def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 30) -> None:
+def wait_ready(url: str, process: subprocess.Popen[Any], seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
