@@ -31,6 +31,9 @@ TASK_CANDIDATES = 30
 RELATIVE_SCORE_FLOOR = 0.4
 SECTIONS_PER_DOCUMENT = 3
 SECTION_DECAY = 0.6
+# Documents scoring at least this share of the best one give up to SECTIONS_PER_DOCUMENT sections, the others one.
+LEADING_SHARE = 0.8
+SECTION_MATCH_FLOOR = 0.0
 # A section worth less than this share of the best section's worth is left out even when it would fit.
 SECTION_VALUE_FLOOR = 0.3
 ESSENTIALS_SHARE = 0.2
@@ -122,12 +125,18 @@ async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list
     for row, score in zip(rows, scores, strict=True):
         best.setdefault(row["doc_key"], []).append((score, row))
     ordered: list[tuple[float, int, Candidate]] = []
+    lead = max(doc.score for _, doc in docs.values())
+    # A section that matches the task far less than the best-matching section is not worth its tokens.
+    fit = max(scores, default=0.0) * SECTION_MATCH_FLOOR
     for key, sections in best.items():
         rank, doc = docs[key]
         readable = [item for item in sections if not only_links(_strip_heading(item[1]["text"]))]
-        matching = sorted((item for item in readable if item[0] > 0), key=lambda item: -item[0])
+        matching = sorted((item for item in readable if item[0] > 0 and item[0] >= fit), key=lambda item: -item[0])
+        # Only a document about as good as the best gives more than its best section: the others are packed in
+        # case the ranking is wrong, and one section shows the reader what they hold.
+        allowed = SECTIONS_PER_DOCUMENT if doc.score >= lead * LEADING_SHARE else 1
         # A document found by its triggers or tags may have no matching section: offer its opening section.
-        chosen = matching[:SECTIONS_PER_DOCUMENT] or readable[:1]
+        chosen = matching[:allowed] or readable[:1]
         for nth, (_, row) in enumerate(chosen):
             candidate = Candidate(
                 doc_rank=rank,
