@@ -29,11 +29,11 @@ TASK_WEIGHTS = {"bm25": 0.3, "coverage": 0.1, "proximity": 0.0, "meta": 0.5, "tr
 TASK_CANDIDATES = 30
 # A document whose score is below this share of the best one is not worth the budget.
 RELATIVE_SCORE_FLOOR = 0.4
-SECTIONS_PER_DOCUMENT = 3
-SECTION_DECAY = 0.6
+SECTIONS_PER_DOCUMENT = 5
+SECTION_DECAY = 0.8
 # Documents scoring at least this share of the best one give up to SECTIONS_PER_DOCUMENT sections, the others one.
 LEADING_SHARE = 0.8
-SECTION_MATCH_FLOOR = 0.0
+SECTION_MATCH_FLOOR = 0.3
 # A section worth less than this share of the best section's worth is left out even when it would fit.
 SECTION_VALUE_FLOOR = 0.3
 ESSENTIALS_SHARE = 0.2

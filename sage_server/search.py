@@ -966,13 +966,13 @@ async def _best_fix(
     head = choices[:CORRECTION_CHOICES]
     stemmed = await _stems(conn, [stem for _, stem, _ in head])
     terms = [_fix_term(stem, tokens) for (_, stem, _), tokens in zip(head, stemmed, strict=True)]
-    if len(head) == 1 or not others:
-        return [(terms[0], head[0][2])]
     rest = " AND ".join(term.fts() for term in others)
     weighed = []
     for (cost, _, docs), term in zip(head, terms, strict=True):
-        share = await _together(conn, f"{term.fts()} AND {rest}") / max(docs, 1)
-        weighed.append((cost - CONTEXT_WEIGHT * math.log(min(share, 1.0) + 0.01), term, docs))
+        if rest and len(head) > 1:
+            share = await _together(conn, f"{term.fts()} AND {rest}") / max(docs, 1)
+            cost -= CONTEXT_WEIGHT * math.log(min(share, 1.0) + 0.01)
+        weighed.append((cost, term, docs))
     weighed.sort(key=lambda item: item[0])
     return [(term, docs) for cost, term, docs in weighed[:2] if cost - weighed[0][0] <= CLOSE_FIX]
 
