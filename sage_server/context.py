@@ -3,9 +3,10 @@
 The packer ranks documents for the task (weighing titles, tags, triggers and summaries most: a task description
 is long, and the words that name its subject are the ones a document's metadata carries), takes the best sections
 of the best documents, and packs them best first. It spends the budget on what matters rather than filling it:
-a document far behind the best, or a section worth far less than the best one, is left out; sections that only
-list links are never packed; and once a section does not fit, nothing after it is packed, so a weaker section
-never takes the place of a better one.
+a document far behind the best, or a section worth or matching far less than the best one, is left out; a document
+behind the best gives one short section, in case the ranking is wrong; sections that only list links are never
+packed; and once a section does not fit, nothing after it is packed, so a weaker section never takes the place of a
+better one.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ TASK_CANDIDATES = 30
 RELATIVE_SCORE_FLOOR = 0.4
 SECTIONS_PER_DOCUMENT = 5
 SECTION_DECAY = 0.8
-# Documents scoring at least this share of the best one give up to SECTIONS_PER_DOCUMENT sections, the others one.
+# Documents scoring at least this share of the best one give up to SECTIONS_PER_DOCUMENT sections, the others one:
+# the shortest of their sections matching at least TRAILING_MATCH_SHARE as well as their best.
 LEADING_SHARE = 0.8
+TRAILING_MATCH_SHARE = 0.3
+# A section matching the task less than this share as well as the best-matching section is left out.
 SECTION_MATCH_FLOOR = 0.3
 # A section worth less than this share of the best section's worth is left out even when it would fit.
 SECTION_VALUE_FLOOR = 0.3
@@ -135,6 +139,11 @@ async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list
         # Only a document about as good as the best gives more than its best section: the others are packed in
         # case the ranking is wrong, and one section shows the reader what they hold.
         allowed = SECTIONS_PER_DOCUMENT if doc.score >= lead * LEADING_SHARE else 1
+        if allowed == 1 and matching:
+            # That one section is the shortest of those matching nearly as well as its best: it is there to show
+            # what the document holds, at the least cost to the budget.
+            near = [item for item in matching if item[0] >= matching[0][0] * TRAILING_MATCH_SHARE]
+            matching = [min(near, key=lambda item: len(item[1]["text"]))]
         # A document found by its triggers or tags may have no matching section: offer its opening section.
         chosen = matching[:allowed] or readable[:1]
         for nth, (_, row) in enumerate(chosen):

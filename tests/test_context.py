@@ -111,3 +111,23 @@ async def test_the_leading_document_gives_several_sections_a_trailing_one_only_i
     assert packed.count("lead") > 1 and packed.count("trail") == 1, packed
     # A section matching far less than the best one is not packed, however good its document.
     assert all("limiter" in s.text.lower() or "burst" in s.text.lower() for s in result.sections if s.id == "lead")
+
+
+async def test_a_trailing_document_shows_its_shortest_well_matching_section(service: KnowledgeService) -> None:
+    lead = "## Limits\n\nA rate limiter caps bursts.\n\n## Keys\n\nA rate limiter keys bursts by client.\n"
+    await service.save(
+        DocumentIn(
+            id="lead", title="Rate Limiter Bursts", layer="practices", body=lead, triggers=["rate limiter bursts"]
+        )
+    )
+    long_part = (
+        "## In depth\n\nA rate limiter and its bursts: each rate limiter meters bursts. "
+        + "Tokens refill at a steady pace. " * 60
+        + "\n\n"
+    )
+    short_part = "## In short\n\nA rate limiter smooths bursts.\n"
+    await service.save(
+        DocumentIn(id="trail", title="Rate Limiter Notes", layer="practices", body=long_part + short_part)
+    )
+    result = await service.context("rate limiter bursts", max_tokens=4000)
+    assert [s.heading for s in result.sections if s.id == "trail"] == ["In short"]
