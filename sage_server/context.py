@@ -127,14 +127,14 @@ async def _sections(conn: aiosqlite.Connection, query: ParsedQuery, ranked: list
     scores = _section_scores(query, rows) if rows else []
     best: dict[int, list[tuple[float, sqlite3.Row]]] = {}
     for row, score in zip(rows, scores, strict=True):
-        best.setdefault(row["doc_key"], []).append((score, row))
+        if not only_links(_strip_heading(row["text"])):
+            best.setdefault(row["doc_key"], []).append((score, row))
     ordered: list[tuple[float, int, Candidate]] = []
     lead = max(doc.score for _, doc in docs.values())
     # A section that matches the task far less than the best-matching section is not worth its tokens.
-    fit = max(scores, default=0.0) * SECTION_MATCH_FLOOR
-    for key, sections in best.items():
+    fit = max((score for sections in best.values() for score, _ in sections), default=0.0) * SECTION_MATCH_FLOOR
+    for key, readable in best.items():
         rank, doc = docs[key]
-        readable = [item for item in sections if not only_links(_strip_heading(item[1]["text"]))]
         matching = sorted((item for item in readable if item[0] > 0 and item[0] >= fit), key=lambda item: -item[0])
         # Only a document about as good as the best gives more than its best section: the others are packed in
         # case the ranking is wrong, and one section shows the reader what they hold.
