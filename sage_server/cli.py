@@ -282,11 +282,37 @@ def info(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command(name="import")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--from-export",
+    "export_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Load a `sage export` file (from SQLite or PostgreSQL) into the configured store instead.",
+)
+@click.option("--replace", is_flag=True, help="With --from-export: replace what the store holds (exported first).")
+@click.option("--force", is_flag=True, help="With --replace: even while other clients are connected (PostgreSQL).")
+@click.option("--no-checksum", is_flag=True, help="With --from-export: load a file without its .sha256 (verified).")
 @json_option
 @click.pass_context
-def import_command(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
-    """Import Markdown files and folders (incremental; exit code 3 if any file was skipped)."""
+def import_command(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    export_path: Path | None,
+    replace: bool,
+    force: bool,
+    no_checksum: bool,
+    as_json: bool,
+) -> None:
+    """Import Markdown files and folders (incremental; exit code 3 if any file was skipped), or with --from-export
+    load a whole knowledge base: documents, revisions, deletions, keys and audit trail, in one transaction."""
+    if export_path is not None:
+        if paths:
+            _fail("give either PATHS (Markdown) or --from-export PATH (an export), not both", 2)
+        _import_export(ctx, export_path, replace=replace, force=force, checksum=not no_checksum, as_json=as_json)
+        return
+    if not paths:
+        _fail("give the Markdown files or folders to import, or --from-export PATH", 2)
     report: ImportReport = run(ctx, lambda kb: kb.import_paths(list(paths)))
 
     def human() -> None:
@@ -303,6 +329,48 @@ def import_command(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -
     emit(report, as_json, human)
     if report.skipped:
         sys.exit(EXIT_SKIPPED)
+
+
+def _import_export(
+    ctx: click.Context, path: Path, *, replace: bool, force: bool, checksum: bool, as_json: bool
+) -> None:
+    from sage_server import export
+
+    settings = _settings(ctx)
+    report = anyio.run(lambda: export.import_settings(settings, path, replace=replace, force=force, checksum=checksum))
+
+    def human() -> None:
+        counts = report.counts
+        click.echo(
+            f"loaded {path} (from {report.source_backend}): {counts['document']} documents, {counts['revision']} "
+            f"older revisions, {counts['key']} keys, {counts['audit']} audit entries; new database identity "
+            f"{report.database_id[:12]}…, generation {report.generation} ({report.seconds:.1f} s)"
+        )
+        if report.replaced_saved_at:
+            click.echo(f"what it replaced was exported first to {report.replaced_saved_at}")
+
+    emit(report, as_json, human)
+
+
+@main.command(name="export")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+def export_command(ctx: click.Context, path: Path, as_json: bool) -> None:
+    """Write the whole knowledge base (documents live and deleted, revisions, aliases, keys as digests, the audit
+    trail) to PATH as JSON Lines, gzip-compressed if PATH ends in .gz, with PATH.sha256 beside it."""
+    from sage_server import export
+
+    settings = _settings(ctx)
+    report = anyio.run(export.export_settings, settings, path)
+
+    def human() -> None:
+        counts = ", ".join(f"{count} {kind}" for kind, count in report.counts.items())
+        click.echo(
+            f"{report.path}: {counts}; {report.bytes} bytes, sha256 {report.sha256[:16]}… ({report.seconds:.1f} s)"
+        )
+
+    emit(report, as_json, human)
 
 
 @main.command()
