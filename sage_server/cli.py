@@ -397,6 +397,9 @@ def history(ctx: click.Context, doc_id: str, as_json: bool) -> None:
 @click.option(
     "--no-checksum", is_flag=True, help="Restore a backup that has no .sha256 beside it (it is still verified)."
 )
+@click.option(
+    "--force", is_flag=True, help="PostgreSQL: restore even while other clients are connected (restart them after)."
+)
 @json_option
 @click.pass_context
 def restore(
@@ -405,21 +408,22 @@ def restore(
     revision: int | None,
     backup_path: Path | None,
     no_checksum: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Make REVISION of document DOC_ID current again (also undeletes it), or, with --backup PATH, replace the
-    whole database with a backup that matches its checksum and verifies (the current one is kept beside it).
-    Refused while a SAGE server has the database open: stop it first."""
+    whole database with a backup that matches its checksum and verifies (what it replaces is kept first).
+    Refused while a SAGE server uses the database: stop it first."""
     if backup_path is not None:
         if doc_id is not None:
             _fail("give either DOC_ID REVISION or --backup PATH, not both", 2)
         from sage_server import backup
+        from sage_server.store import open_store
 
-        db_path = backup.database_path(_settings(ctx))
-        saved = backup.restore(backup_path, db_path, checksum=not no_checksum)
-        click.echo(
-            f"restored {db_path} from {backup_path}" + (f"; the previous database is at {saved}" if saved else "")
-        )
+        settings = _settings(ctx)
+        saved = backup.restore_store(settings, backup_path, checksum=not no_checksum, force=force)
+        where = open_store(settings).location
+        click.echo(f"restored {where} from {backup_path}" + (f"; the previous database is at {saved}" if saved else ""))
         return
     if doc_id is None or revision is None:
         _fail("give DOC_ID REVISION (a document revision) or --backup PATH (a database backup)", 2)
@@ -434,12 +438,13 @@ def restore(
 @json_option
 @click.pass_context
 def backup_command(ctx: click.Context, backup_dir: Path | None, as_json: bool) -> None:
-    """Back up the database online (consistent while servers write), verify the copy, prune old backups."""
+    """Back up the database online (consistent while servers write), verify the copy, prune old backups. SQLite:
+    a copy of the file (sage-<time>.db); PostgreSQL: an export (sage-<time>.export.jsonl.gz)."""
     from sage_server import backup
 
     settings = _settings(ctx)
     target = backup_dir or settings.backup_dir
-    report = backup.backup(backup.database_path(settings), target, settings.backup_retention_days)
+    report = backup.backup_store(settings, target)
     backup.record(target, report=report)  # a manual backup counts: the schedule and /health see it
     emit(
         report,
@@ -458,17 +463,20 @@ def backup_command(ctx: click.Context, backup_dir: Path | None, as_json: bool) -
     "path",
     type=click.Path(path_type=Path),
     default=None,
-    help="Verify this database or backup file instead of SAGE_DB_PATH.",
+    help="Verify this database, backup or export file instead of the configured store.",
 )
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, thorough: bool, path: Path | None, as_json: bool) -> None:
-    """Verify the database: SQLite integrity, the search indexes, migrations (--all: hashes, history). Exit 1 if
-    anything is wrong."""
+    """Verify the database: SQLite integrity, the search indexes, migrations (--all: hashes, history); an export
+    or a PostgreSQL store: checksum, format, hashes, revision chains. Exit 1 if anything is wrong."""
     from sage_server import backup
 
-    target = path or backup.database_path(_settings(ctx))
-    report = backup.verify(target, thorough)
+    settings = _settings(ctx)
+    if path is None and settings.database_url is not None:
+        report = backup.verify_live(settings)
+    else:
+        report = backup.verify(path or settings.db_path, thorough)
 
     def human() -> None:
         for check in report.checks:

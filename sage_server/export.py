@@ -8,6 +8,7 @@ answer from before it. The source's identity is recorded in the export's header 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -31,8 +32,8 @@ from sage_server.export_format import (
     write_checksum,
 )
 from sage_server.locks import FileLock, serving_lock_path
-from sage_server.store import Store, open_store
-from sage_server.store.export_records import KINDS, ExportRecord, Kind
+from sage_server.store import AuditRow, Store, open_store
+from sage_server.store.export_records import KINDS, AuditRecord, ExportRecord, Kind
 from sage_server.version import __version__
 
 BATCH = 500  # records loaded per statement batch: memory stays bounded whatever the size of the export
@@ -153,9 +154,12 @@ async def import_export(
         header = read_header(lines, path)
         database_id = uuid.uuid4().hex
         async with store.transaction() as writer:
+            carried: list[AuditRow] = []
             if any((await writer.counts()).values()):
                 if not replace:
                     raise Conflict(f"{store.location} was written to meanwhile; nothing was changed")
+                if operation == "restore_backup":  # the trail must survive a restore, as on SQLite
+                    carried = [_audit_row(r) async for r in writer.dump("audit") if _newer(r, header.created_at)]
                 await writer.clear()
             current = await writer.generation()
             batch: list[ExportRecord] = []
@@ -166,12 +170,10 @@ async def import_export(
                     batch = []
             await writer.load(batch)
             await writer.finish_load(database_id, header.database_created_at, max(current, header.generation))
-            detail: dict[str, object] = {
-                "source_backend": header.backend,
-                "source_database_id": header.database_id,
-                "saved": saved,
-            }
-            await writer.insert_audit([Entry(operation, target=str(path), detail=detail).row(current_caller())])
+            detail: dict[str, object] = {"source_backend": header.backend, "source_database_id": header.database_id}
+            detail |= {"saved": saved, "carried": len(carried)}
+            entry = Entry(operation, target=str(path), detail=detail).row(current_caller())
+            await writer.insert_audit([*carried, entry])
             generation = await writer.bump_generation(None)
     return ImportReport(
         path=str(path),
@@ -183,6 +185,17 @@ async def import_export(
         replaced_saved_at=saved,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _newer(record: ExportRecord, than: str) -> bool:
+    return isinstance(record, AuditRecord) and record.at > than
+
+
+def _audit_row(record: ExportRecord) -> AuditRow:
+    assert isinstance(record, AuditRecord)
+    detail = json.dumps(record.detail, ensure_ascii=False)
+    fields = (record.at, record.key_name, record.client, record.operation, record.target, record.revision)
+    return (*fields, record.outcome, record.count, detail)
 
 
 def _described(counts: dict[Kind, int]) -> str:

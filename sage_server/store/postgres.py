@@ -223,13 +223,16 @@ class PostgresStore:
             )
         except psycopg.Error as exc:
             raise _unavailable(self.url, exc) from exc
-        async with conn:
+        try:
             try:
                 cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (JOB_LOCK,))
                 row = await cursor.fetchone()
             except psycopg.Error as exc:
                 raise _unavailable(self.url, exc) from exc
             yield bool(row and row[0])
+        finally:
+            with anyio.CancelScope(shield=True):  # closed even when cancelled: that is what lets the lock go
+                await conn.close()
 
     async def other_sessions(self) -> list[str]:
         async with self.read() as reader:
