@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from tests.conftest import sage_env, sage_runner, write_doc
 from tests.ports import free_port
+from tests.test_serve import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_CONF = ROOT / "deploy" / "nginx.conf"
@@ -34,20 +34,6 @@ def nginx_binary() -> str:
             pytest.fail("nginx is required here (SAGE_TEST_REQUIRE_NGINX) but not installed")
         pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
     return found
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{url}: the process exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} did not become ready in {seconds} s")
 
 
 @dataclass
@@ -111,7 +97,7 @@ class Cluster:
         for name in NAMES:
             self.start_instance(name)
         for instance in self.instances.values():
-            wait_ready(instance.url, instance.process)
+            wait_ready(instance.url, instance.process, seconds=60)
         self.start_nginx()
 
     def start_instance(self, name: str) -> None:
@@ -156,7 +142,7 @@ class Cluster:
                 [binary, "-p", str(folder), "-c", str(folder / "nginx.conf")], stdout=subprocess.DEVNULL, stderr=stderr
             )
         self.url = f"http://127.0.0.1:{port}"
-        wait_ready(self.url, self.nginx)
+        wait_ready(self.url, self.nginx, seconds=60)
 
     def stop(self) -> None:
         if self.nginx is not None and self.nginx.poll() is None:

@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,6 +38,16 @@ class Running:
     def log_lines(self) -> list[dict[str, object]]:
         return [json.loads(line) for line in self.stderr_path.read_text().splitlines() if line.strip()]
 
+    def logged(self, check: Callable[[dict[str, object]], bool], seconds: float = 10) -> bool:
+        """Whether a log line passing `check` appears within `seconds`: a request's line is written after its
+        answer, so a busy machine may not have written it yet when the client reads the answer."""
+        deadline = time.monotonic() + seconds
+        while not any(check(line) for line in self.log_lines()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
 
 def scrape(server: Running) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample on the metrics port, parsed with prometheus-client's own parser."""
@@ -48,7 +59,7 @@ def scrape(server: Running) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     }
 
 
-def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 30) -> None:
+def wait_ready(url: str, process: subprocess.Popen[Any], seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -140,9 +151,8 @@ async def test_serves_health_rest_mcp_and_metrics(server: Running) -> None:
 def test_request_id_is_echoed(server: Running) -> None:
     response = httpx.get(f"{server.api}/health", headers={"X-Request-ID": "probe-42"})
     assert response.headers["x-request-id"] == "probe-42"
-    assert any(
-        isinstance(line["context"], dict) and line["context"].get("request_id") == "probe-42"
-        for line in server.log_lines()
+    assert server.logged(
+        lambda line: isinstance(line["context"], dict) and line["context"].get("request_id") == "probe-42"
     )
 
 
