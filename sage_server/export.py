@@ -217,6 +217,8 @@ def refuse_if_served(settings: Settings) -> None:
 
 async def export_settings(settings: Settings, path: Path) -> ExportReport:
     """`sage export PATH`: export the store the settings choose."""
+    if settings.database_url is None and not settings.db_path.is_file():
+        raise InvalidInput(f"{settings.db_path}: no such database file; nothing to export", path=str(settings.db_path))
     store = open_store(settings)
     await store.open()
     try:

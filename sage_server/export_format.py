@@ -165,7 +165,7 @@ def records(lines: IO[str], path: Path) -> Iterator[ExportRecord]:
     order = 0
     for number, line in enumerate(lines, start=2):
         try:
-            if line.startswith('{"type":"end"'):
+            if line.startswith(('{"type":"end"', '{"type": "end"')):
                 end = ExportEnd.model_validate_json(line)
                 if end.counts != seen:
                     raise InvalidInput(f"{path}: the end line counts {end.counts}, but the file holds {seen}")

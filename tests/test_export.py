@@ -16,7 +16,7 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from sage_server import export_format
+from sage_server import backup, export_format
 from sage_server.app import create_app
 from sage_server.errors import Conflict, InvalidInput
 from sage_server.export import export_settings, import_settings
@@ -127,8 +127,6 @@ async def test_sqlite_to_postgresql_and_back_loses_nothing(tmp_path: Path, knowl
     async with open_service(back) as kb:
         assert [hit.id for hit in (await kb.search("changed")).hits] == ["note"]  # the index holds the loaded text
         assert await authenticates(kb, tokens["kept"]) == 200
-    from sage_server import backup
-
     assert backup.verify(back.db_path, thorough=True).ok  # FTS index, hashes and revision chains all sound
 
 
@@ -156,6 +154,24 @@ async def test_import_checks_the_checksum_and_the_export(tmp_path: Path, knowled
     with pytest.raises(InvalidInput, match="not a SAGE export"):
         await import_settings(target, junk, replace=False, force=False)
     assert not target.db_path.exists() or (await export_settings(target, tmp_path / "t.jsonl")).counts["document"] == 0
+    with pytest.raises(InvalidInput, match="no such database file"):
+        await export_settings(make_settings(tmp_path / "nowhere"), tmp_path / "n.jsonl")
+
+
+async def test_an_export_restores_a_sqlite_store_too(tmp_path: Path, knowledge: Path) -> None:
+    settings = make_settings(tmp_path, knowledge_dirs=[knowledge])
+    async with open_service(settings) as kb:
+        await kb.save(doc("kept"))
+        made = await export_settings(settings, tmp_path / "sage-1.export.jsonl.gz")
+        await kb.save(doc("later"))
+        identity = kb.database_id
+    saved = await anyio.to_thread.run_sync(backup.restore_store, settings, Path(made.path))
+    assert saved is not None and Path(saved).name.startswith("pre-restore-")
+    async with open_service(settings) as kb:
+        assert (await kb.info()).documents == 5 and kb.database_id != identity
+        trail = [e.operation for e in (await kb.audit_trail(limit=1000)).entries]
+        assert "restore_backup" in trail
+    assert backup.verify(settings.db_path, thorough=True).ok
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
