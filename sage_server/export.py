@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from sage_server.export_format import (
     write_checksum,
 )
 from sage_server.locks import FileLock, serving_lock_path
-from sage_server.store import AuditRow, Store, open_store
+from sage_server.store import AuditRow, Store, Writer, open_store
 from sage_server.store.export_records import KINDS, AuditRecord, ExportRecord, Kind
 from sage_server.version import __version__
 
@@ -131,25 +132,7 @@ async def import_export(
     if failed:
         problems = "; ".join(f"{c.name}: {c.detail}" for c in failed)
         raise InvalidInput(f"{path} is not a sound SAGE export ({problems}); nothing was changed", path=str(path))
-    async with store.read() as reader:
-        held = await reader.counts()
-    saved: str | None = None
-    if any(held.values()):
-        if not replace:
-            raise Conflict(
-                f"{store.location} is not empty ({_described(held)}); pass --replace to replace it (what it holds "
-                "is exported first); nothing was changed",
-                location=store.location,
-            )
-        others = await store.other_sessions()
-        if others and not force:
-            raise Conflict(
-                f"{store.location} has other clients connected ({', '.join(others[:5])}): stop every SAGE instance "
-                "using it first, or pass --force if they may stay (they must be restarted after); nothing was changed",
-                location=store.location,
-            )
-        kept = await export_store(store, safety_dir / f"pre-{operation.split('_')[0]}-{stamp()}{SUFFIX}")
-        saved = kept.path
+    saved = await _make_room(store, replace=replace, force=force, name=f"pre-{operation.split('_')[0]}", to=safety_dir)
     with open_for_reading(path) as lines:
         header = read_header(lines, path)
         database_id = uuid.uuid4().hex
@@ -162,13 +145,7 @@ async def import_export(
                     carried = [_audit_row(r) async for r in writer.dump("audit") if _newer(r, header.created_at)]
                 await writer.clear()
             current = await writer.generation()
-            batch: list[ExportRecord] = []
-            for record in records(lines, path):
-                batch.append(record)
-                if len(batch) >= BATCH:
-                    await writer.load(batch)
-                    batch = []
-            await writer.load(batch)
+            await _load(writer, records(lines, path))
             await writer.finish_load(database_id, header.database_created_at, max(current, header.generation))
             detail: dict[str, object] = {"source_backend": header.backend, "source_database_id": header.database_id}
             detail |= {"saved": saved, "carried": len(carried)}
@@ -185,6 +162,40 @@ async def import_export(
         replaced_saved_at=saved,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+async def _make_room(store: Store, *, replace: bool, force: bool, name: str, to: Path) -> str | None:
+    """Refuse to load into a store holding anything unless `replace`, and while other clients are connected unless
+    `force`; export what it holds to the folder `to` first. The path of that safety export, if one was made."""
+    async with store.read() as reader:
+        held = await reader.counts()
+    if not any(held.values()):
+        return None
+    if not replace:
+        raise Conflict(
+            f"{store.location} is not empty ({_described(held)}); pass --replace to replace it (what it holds is "
+            "exported first); nothing was changed",
+            location=store.location,
+        )
+    others = await store.other_sessions()
+    if others and not force:
+        raise Conflict(
+            f"{store.location} has other clients connected ({', '.join(others[:5])}): stop every SAGE instance "
+            "using it first, or pass --force if they may stay (they must be restarted after); nothing was changed",
+            location=store.location,
+        )
+    return (await export_store(store, to / f"{name}-{stamp()}{SUFFIX}")).path
+
+
+async def _load(writer: Writer, stream: Iterator[ExportRecord]) -> None:
+    """Load records in batches: memory holds one batch, whatever the size of the export."""
+    batch: list[ExportRecord] = []
+    for record in stream:
+        batch.append(record)
+        if len(batch) >= BATCH:
+            await writer.load(batch)
+            batch = []
+    await writer.load(batch)
 
 
 def _newer(record: ExportRecord, than: str) -> bool:
