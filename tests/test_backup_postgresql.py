@@ -52,6 +52,16 @@ def rewrite(source: Path, target: Path, change: object) -> None:
     write_checksum(target)
 
 
+def drop_a_revision_and_recount(lines: list[str]) -> list[str]:
+    """Leave out a document's first revision, with header and end counts that agree with what is left."""
+    first = next(n for n, line in enumerate(lines) if '"type":"revision"' in line)
+    kept = lines[:first] + lines[first + 1 :]
+    head, end = json.loads(kept[0]), json.loads(kept[-1])
+    head["counts"]["revision"] -= 1
+    end["counts"]["revision"] -= 1
+    return [json.dumps(head), *kept[1:-1], json.dumps(end, separators=(",", ":"))]
+
+
 async def test_a_backup_is_a_verified_export_and_verify_finds_damage(on_postgres: Settings, tmp_path: Path) -> None:
     async with open_service(on_postgres) as kb:
         await kb.save(doc("kept"))
@@ -67,6 +77,9 @@ async def test_a_backup_is_a_verified_export_and_verify_finds_damage(on_postgres
     gap = tmp_path / "gap.export.jsonl.gz"
     rewrite(made, gap, lambda lines: [line for line in lines if '"type":"revision"' not in line])
     assert failed_checks(gap) == {"format"}  # the counts no longer match: a lost line is noticed
+    chain = tmp_path / "chain.export.jsonl.gz"
+    rewrite(made, chain, drop_a_revision_and_recount)
+    assert failed_checks(chain) == {"revision history"}  # counts agree, the chain has a gap
     stale_checksum = tmp_path / "copy.export.jsonl.gz"
     stale_checksum.write_bytes(tampered.read_bytes())
     backup.checksum_path(stale_checksum).write_text(backup.checksum_path(made).read_text())
