@@ -110,6 +110,8 @@ async def test_sqlite_to_postgresql_and_back_loses_nothing(tmp_path: Path, knowl
         assert (await kb.get("old-note")).id == "note"  # the alias
         assert (await kb.history("gone")).deleted
         assert (await kb.get("back")).revision == 3
+        if kb.store.searchable:  # once PostgreSQL has its full-text index, the loaded documents must be in it
+            assert [hit.id for hit in (await kb.search("changed")).hits] == ["note"]
         assert await authenticates(kb, tokens["kept"]) == 200  # a key made on SQLite works on PostgreSQL
         assert await authenticates(kb, tokens["revoked"]) == 401
         trail = [(e.operation, e.target) for e in (await kb.audit_trail(limit=1000)).entries]
