@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
 from sage_server import export_format
@@ -85,9 +86,6 @@ class BackupState(BaseModel):
         return self.last_failure is not None and (self.last_success is None or self.last_failure > self.last_success)
 
 
-_sha256 = sha256_of
-
-
 def backup_store(settings: Settings, backup_dir: Path) -> BackupReport:
     """Back up the store the settings choose: a SQLite copy, or a PostgreSQL export (see backup_export)."""
     if settings.database_url is None:
@@ -136,7 +134,7 @@ def backup(db_path: Path, backup_dir: Path, retention_days: int) -> BackupReport
         failed = [c.name for c in report.checks if not c.ok]
         raise Unavailable(f"the backup of {db_path} failed verification ({', '.join(failed)}); nothing was kept")
     partial.replace(target)
-    digest = _sha256(target)
+    digest = sha256_of(target)
     checksum_path(target).write_text(f"{digest}  {target.name}\n")
     return BackupReport(
         path=str(target),
