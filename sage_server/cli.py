@@ -335,15 +335,14 @@ def _import_export(
     ctx: click.Context, path: Path, *, replace: bool, force: bool, checksum: bool, as_json: bool
 ) -> None:
     from sage_server import export
+    from sage_server.export_format import described
 
     settings = _settings(ctx)
     report = anyio.run(lambda: export.import_settings(settings, path, replace=replace, force=force, checksum=checksum))
 
     def human() -> None:
-        counts = report.counts
         click.echo(
-            f"loaded {path} (from {report.source_backend}): {counts['document']} documents, {counts['revision']} "
-            f"older revisions, {counts['key']} keys, {counts['audit']} audit entries; new database identity "
+            f"loaded {path} (from {report.source_backend}): {described(report.counts)}; new database identity "
             f"{report.database_id[:12]}…, generation {report.generation} ({report.seconds:.1f} s)"
         )
         if report.replaced_saved_at:
@@ -360,12 +359,13 @@ def export_command(ctx: click.Context, path: Path, as_json: bool) -> None:
     """Write the whole knowledge base (documents live and deleted, revisions, aliases, keys as digests, the audit
     trail) to PATH as JSON Lines, gzip-compressed if PATH ends in .gz, with PATH.sha256 beside it."""
     from sage_server import export
+    from sage_server.export_format import described
 
     settings = _settings(ctx)
     report = anyio.run(export.export_settings, settings, path)
 
     def human() -> None:
-        counts = ", ".join(f"{count} {kind}" for kind, count in report.counts.items())
+        counts = described(report.counts)
         click.echo(
             f"{report.path}: {counts}; {report.bytes} bytes, sha256 {report.sha256[:16]}… ({report.seconds:.1f} s)"
         )

@@ -25,6 +25,7 @@ from sage_server.export_format import (
     ExportEnd,
     ExportHeader,
     check_checksum,
+    described,
     open_for_reading,
     open_for_writing,
     read_header,
@@ -173,7 +174,7 @@ async def _make_room(store: Store, *, replace: bool, force: bool, name: str, to:
         return None
     if not replace:
         raise Conflict(
-            f"{store.location} is not empty ({_described(held)}); pass --replace to replace it (what it holds is "
+            f"{store.location} is not empty ({described(held)}); pass --replace to replace it (what it holds is "
             "exported first); nothing was changed",
             location=store.location,
         )
@@ -207,10 +208,6 @@ def _audit_row(record: ExportRecord) -> AuditRow:
     detail = json.dumps(record.detail, ensure_ascii=False)
     fields = (record.at, record.key_name, record.client, record.operation, record.target, record.revision)
     return (*fields, record.outcome, record.count, detail)
-
-
-def _described(counts: dict[Kind, int]) -> str:
-    return ", ".join(f"{count} {kind} rows" for kind, count in counts.items() if count)
 
 
 def refuse_if_served(settings: Settings) -> None:

@@ -38,6 +38,18 @@ FORMAT: Literal["sage-export"] = "sage-export"
 VERSION = 1
 GZIP_MAGIC = b"\x1f\x8b"
 _RECORD: TypeAdapter[ExportRecord] = TypeAdapter(ExportRecord)
+LABELS: dict[Kind, str] = {
+    "document": "documents",
+    "revision": "older revisions",
+    "alias": "aliases",
+    "key": "keys",
+    "audit": "audit entries",
+}
+
+
+def described(counts: dict[Kind, int]) -> str:
+    """Counts of records for people: "10 documents, 3 older revisions, ..."."""
+    return ", ".join(f"{counts.get(kind, 0)} {LABELS[kind]}" for kind in KINDS)
 
 
 class ExportHeader(BaseModel):
@@ -206,9 +218,7 @@ def verify_export(path: Path) -> VerifyReport:
                 consistency.add(record)
         if header.counts != consistency.counts:
             raise InvalidInput(f"the header counts {header.counts}, but the file holds {consistency.counts}")
-        detail = f"version {header.version} from {header.backend}, " + ", ".join(
-            f"{count} {kind}" for kind, count in consistency.counts.items()
-        )
+        detail = f"version {header.version} from {header.backend}: {described(consistency.counts)}"
         checks.append(Check(name="format", ok=True, detail=detail))
         checks += consistency.checks()
     except (InvalidInput, OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as exc:

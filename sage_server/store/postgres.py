@@ -40,6 +40,7 @@ WRITE_LOCK = 0x5A6E_0002
 JOB_LOCK = 0x5A6E_0003  # held by the one instance running the backup job, on a connection of its own
 CONNECT_SECONDS = 10.0
 WATCH_RETRY_SECONDS = 1.0
+CLOSING_SECONDS = 2.0  # how long a client that just disconnected may still be listed as connected
 SERVER_GRACE = 0.25  # seconds past a deadline before the server stops the query itself
 
 _TRACKING = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -235,14 +236,23 @@ class PostgresStore:
                 await conn.close()
 
     async def other_sessions(self) -> list[str]:
+        # A client that has just disconnected stays listed until its server process has exited (moments later):
+        # ask again for a little while before answering that others are connected.
+        rows = await self._other_sessions()
+        with anyio.move_on_after(CLOSING_SECONDS):
+            while rows:
+                await anyio.sleep(0.1)
+                rows = await self._other_sessions()
+        return [f"{row['application_name'] or 'unnamed'} ({row['address'] or 'local socket'})" for row in rows]
+
+    async def _other_sessions(self) -> list[DictRow]:
         async with self.read() as reader:
-            rows = await reader._rows(
+            return await reader._rows(
                 "SELECT application_name, client_addr::text AS address FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
                 "AND application_name <> %s ORDER BY application_name",
                 (self.application_name,),
             )
-        return [f"{row['application_name'] or 'unnamed'} ({row['address'] or 'local socket'})" for row in rows]
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresWriter]:
