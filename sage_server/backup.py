@@ -1,53 +1,64 @@
-"""Disaster recovery (spec section 9): online backups with retention, integrity verification, and restore."""
+"""Disaster recovery (spec section 9): online backups with retention, integrity verification, and restore.
+
+A SQLite store is backed up as a copy of its file (`sage-<time>.db`); a PostgreSQL store as a portable export
+(`sage-<time>.export.jsonl.gz`, export_format.py). Both get a `.sha256` beside them, are verified after writing,
+share the retention and the state file, and are restored all or nothing after a safety copy of what they replace.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
+from sage_server import export_format
 from sage_server.audit import Entry
 from sage_server.auth import current_caller
 from sage_server.config import Settings
-from sage_server.errors import Conflict, InvalidInput, NotSupported, Unavailable
+from sage_server.errors import Conflict, InvalidInput, Unavailable
+from sage_server.export import SUFFIX, export_settings, export_store, import_settings
+from sage_server.export_format import checksum_path as checksum_path
+from sage_server.export_format import is_export, sha256_of, verify_export
 from sage_server.locks import FileLock, serving_lock_path
 from sage_server.models import ComponentStatus
-from sage_server.store import AuditRow, Store, VerifyReport, sqlite_backup
+from sage_server.store import AuditRow, VerifyReport, open_store, sqlite_backup
 
-BACKUP_GLOB = "sage-*.db"
+BACKUP_GLOB = "sage-*.db"  # a SQLite store's backups
+EXPORT_GLOB = f"sage-*{SUFFIX}"  # a PostgreSQL store's backups
 STATE_FILE = "state.json"
 
 
 def verify(path: Path, thorough: bool = False) -> VerifyReport:
     """Check a SAGE database file: SQLite's integrity, the full-text index against exactly the live documents, the
-    migrations against the shipped files; with `thorough`, every document's content hash and revision chain too."""
+    migrations against the shipped files; with `thorough`, every document's content hash and revision chain too.
+    An export (a PostgreSQL backup) is checked whole: checksum, format, hashes, revision chains, references."""
+    if is_export(path):
+        return verify_export(path)
     return sqlite_backup.verify(path, thorough)
 
 
-POSTGRESQL_NOT_YET = (
-    "backup, restore --backup and verify of a PostgreSQL store (SAGE_DATABASE_URL) are not supported yet (issue "
-    "19); back it up with PostgreSQL's own tools (pg_dump) meanwhile"
-)
+def verify_live(settings: Settings) -> VerifyReport:
+    """`sage verify` of the configured store: the SQLite file itself, or for PostgreSQL an export of it to a
+    temporary file, checked as a backup is (hashes, revision chains, references) and then removed."""
+    if settings.database_url is None:
+        return verify(settings.db_path, thorough=True)
+    with tempfile.TemporaryDirectory(prefix="sage-verify-") as folder:
+        path = Path(folder) / f"live{SUFFIX}"
+        anyio.run(export_settings, settings, path)
+        report = verify_export(path)
+    return report.model_copy(update={"path": open_store(settings).location})
 
 
-def database_file(store: Store) -> Path:
-    """The file a store keeps its data in, which backups copy; refused for a database server."""
-    if store.path is None:
-        raise NotSupported(POSTGRESQL_NOT_YET, backend=store.backend)
-    return store.path
-
-
-def database_path(settings: Settings) -> Path:
-    """The SQLite file the settings name, which `sage backup`, `restore --backup` and `verify` work on; refused
-    when the settings choose PostgreSQL."""
-    if settings.database_url is not None:
-        raise NotSupported(POSTGRESQL_NOT_YET, backend="postgresql")
-    return settings.db_path
+def backups(backup_dir: Path) -> list[Path]:
+    """The backups in a folder, of both kinds, oldest name first."""
+    return sorted([*backup_dir.glob(BACKUP_GLOB), *backup_dir.glob(EXPORT_GLOB)])
 
 
 class BackupReport(BaseModel):
@@ -75,17 +86,38 @@ class BackupState(BaseModel):
         return self.last_failure is not None and (self.last_success is None or self.last_failure > self.last_success)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def backup_store(settings: Settings, backup_dir: Path) -> BackupReport:
+    """Back up the store the settings choose: a SQLite copy, or a PostgreSQL export (see backup_export)."""
+    if settings.database_url is None:
+        return backup(settings.db_path, backup_dir, settings.backup_retention_days)
+    return anyio.run(backup_export, settings, backup_dir)
 
 
-def checksum_path(backup_path: Path) -> Path:
-    """Where the checksum of a backup is written: `sage-<time>.db.sha256` beside it."""
-    return backup_path.with_name(backup_path.name + ".sha256")
+async def backup_export(settings: Settings, backup_dir: Path) -> BackupReport:
+    """Export the PostgreSQL store from one snapshot (consistent while instances write) to
+    `sage-<time>.export.jsonl.gz` with its checksum, verify it, then remove backups older than the retention."""
+    started = time.perf_counter()
+    target = backup_dir / f"sage-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}{SUFFIX}"
+    store = open_store(settings.model_copy(update={"database_pool_size": 1}))
+    await store.open()
+    try:
+        written = await export_store(store, target)
+    finally:
+        await store.close()
+    report = await anyio.to_thread.run_sync(verify_export, target)
+    if not report.ok:
+        target.unlink(missing_ok=True)
+        checksum_path(target).unlink(missing_ok=True)
+        failed = [c.name for c in report.checks if not c.ok]
+        raise Unavailable(f"the backup of {store.location} failed verification ({', '.join(failed)}); nothing was kept")
+    return BackupReport(
+        path=str(target),
+        bytes=written.bytes,
+        sha256=written.sha256,
+        documents=written.counts["document"],
+        seconds=round(time.perf_counter() - started, 3),
+        pruned=prune(backup_dir, settings.backup_retention_days, keep=target),
+    )
 
 
 def backup(db_path: Path, backup_dir: Path, retention_days: int) -> BackupReport:
@@ -102,7 +134,7 @@ def backup(db_path: Path, backup_dir: Path, retention_days: int) -> BackupReport
         failed = [c.name for c in report.checks if not c.ok]
         raise Unavailable(f"the backup of {db_path} failed verification ({', '.join(failed)}); nothing was kept")
     partial.replace(target)
-    digest = _sha256(target)
+    digest = sha256_of(target)
     checksum_path(target).write_text(f"{digest}  {target.name}\n")
     return BackupReport(
         path=str(target),
@@ -118,7 +150,7 @@ def prune(backup_dir: Path, retention_days: int, keep: Path | None = None) -> li
     """Delete backups (and their checksums) older than `retention_days`; never the one just written."""
     cutoff = time.time() - retention_days * 86400
     removed = []
-    for path in sorted(backup_dir.glob(BACKUP_GLOB)):
+    for path in backups(backup_dir):
         if path != keep and path.stat().st_mtime < cutoff:
             path.unlink()
             checksum_path(path).unlink(missing_ok=True)
@@ -168,22 +200,7 @@ def health_status(
 
 def check_checksum(backup_path: Path) -> None:
     """Refuse a backup whose bytes differ from the checksum written beside it, or that has none."""
-    expected_file = checksum_path(backup_path)
-    try:
-        expected = expected_file.read_text(encoding="utf-8").split()[0]
-    except (OSError, UnicodeDecodeError, IndexError) as exc:
-        raise InvalidInput(
-            f"{backup_path}: no readable checksum beside it ({expected_file.name}); a backup written by `sage backup` "
-            "has one. To restore a copy without it anyway, pass --no-checksum; nothing was changed",
-            path=str(backup_path),
-        ) from exc
-    actual = _sha256(backup_path)
-    if actual != expected:
-        raise InvalidInput(
-            f"{backup_path}: its sha256 is {actual[:16]}…, but {expected_file.name} says {expected[:16]}…; the file "
-            "changed after the backup was written; nothing was changed",
-            path=str(backup_path),
-        )
+    export_format.check_checksum(backup_path)
 
 
 def restore(backup_path: Path, db_path: Path, *, checksum: bool = True) -> str | None:
@@ -204,6 +221,28 @@ def restore(backup_path: Path, db_path: Path, *, checksum: bool = True) -> str |
                 path=str(db_path),
             )
         return sqlite_backup.replace_database(backup_path, db_path, _restore_entry(backup_path))
+
+
+def restore_store(settings: Settings, backup_path: Path, *, checksum: bool = True, force: bool = False) -> str | None:
+    """`sage restore --backup`: a SQLite copy replaces the SQLite file (restore); an export replaces what the
+    configured store holds, SQLite or PostgreSQL, in one transaction after a safety export to the backup folder,
+    with a new identity; refused while the store is served (SQLite's lock; PostgreSQL: any other client connected)
+    unless `force`. The path of the safety copy is returned."""
+    if is_export(backup_path):
+        report = anyio.run(
+            lambda: import_settings(
+                settings, backup_path, replace=True, force=force, operation="restore_backup", checksum=checksum
+            )
+        )
+        return report.replaced_saved_at
+    if settings.database_url is not None:
+        raise InvalidInput(
+            f"{backup_path} is not an export: a PostgreSQL store is restored from an export (sage-*{SUFFIX}, what "
+            "`sage backup` writes for it); to move a SQLite backup there, serve it with SQLite, `sage export` it "
+            "and `sage import --from-export`; nothing was changed",
+            path=str(backup_path),
+        )
+    return restore(backup_path, settings.db_path, checksum=checksum)
 
 
 def _restore_entry(backup_path: Path) -> Callable[[int], AuditRow]:

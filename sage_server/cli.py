@@ -282,11 +282,37 @@ def info(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command(name="import")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--from-export",
+    "export_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Load a `sage export` file (from SQLite or PostgreSQL) into the configured store instead.",
+)
+@click.option("--replace", is_flag=True, help="With --from-export: replace what the store holds (exported first).")
+@click.option("--force", is_flag=True, help="With --replace: even while other clients are connected (PostgreSQL).")
+@click.option("--no-checksum", is_flag=True, help="With --from-export: load a file without its .sha256 (verified).")
 @json_option
 @click.pass_context
-def import_command(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
-    """Import Markdown files and folders (incremental; exit code 3 if any file was skipped)."""
+def import_command(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    export_path: Path | None,
+    replace: bool,
+    force: bool,
+    no_checksum: bool,
+    as_json: bool,
+) -> None:
+    """Import Markdown files and folders (incremental; exit code 3 if any file was skipped), or with --from-export
+    load a whole knowledge base: documents, revisions, deletions, keys and audit trail, in one transaction."""
+    if export_path is not None:
+        if paths:
+            _fail("give either PATHS (Markdown) or --from-export PATH (an export), not both", 2)
+        _import_export(ctx, export_path, replace=replace, force=force, checksum=not no_checksum, as_json=as_json)
+        return
+    if not paths:
+        _fail("give the Markdown files or folders to import, or --from-export PATH", 2)
     report: ImportReport = run(ctx, lambda kb: kb.import_paths(list(paths)))
 
     def human() -> None:
@@ -303,6 +329,48 @@ def import_command(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -
     emit(report, as_json, human)
     if report.skipped:
         sys.exit(EXIT_SKIPPED)
+
+
+def _import_export(
+    ctx: click.Context, path: Path, *, replace: bool, force: bool, checksum: bool, as_json: bool
+) -> None:
+    from sage_server import export
+    from sage_server.export_format import described
+
+    settings = _settings(ctx)
+    report = anyio.run(lambda: export.import_settings(settings, path, replace=replace, force=force, checksum=checksum))
+
+    def human() -> None:
+        click.echo(
+            f"loaded {path} (from {report.source_backend}): {described(report.counts)}; new database identity "
+            f"{report.database_id[:12]}…, generation {report.generation} ({report.seconds:.1f} s)"
+        )
+        if report.replaced_saved_at:
+            click.echo(f"what it replaced was exported first to {report.replaced_saved_at}")
+
+    emit(report, as_json, human)
+
+
+@main.command(name="export")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+def export_command(ctx: click.Context, path: Path, as_json: bool) -> None:
+    """Write the whole knowledge base (documents live and deleted, revisions, aliases, keys as digests, the audit
+    trail) to PATH as JSON Lines, gzip-compressed if PATH ends in .gz, with PATH.sha256 beside it."""
+    from sage_server import export
+    from sage_server.export_format import described
+
+    settings = _settings(ctx)
+    report = anyio.run(export.export_settings, settings, path)
+
+    def human() -> None:
+        counts = described(report.counts)
+        click.echo(
+            f"{report.path}: {counts}; {report.bytes} bytes, sha256 {report.sha256[:16]}… ({report.seconds:.1f} s)"
+        )
+
+    emit(report, as_json, human)
 
 
 @main.command()
@@ -329,6 +397,9 @@ def history(ctx: click.Context, doc_id: str, as_json: bool) -> None:
 @click.option(
     "--no-checksum", is_flag=True, help="Restore a backup that has no .sha256 beside it (it is still verified)."
 )
+@click.option(
+    "--force", is_flag=True, help="PostgreSQL: restore even while other clients are connected (restart them after)."
+)
 @json_option
 @click.pass_context
 def restore(
@@ -337,21 +408,22 @@ def restore(
     revision: int | None,
     backup_path: Path | None,
     no_checksum: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Make REVISION of document DOC_ID current again (also undeletes it), or, with --backup PATH, replace the
-    whole database with a backup that matches its checksum and verifies (the current one is kept beside it).
-    Refused while a SAGE server has the database open: stop it first."""
+    whole database with a backup that matches its checksum and verifies (what it replaces is kept first).
+    Refused while a SAGE server uses the database: stop it first."""
     if backup_path is not None:
         if doc_id is not None:
             _fail("give either DOC_ID REVISION or --backup PATH, not both", 2)
         from sage_server import backup
+        from sage_server.store import open_store
 
-        db_path = backup.database_path(_settings(ctx))
-        saved = backup.restore(backup_path, db_path, checksum=not no_checksum)
-        click.echo(
-            f"restored {db_path} from {backup_path}" + (f"; the previous database is at {saved}" if saved else "")
-        )
+        settings = _settings(ctx)
+        saved = backup.restore_store(settings, backup_path, checksum=not no_checksum, force=force)
+        where = open_store(settings).location
+        click.echo(f"restored {where} from {backup_path}" + (f"; the previous database is at {saved}" if saved else ""))
         return
     if doc_id is None or revision is None:
         _fail("give DOC_ID REVISION (a document revision) or --backup PATH (a database backup)", 2)
@@ -366,12 +438,13 @@ def restore(
 @json_option
 @click.pass_context
 def backup_command(ctx: click.Context, backup_dir: Path | None, as_json: bool) -> None:
-    """Back up the database online (consistent while servers write), verify the copy, prune old backups."""
+    """Back up the database online (consistent while servers write), verify the copy, prune old backups. SQLite:
+    a copy of the file (sage-<time>.db); PostgreSQL: an export (sage-<time>.export.jsonl.gz)."""
     from sage_server import backup
 
     settings = _settings(ctx)
     target = backup_dir or settings.backup_dir
-    report = backup.backup(backup.database_path(settings), target, settings.backup_retention_days)
+    report = backup.backup_store(settings, target)
     backup.record(target, report=report)  # a manual backup counts: the schedule and /health see it
     emit(
         report,
@@ -390,17 +463,20 @@ def backup_command(ctx: click.Context, backup_dir: Path | None, as_json: bool) -
     "path",
     type=click.Path(path_type=Path),
     default=None,
-    help="Verify this database or backup file instead of SAGE_DB_PATH.",
+    help="Verify this database, backup or export file instead of the configured store.",
 )
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, thorough: bool, path: Path | None, as_json: bool) -> None:
-    """Verify the database: SQLite integrity, the search indexes, migrations (--all: hashes, history). Exit 1 if
-    anything is wrong."""
+    """Verify the database: SQLite integrity, the search indexes, migrations (--all: hashes, history); an export
+    or a PostgreSQL store: checksum, format, hashes, revision chains. Exit 1 if anything is wrong."""
     from sage_server import backup
 
-    target = path or backup.database_path(_settings(ctx))
-    report = backup.verify(target, thorough)
+    settings = _settings(ctx)
+    if path is None and settings.database_url is not None:
+        report = backup.verify_live(settings)
+    else:
+        report = backup.verify(path or settings.db_path, thorough)
 
     def human() -> None:
         for check in report.checks:

@@ -1,8 +1,9 @@
 """The backup job of `sage serve` (spec 9.1): the knowledge base daily, the configuration on change, the metrics
 hourly, each kept for its retention.
 
-Several servers may share one database and one backup folder: one of them at a time holds the job (a lock file in
-the backup folder, released by the operating system if that server dies, when another takes over). The last
+Several servers may share one database and one backup folder: one of them at a time holds the job (SQLite: a lock
+file in the backup folder, released by the operating system if that server dies; PostgreSQL: an advisory lock of
+the database, released when that server's connection ends), and another takes over when it stops. The last
 success and failure are kept in the backup folder, so a server restarted more often than the interval still backs
 up, and every server's /health sees a failure.
 """
@@ -21,12 +22,10 @@ import anyio.to_thread
 from sage_server import backup, snapshots
 from sage_server.config import Settings, config_files
 from sage_server.errors import SageError
-from sage_server.locks import FileLock
 from sage_server.logs import get_logger, log_event
 from sage_server.service import KnowledgeService
 
 log = get_logger("backup")
-JOB_LOCK = ".job.lock"
 CONFIG_RETENTION_DAYS = 30
 METRICS_RETENTION_DAYS = 7
 # A failed backup is tried again this soon (or at the interval, if that is shorter).
@@ -64,24 +63,26 @@ class BackupSchedule:
             tasks.start_soon(self._job)
 
     async def _job(self) -> None:
-        lock = FileLock(self.folder / JOB_LOCK)
-        while not await self._acquire(lock):
+        while True:
+            try:
+                # A lock file in the backup folder for SQLite; an advisory lock of the database for PostgreSQL.
+                async with self.service.store.job_lock(self.folder) as held:
+                    if held:
+                        await self._hold_job()
+            except OSError as exc:
+                self._failed(f"cannot use the backup folder {self.folder}: {exc}")
+            except SageError as exc:
+                self._failed(f"cannot take the backup job's lock: {exc.message}")
             await anyio.sleep(self.lock_retry_seconds)  # another server holds the job; take over if it stops
+
+    async def _hold_job(self) -> None:
         self.holds_job = True
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._knowledge_base)
                 tasks.start_soon(self._configuration)
         finally:
-            lock.release()
             self.holds_job = False
-
-    async def _acquire(self, lock: FileLock) -> bool:
-        try:
-            return lock.acquire()
-        except OSError as exc:
-            self._failed(f"cannot use the backup folder {self.folder}: {exc}")
-            return False
 
     async def _knowledge_base(self) -> None:
         while True:
@@ -102,10 +103,12 @@ class BackupSchedule:
     async def backup_now(self) -> backup.BackupReport | None:
         """Back the database up now and record the outcome; a failure is logged and recorded, never raised."""
         try:
-            source = backup.database_file(self.service.store)
-            report = await anyio.to_thread.run_sync(
-                backup.backup, source, self.folder, self.settings.backup_retention_days
-            )
+            source = self.service.store.path
+            if source is not None:
+                retention = self.settings.backup_retention_days
+                report = await anyio.to_thread.run_sync(backup.backup, source, self.folder, retention)
+            else:  # PostgreSQL: an export, written in a thread of its own (its own event loop and connection)
+                report = await anyio.to_thread.run_sync(backup.backup_store, self.settings, self.folder)
         except (SageError, OSError) as exc:
             self._failed(exc.message if isinstance(exc, SageError) else f"{type(exc).__name__}: {exc}")
             return None
@@ -169,5 +172,5 @@ class BackupSchedule:
 
 
 def _newest_backup(folder: Path) -> float | None:
-    times = [path.stat().st_mtime for path in folder.glob(backup.BACKUP_GLOB)]
+    times = [path.stat().st_mtime for path in backup.backups(folder)]
     return max(times, default=None)

@@ -210,7 +210,7 @@ async def _serve(
             with background:
                 async with anyio.create_task_group() as work:
                     work.start_soon(service.import_configured)
-                    if settings.backup_interval_hours > 0 and service.fallback_reason is None and service.store.path:
+                    if settings.backup_interval_hours > 0 and service.fallback_reason is None:
                         work.start_soon(BackupSchedule(settings, service).run)
 
         async def stop_on_signal() -> None:

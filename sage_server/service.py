@@ -452,10 +452,8 @@ class KnowledgeService(BoundedViews):
         return Health(status=status, version=__version__, backend=self.store.backend, components=components)
 
     def _backup_health(self) -> ComponentStatus:
-        if self.fallback_reason or self.store.path is None:
-            # A temporary copy of the bundled core has nothing of the user's to back up; SAGE does not back up a
-            # PostgreSQL store yet (issue 19).
-            return "disabled"
+        if self.fallback_reason:
+            return "disabled"  # a temporary copy of the bundled core has nothing of the user's to back up
         interval = self.settings.backup_interval_hours
         return backup.health_status(self.settings.backup_dir, interval, self.created_at, self.backup_error)
 

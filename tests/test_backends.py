@@ -16,7 +16,6 @@ import pytest
 from mcp import Client
 from psycopg.rows import dict_row
 
-from sage_server import backup
 from sage_server import service as service_module
 from sage_server.app import create_app
 from sage_server.assistant import build_server
@@ -67,7 +66,7 @@ async def test_info_and_health_name_the_backend(kb: KnowledgeService, backend_se
     health = await kb.health()
     assert health.backend == backend_of(backend_settings) and health.components["knowledge"] == "healthy"
     if info.backend == "postgresql":
-        assert info.db_path.startswith("postgresql://") and health.components["backup"] == "disabled"
+        assert info.db_path.startswith("postgresql://") and health.components["backup"] == "healthy"
 
 
 async def test_revisions_soft_delete_restore_and_purge(kb: KnowledgeService) -> None:
@@ -213,15 +212,6 @@ async def test_search_and_context_refuse_clearly_on_postgresql(tmp_path: Path, p
             await kb.context("rotate a leaked key")
 
 
-async def test_backups_of_a_postgresql_store_are_refused_naming_the_issue(tmp_path: Path, postgres_url: str) -> None:
-    settings = make_settings(tmp_path, database_url=postgres_url)
-    with pytest.raises(NotSupported, match=r"not supported yet \(issue 19\)"):
-        backup.database_path(settings)
-    async with open_service(settings) as kb:
-        with pytest.raises(NotSupported, match="issue 19"):
-            backup.database_file(kb.store)
-
-
 async def test_instances_starting_at_once_migrate_once(postgres_url: str) -> None:
     stores = [PostgresStore(postgres_url, pool_size=2) for _ in range(4)]
     applied: list[list[str]] = []
@@ -324,9 +314,7 @@ async def test_the_rest_face_behaves_alike(kb: KnowledgeService, backend_setting
                 assert search.status_code == 501 and "not available on PostgreSQL yet" in search.text
 
 
-async def test_the_command_line_names_the_backend_and_refuses_postgresql_backups(
-    tmp_path: Path, knowledge: Path, postgres_url: str
-) -> None:
+async def test_the_command_line_names_the_backend(tmp_path: Path, knowledge: Path, postgres_url: str) -> None:
     env = sage_env(tmp_path, SAGE_DATABASE_URL=postgres_url, SAGE_KNOWLEDGE_DIRS=str(knowledge))
     sage = sage_runner(tmp_path, {**env, "SAGE_BUNDLED_KNOWLEDGE": "false"})
     info = await anyio.to_thread.run_sync(sage, "info", "--json")
@@ -334,8 +322,6 @@ async def test_the_command_line_names_the_backend_and_refuses_postgresql_backups
     assert json.loads(info.stdout)["backend"] == "postgresql" and json.loads(info.stdout)["documents"] == 4
     human = await anyio.to_thread.run_sync(sage, "info")
     assert "database postgresql postgresql://" in human.stdout
-    refused = await anyio.to_thread.run_sync(sage, "backup")
-    assert refused.returncode != 0 and "issue 19" in refused.stderr and "pg_dump" in refused.stderr
 
 
 async def test_an_interrupted_import_changes_nothing(

@@ -8,13 +8,14 @@ surface as `Unavailable`, never as a driver's exception.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
 from sage_server.models import AuditEntry, Change, DocumentIn, Revision
+from sage_server.store.export_records import ExportRecord, Kind
 from sage_server.store.records import (
     ChangeLog,
     DocumentPage,
@@ -77,6 +78,13 @@ class Reader(SearchIndex, Protocol):
     async def audit_entries(self, since: str, after: int, limit: int) -> list[AuditEntry]:
         """Audit entries at or after `since` (ISO time) and after entry `after`, in the order written."""
 
+    async def counts(self) -> dict[Kind, int]:
+        """How many rows of each exported kind there are (documents live and deleted, revisions, aliases, keys,
+        audit entries)."""
+
+    def dump(self, kind: Kind) -> AsyncIterator[ExportRecord]:
+        """Every row of one kind as export records, in a backend-independent order, streamed (bounded memory)."""
+
 
 class Writer(Reader, Protocol):
     """One write transaction; it reads its own writes."""
@@ -115,6 +123,16 @@ class Writer(Reader, Protocol):
     async def prune_audit(self, before: str) -> int:
         """Delete audit entries older than `before` (ISO time); how many went."""
 
+    async def clear(self) -> None:
+        """Remove every document, revision, alias, key, audit entry and change-log row (an import replacing all)."""
+
+    async def load(self, records: Sequence[ExportRecord]) -> None:
+        """Store exported records as they were (documents before the revisions and aliases naming them); the search
+        index and sections follow the loaded documents."""
+
+    async def finish_load(self, database_id: str, created_at: str, generation: int) -> None:
+        """Set the loaded knowledge base's identity, creation time and generation (bump_generation comes after)."""
+
 
 class Store(Protocol):
     """One database holding a knowledge base."""
@@ -147,6 +165,17 @@ class Store(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Writer]:
         """A write transaction."""
+
+    def snapshot(self) -> AbstractAsyncContextManager[Reader]:
+        """A read session in one transaction however long it takes, with no deadline (exports read through it)."""
+
+    def job_lock(self, folder: Path) -> AbstractAsyncContextManager[bool]:
+        """Try to take the backup job's lock, without waiting: True while held. On SQLite a lock file in the backup
+        `folder`; on PostgreSQL an advisory lock of the database (one holder among every instance using it)."""
+
+    async def other_sessions(self) -> list[str]:
+        """The other clients connected to the database, described for people (PostgreSQL: any SAGE instance shows
+        as `sage:<tag>`); always empty for SQLite, whose file lock refuses a restore while the file is served."""
 
     async def close(self) -> None:
         """Close every connection; safe to call twice."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -36,8 +37,10 @@ log = get_logger("store")
 # Advisory lock keys (any two 64-bit numbers SAGE alone uses): one held while migrating, one by each write.
 MIGRATION_LOCK = 0x5A6E_0001
 WRITE_LOCK = 0x5A6E_0002
+JOB_LOCK = 0x5A6E_0003  # held by the one instance running the backup job, on a connection of its own
 CONNECT_SECONDS = 10.0
 WATCH_RETRY_SECONDS = 1.0
+CLOSING_SECONDS = 2.0  # how long a client that just disconnected may still be listed as connected
 SERVER_GRACE = 0.25  # seconds past a deadline before the server stops the query itself
 
 _TRACKING = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -116,13 +119,20 @@ class PostgresStore:
 
     def __init__(self, url: str, pool_size: int = 10, migrations: Path | None = None) -> None:
         self.url = url
+        # Every connection says it is SAGE's (pg_stat_activity shows it), and which store it belongs to, so
+        # other_sessions() can leave this one's own connections out.
+        self.application_name = f"sage:{uuid.uuid4().hex[:8]}"
         self.migrations = migrations or postgres_migrations()
         self.pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
             open=False,
-            kwargs={"row_factory": dict_row, "autocommit": True},  # each session says BEGIN and COMMIT itself
+            kwargs={
+                "row_factory": dict_row,
+                "autocommit": True,
+                "application_name": self.application_name,
+            },  # each session says BEGIN and COMMIT itself
             connection_class=AsyncConnection[DictRow],
             timeout=CONNECT_SECONDS,
         )
@@ -149,7 +159,10 @@ class PostgresStore:
         while True:
             try:
                 async with await AsyncConnection.connect(
-                    self.url, autocommit=True, connect_timeout=int(CONNECT_SECONDS)
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=int(CONNECT_SECONDS),
+                    application_name=self.application_name,
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     # Writes committed before the LISTEN took hold are told by the generation they left.
@@ -195,6 +208,51 @@ class PostgresStore:
     async def read(self) -> AsyncIterator[PostgresReader]:
         async with self._session("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as conn:
             yield PostgresReader(conn)
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[PostgresReader]:
+        async with self.read() as reader:  # a read is one snapshot already (REPEATABLE READ)
+            yield reader
+
+    @asynccontextmanager
+    async def job_lock(self, folder: Path) -> AsyncIterator[bool]:
+        # A session lock on a connection of its own, held while the block runs; if this instance dies, its
+        # connection closes and the lock is free for another.
+        try:
+            conn = await AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=int(CONNECT_SECONDS), application_name=self.application_name
+            )
+        except psycopg.Error as exc:
+            raise _unavailable(self.url, exc) from exc
+        try:
+            try:
+                cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (JOB_LOCK,))
+                row = await cursor.fetchone()
+            except psycopg.Error as exc:
+                raise _unavailable(self.url, exc) from exc
+            yield bool(row and row[0])
+        finally:
+            with anyio.CancelScope(shield=True):  # closed even when cancelled: that is what lets the lock go
+                await conn.close()
+
+    async def other_sessions(self) -> list[str]:
+        # A client that has just disconnected stays listed until its server process has exited (moments later):
+        # ask again for a little while before answering that others are connected.
+        rows = await self._other_sessions()
+        with anyio.move_on_after(CLOSING_SECONDS):
+            while rows:
+                await anyio.sleep(0.1)
+                rows = await self._other_sessions()
+        return [f"{row['application_name'] or 'unnamed'} ({row['address'] or 'local socket'})" for row in rows]
+
+    async def _other_sessions(self) -> list[DictRow]:
+        async with self.read() as reader:
+            return await reader._rows(
+                "SELECT application_name, client_addr::text AS address FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+                "AND application_name <> %s ORDER BY application_name",
+                (self.application_name,),
+            )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresWriter]:

@@ -12,6 +12,7 @@ from psycopg.rows import DictRow
 
 from sage_server.errors import NotSupported
 from sage_server.models import ApiKey, AuditEntry, Change, DocumentIn, Revision
+from sage_server.store.postgres_export import PostgresDump, PostgresLoad
 from sage_server.store.records import (
     CHANGE_IDS,
     CHANGE_RETENTION,
@@ -85,7 +86,7 @@ def _filters(layers: list[str] | None, tags: list[str] | None) -> tuple[str, lis
     return sql, params
 
 
-class PostgresReader:
+class PostgresReader(PostgresDump):
     """Reads on one PostgreSQL connection, inside one snapshot."""
 
     def __init__(self, conn: Connection) -> None:
@@ -276,7 +277,7 @@ class PostgresReader:
         return [SectionText(r["doc_key"], r["ord"], r["heading"], r["text"]) for r in rows]
 
 
-class PostgresWriter(PostgresReader):
+class PostgresWriter(PostgresLoad, PostgresReader):
     """One write transaction (writers take one lock, so they run one at a time across instances, as on SQLite)."""
 
     async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import anyio
+
 from sage_server.errors import Unavailable
 from sage_server.locks import FileLock, serving_lock_path
 from sage_server.logs import get_logger, log_event
@@ -18,6 +20,7 @@ from sage_server.store.sqlite_connections import Database
 from sage_server.store.sqlite_documents import SqliteReader, SqliteWriter
 
 log = get_logger("store")
+JOB_LOCK = ".job.lock"  # in the backup folder: held by the server running the backup job
 
 
 def _unavailable(exc: sqlite3.Error) -> Unavailable:
@@ -71,6 +74,30 @@ class SqliteStore:
                 yield SqliteReader(conn)
         except sqlite3.Error as exc:
             raise _unavailable(exc) from exc
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SqliteReader]:
+        try:
+            async with self.db.read() as conn:
+                await conn.execute("BEGIN")  # one snapshot until the end, however long the reads take
+                try:
+                    yield SqliteReader(conn)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
+
+    @asynccontextmanager
+    async def job_lock(self, folder: Path) -> AsyncIterator[bool]:
+        lock = FileLock(folder / JOB_LOCK)
+        try:
+            yield lock.acquire()
+        finally:
+            lock.release()
+
+    async def other_sessions(self) -> list[str]:
+        return []
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteWriter]:

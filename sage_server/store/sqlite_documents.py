@@ -27,6 +27,7 @@ from sage_server.store.records import (
     now_iso,
 )
 from sage_server.store.rows import document_fields, ref, section_rows, stored, to_content, to_summary
+from sage_server.store.sqlite_export import SqliteDump, SqliteLoad
 from sage_server.store.sqlite_search import SqliteSearch, filter_sql
 
 DOCUMENT_COLUMNS = (
@@ -67,7 +68,7 @@ KEY_COLUMNS = "name, digest, scope, created_at, expires_at, revoked_at"
 AUDIT_COLUMNS = "at, key_name, client, operation, target, revision, outcome, count, detail"
 
 
-class SqliteReader(SqliteSearch):
+class SqliteReader(SqliteDump, SqliteSearch):
     """Reads on one SQLite connection."""
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
@@ -229,7 +230,7 @@ class SqliteReader(SqliteSearch):
         ]
 
 
-class SqliteWriter(SqliteReader):
+class SqliteWriter(SqliteLoad, SqliteReader):
     """One write transaction on the SQLite writer connection."""
 
     async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
