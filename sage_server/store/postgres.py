@@ -40,7 +40,7 @@ WRITE_LOCK = 0x5A6E_0002
 JOB_LOCK = 0x5A6E_0003  # held by the one instance running the backup job, on a connection of its own
 CONNECT_SECONDS = 10.0
 WATCH_RETRY_SECONDS = 1.0
-CLOSING_SECONDS = 2.0  # how long a client that just disconnected may still be listed as connected
+CLOSING_SECONDS = 5.0  # how long a client that just disconnected may still be listed as connected
 SERVER_GRACE = 0.25  # seconds past a deadline before the server stops the query itself
 
 _TRACKING = """CREATE TABLE IF NOT EXISTS schema_migrations (
