@@ -112,7 +112,7 @@ class PostgresStore:
 
     backend: Literal["postgresql"] = "postgresql"
     path: Path | None = None
-    searchable = False  # the full-text index is still to be built on PostgreSQL (issue 18, part 2)
+    searchable = True
 
     def __init__(self, url: str, pool_size: int = 10, migrations: Path | None = None) -> None:
         self.url = url
