@@ -223,7 +223,7 @@ def _phrase_rows(out: _Statement, phrase: Phrase, tokens: list[str]) -> None:
 def _matching(out: _Statement, expression: Expression, names: dict[int, str]) -> None:
     """A query giving the doc_key of every document matching the expression."""
     if isinstance(expression, Phrase):
-        out.add(f"SELECT doc_key FROM {names[id(expression)]}")
+        out.add(f"SELECT DISTINCT doc_key FROM {names[id(expression)]}")
         return
     joiner = " UNION " if expression.op == "or" else " INTERSECT "
     for number, part in enumerate(expression.parts):
