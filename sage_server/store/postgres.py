@@ -122,7 +122,9 @@ class PostgresStore:
             min_size=1,
             max_size=pool_size,
             open=False,
-            kwargs={"row_factory": dict_row, "autocommit": True},  # each session says BEGIN and COMMIT itself
+            # Each session says BEGIN and COMMIT itself. No JIT: it compiles for seconds when a freshly written table's
+            # statistics make a millisecond search look costly.
+            kwargs={"row_factory": dict_row, "autocommit": True, "options": "-c jit=off"},
             connection_class=AsyncConnection[DictRow],
             timeout=CONNECT_SECONDS,
         )

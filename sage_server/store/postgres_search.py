@@ -435,10 +435,18 @@ class PostgresSearch:
         return found
 
     async def vocabulary_near(self, starts: list[str], max_length: int) -> list[tuple[str, int]]:
+        # One range of the terms' index per start, each planned with its own bounds (a join on a list of starts was
+        # planned as a scan of the whole index). A vocabulary table counted at write time was slower to keep: an
+        # import updated the count of every common word once per document.
+        if not starts:
+            return []
+        ranges = " UNION ALL ".join(
+            "SELECT term, doc_key FROM search_terms WHERE term >= %s AND term < %s AND length(term) <= %s"
+            for _ in starts
+        )
+        params = [value for start in starts for value in (start, start + LAST_CHARACTER, max_length)]
         rows = await self._all(
-            "SELECT t.term, count(DISTINCT t.doc_key) AS docs FROM unnest(%s::text[]) AS p (s) "
-            "JOIN search_terms t ON t.term >= p.s AND t.term < p.s || %s WHERE length(t.term) <= %s GROUP BY t.term",
-            (starts, LAST_CHARACTER, max_length),
+            f"SELECT term, count(DISTINCT doc_key) AS docs FROM ({ranges}) AS found GROUP BY term", params
         )
         return [(row["term"], int(row["docs"])) for row in rows]
 
