@@ -28,6 +28,8 @@ LATENCIES = [
     for level in ("c1", "c32")
 ] + [
     "sqlite-raw/search/c1",
+    "pg/search/c1",
+    "pg-raw/search/c1",
     "inproc/search-repeat/c1",
     "inproc/get-cold/c1",
     "inproc/get-warm/c1",
@@ -45,6 +47,7 @@ LATENCIES = [
 FIGURES = [
     "corpus_mb",
     "import_docs_per_s",
+    "pg_import_docs_per_s",
     "import_s",
     "db_mb",
     "cold_start_s",
