@@ -312,29 +312,38 @@ class PostgresSearch:
 
     async def stems(self, texts: list[str]) -> list[list[str]]:
         # Every database stems with the same configuration (its migration), so stems are remembered process-wide.
-        missing = list(dict.fromkeys(text for text in texts if text not in _known_stems))
+        known = {text: _known_stems[text] for text in texts if text in _known_stems}
+        missing = [text for text in dict.fromkeys(texts) if text not in known]
         if missing:
             found: list[list[str]] = [[] for _ in missing]
             for row in await self._all(_STEMS, (missing,)):
                 found[row["n"] - 1].append(row["lexeme"])
             if len(_known_stems) + len(missing) > STEM_MEMORY:
                 _known_stems.clear()
+            known.update(zip(missing, found, strict=True))
             _known_stems.update(zip(missing, found, strict=True))
-            return [_known_stems[text] if text in _known_stems else found[missing.index(text)] for text in texts]
-        return [_known_stems[text] for text in texts]
+        return [known[text] for text in texts]
 
-    async def _parsed(self, fts: str) -> tuple[Expression, dict[str, list[str]]]:
-        expression = parse(fts)
-        texts = [phrase.text for phrase in phrases(expression) if not _cjk_only(phrase)]
-        return expression, dict(zip(texts, await self.stems(texts), strict=True))
+    async def _parsed(self, expressions: list[str]) -> list[tuple[Expression, dict[str, list[str]]]]:
+        """Each expression read, with the stems of its phrases (looked up at once)."""
+        trees = [parse(fts) for fts in expressions]
+        texts = list(dict.fromkeys(p.text for tree in trees for p in phrases(tree) if not _cjk_only(p)))
+        stems = dict(zip(texts, await self.stems(texts), strict=True))
+        return [(tree, stems) for tree in trees]
+
+    async def _statement(self, fts: str) -> tuple[_Statement, list[str]]:
+        """`WITH` and the parts naming `fts`'s phrases and matching documents (`m`); the phrases' names."""
+        [(expression, stems)] = await self._parsed([fts])
+        out = _Statement()
+        out.add("WITH ")
+        return out, _with(out, expression, stems, "")
 
     async def document_counts(self, expressions: list[str], documents: int) -> list[int]:
         # Exact counts: each is one range of the terms' index, a few milliseconds for the commonest word at 10k.
         unique = list(dict.fromkeys(expressions))
         out = _Statement()
         out.add("WITH ")
-        for number, fts in enumerate(unique):
-            expression, stems = await self._parsed(fts)
+        for number, (expression, stems) in enumerate(await self._parsed(unique)):
             out.add("" if number == 0 else ", ")
             _with(out, expression, stems, f"e{number}")
         out.add(" " + " UNION ALL ".join(f"SELECT {n} AS n, count(*) AS c FROM e{n}m" for n in range(len(unique))))
@@ -344,15 +353,6 @@ class PostgresSearch:
     async def document_count(self) -> int:
         rows = await self._all("SELECT documents FROM search_totals")
         return max(1, int(rows[0]["documents"]) if rows else 1)
-
-    async def _ranked(self, fts: str) -> _Statement:
-        """`WITH ...` up to `scored` for `fts`."""
-        expression, stems = await self._parsed(fts)
-        out = _Statement()
-        out.add("WITH ")
-        names = _with(out, expression, stems, "")
-        _scores(out, names, _weights())
-        return out
 
     async def rank_documents(
         self, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
@@ -376,7 +376,8 @@ class PostgresSearch:
         self, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
     ) -> tuple[str, list[object]]:
         """The statement (and parameters) of `rank_documents`; `make bench` can run it raw as the floor."""
-        out = await self._ranked(fts)
+        out, names = await self._statement(fts)
+        _scores(out, names, _weights())
         columns = "d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary, s.score"
         where, filters = _filters(layers, tags)
         if where:
@@ -410,10 +411,7 @@ class PostgresSearch:
         # bm25() counting one field at a time (every other field's weight 0), for every field in one statement.
         if not keys:
             return {}
-        expression, stems = await self._parsed(fts)
-        out = _Statement()
-        out.add("WITH ")
-        names = _with(out, expression, stems, "")
+        out, names = await self._statement(fts)
         _scores(out, names, _weights())
         hits = " UNION ALL ".join(f"SELECT {n} AS i, doc_key, field, tf FROM {name}" for n, name in enumerate(names))
         idfs = " UNION ALL ".join(f"SELECT {n} AS i, idf FROM {name}i" for n, name in enumerate(names))
@@ -451,10 +449,7 @@ class PostgresSearch:
         return [(row["term"], int(row["docs"])) for row in rows]
 
     async def count_matches(self, fts: str, up_to: int) -> int:
-        expression, stems = await self._parsed(fts)
-        out = _Statement()
-        out.add("WITH ")
-        _with(out, expression, stems, "")
+        out, _ = await self._statement(fts)
         out.add(" SELECT count(*) AS c FROM (SELECT 1 FROM m LIMIT %s) AS found", up_to)
         rows = await self._all(out.text(), out.params)
         return int(rows[0]["c"]) if rows else 0
