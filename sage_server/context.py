@@ -3,9 +3,10 @@
 The packer ranks documents for the task (weighing titles, tags, triggers and summaries most: a task description
 is long, and the words that name its subject are the ones a document's metadata carries), takes the best sections
 of the best documents, and packs them best first. It spends the budget on what matters rather than filling it:
-a document far behind the best, or a section worth far less than the best one, is left out; sections that only
-list links are never packed; and once a section does not fit, nothing after it is packed, so a weaker section
-never takes the place of a better one.
+a document far behind the best, or a section worth or matching far less than the best one, is left out; a document
+behind the best gives one short section, in case the ranking is wrong; sections that only list links are never
+packed; and once a section does not fit, nothing after it is packed, so a weaker section never takes the place of a
+better one.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ TASK_WEIGHTS = {"bm25": 0.3, "coverage": 0.1, "proximity": 0.0, "meta": 0.5, "tr
 TASK_CANDIDATES = 30
 # A document whose score is below this share of the best one is not worth the budget.
 RELATIVE_SCORE_FLOOR = 0.4
-SECTIONS_PER_DOCUMENT = 3
-SECTION_DECAY = 0.6
+SECTIONS_PER_DOCUMENT = 5
+SECTION_DECAY = 0.8
+# Documents scoring at least this share of the best one give up to SECTIONS_PER_DOCUMENT sections, the others one:
+# the shortest of their sections matching at least TRAILING_MATCH_SHARE as well as their best.
+LEADING_SHARE = 0.8
+TRAILING_MATCH_SHARE = 0.3
+# A section matching the task less than this share as well as the best-matching section is left out.
+SECTION_MATCH_FLOOR = 0.3
 # A section worth less than this share of the best section's worth is left out even when it would fit.
 SECTION_VALUE_FLOOR = 0.3
 ESSENTIALS_SHARE = 0.2
@@ -110,14 +117,25 @@ async def _sections(index: SearchIndex, query: ParsedQuery, ranked: list[Ranked]
     scores = _section_scores(query, rows) if rows else []
     best: dict[int, list[tuple[float, SectionText]]] = {}
     for row, score in zip(rows, scores, strict=True):
-        best.setdefault(row.doc_key, []).append((score, row))
+        if not only_links(_strip_heading(row.text)):
+            best.setdefault(row.doc_key, []).append((score, row))
     ordered: list[tuple[float, int, Candidate]] = []
-    for key, sections in best.items():
+    lead = max(doc.score for _, doc in docs.values())
+    # A section that matches the task far less than the best-matching section is not worth its tokens.
+    fit = max((score for sections in best.values() for score, _ in sections), default=0.0) * SECTION_MATCH_FLOOR
+    for key, readable in best.items():
         rank, doc = docs[key]
-        readable = [item for item in sections if not only_links(_strip_heading(item[1].text))]
-        matching = sorted((item for item in readable if item[0] > 0), key=lambda item: -item[0])
+        matching = sorted((item for item in readable if item[0] > 0 and item[0] >= fit), key=lambda item: -item[0])
+        # Only a document about as good as the best gives more than its best section: the others are packed in
+        # case the ranking is wrong, and one section shows the reader what they hold.
+        allowed = SECTIONS_PER_DOCUMENT if doc.score >= lead * LEADING_SHARE else 1
+        if allowed == 1 and matching:
+            # That one section is the shortest of those matching nearly as well as its best: it is there to show
+            # what the document holds, at the least cost to the budget.
+            near = [item for item in matching if item[0] >= matching[0][0] * TRAILING_MATCH_SHARE]
+            matching = [min(near, key=lambda item: len(item[1].text))]
         # A document found by its triggers or tags may have no matching section: offer its opening section.
-        chosen = matching[:SECTIONS_PER_DOCUMENT] or readable[:1]
+        chosen = matching[:allowed] or readable[:1]
         for nth, (_, row) in enumerate(chosen):
             candidate = Candidate(
                 doc_rank=rank,

@@ -70,6 +70,8 @@ RARE_DOCUMENTS = 2
 RARE_RATIO = 50
 # One edit weighs as much as this (natural) log of how many more documents use a word.
 EDIT_COST = 2.0
+# A second correction at most this much less likely (as weighed by `_best_fix`) is searched beside the first.
+CLOSE_FIX = 2.0
 # How much the share of a correction's documents that hold the query's other words counts (as a log).
 CONTEXT_WEIGHT = 1.0
 # Snippets and re-scoring read at most this much of a body: their cost must not grow with the document.
@@ -78,6 +80,10 @@ SNIPPET_SCAN_CHARS = 20_000
 VOCABULARY_MEMORY = 4096
 # Document counts are exact up to this many, estimated above (see document_counts).
 COUNT_UP_TO = 500
+# Chinese function characters (particles, pronouns, question words): a run's two-character pieces holding one
+# count this share in re-scoring. Chinese has no spaces, so these mark where most pieces cross a word boundary.
+CJK_FUNCTION = frozenset("的了吗呢吧么什怎哪谁我你他她它们这那个些是在把被给应该时候样要就都也还和与")
+CJK_FUNCTION_SHARE = 0.2
 T = TypeVar("T")
 
 _PHRASE = re.compile(r'"([^"]*)"')
@@ -373,6 +379,12 @@ def _short_fts(term: Term) -> str:
     return Term(term.text, "prefix").fts() if short else term.fts()
 
 
+def _gram_share(gram: str) -> float:
+    """How much a two-character piece of a Chinese run counts: little when it holds a function character, as
+    most pieces that straddle two words do ('审的' of '评审的时候')."""
+    return CJK_FUNCTION_SHARE if any(char in CJK_FUNCTION for char in gram) else 1.0
+
+
 def _split(term: Term) -> bool:
     """Whether re-scoring looks for a term as its bigrams (a CJK run of three or more characters)."""
     return term.kind == "cjk" and len(term.text) > 2
@@ -423,7 +435,7 @@ async def plan(
             # The run weighs as much as one of its bigrams on average, shared among them by their rarity: a long
             # Chinese sentence must not outweigh the rest of the query by its length.
             grams = [gram for gram in dict.fromkeys(bigrams(term.text)) if pieces[gram] in found]
-            rarity = [idf(found[pieces[gram]][1], documents) / len(grams) for gram in grams]
+            rarity = [idf(found[pieces[gram]][1], documents) * _gram_share(gram) / len(grams) for gram in grams]
             units = [Unit((gram,), weight, weight) for gram, weight in zip(grams, rarity, strict=True)]
         planned.append(
             PlannedTerm(
@@ -806,20 +818,32 @@ async def _together(index: SearchIndex, fts: str) -> int:
     return await index.count_matches(fts, 1000)
 
 
-async def _best_fix(index: SearchIndex, choices: list[tuple[float, str, int]], others: list[Term]) -> tuple[str, int]:
+async def _best_fix(
+    index: SearchIndex, choices: list[tuple[float, str, int]], others: list[Term]
+) -> list[tuple[Term, int]]:
     """The likeliest of the closest stems, judged also by how often each is found with the query's other words
-    (relative to how common it is): 'clsed file' reads 'closed', not 'cased'."""
-    if len(choices) == 1 or not others:
-        return choices[0][1], choices[0][2]
+    (relative to how common it is): 'clsed file' reads 'closed', not 'cased'. A runner-up nearly as likely
+    (within CLOSE_FIX) follows it, to be searched beside it: one wrong guess must not lose the page.
+
+    Each stem is searched as itself when the index's stemmer leaves it as it is, else as the start of words
+    (a short stem searched as a prefix, 'inf*', would match every word that starts with it)."""
+    head = choices[:CORRECTION_CHOICES]
+    stemmed = await index.stems([stem for _, stem, _ in head])
+    terms = [_fix_term(stem, tokens) for (_, stem, _), tokens in zip(head, stemmed, strict=True)]
     rest = " AND ".join(term.fts() for term in others)
-    best: tuple[float, str, int] | None = None
-    for cost, stem, docs in choices[:CORRECTION_CHOICES]:
-        share = await _together(index, f'"{stem}"* AND {rest}') / max(docs, 1)
-        weighed = cost - CONTEXT_WEIGHT * math.log(share + 0.01)
-        if best is None or weighed < best[0]:
-            best = (weighed, stem, docs)
-    assert best is not None
-    return best[1], best[2]
+    weighed = []
+    for (cost, _, docs), term in zip(head, terms, strict=True):
+        if rest and len(head) > 1:
+            share = await _together(index, f"{term.fts()} AND {rest}") / max(docs, 1)
+            cost -= CONTEXT_WEIGHT * math.log(min(share, 1.0) + 0.01)
+        weighed.append((cost, term, docs))
+    weighed.sort(key=lambda item: item[0])
+    return [(term, docs) for cost, term, docs in weighed[:2] if cost - weighed[0][0] <= CLOSE_FIX]
+
+
+def _fix_term(stem: str, tokens: list[str]) -> Term:
+    """An indexed stem as a query term: the word itself when the stemmer keeps it, else its start."""
+    return Term(stem, "word") if tokens == [stem] else Term(stem, "prefix")
 
 
 async def _maybe_typo(index: SearchIndex, term: PlannedTerm, documents: int, others: list[Term]) -> PlannedTerm:
@@ -827,17 +851,17 @@ async def _maybe_typo(index: SearchIndex, term: PlannedTerm, documents: int, oth
     choices = [c for c in await _closest(index, term.term.text) if c[1] != term.stem and c[2] >= RARE_RATIO * term.df]
     if not choices:
         return term
-    fix, df = await _best_fix(index, choices, [t for t in others if t is not term.term])
+    [(fix, df), *_] = await _best_fix(index, choices, [t for t in others if t is not term.term])
     both = min(documents, term.df + df)
     return PlannedTerm(
         term.term,
         term.typed,
         both,
         idf(both, documents),
-        term.keys + _stem_keys(fix),
+        term.keys + _stem_keys(fix.text),
         term.stem,
         "or",
-        Term(fix, "prefix"),
+        fix,
     )
 
 
@@ -871,9 +895,23 @@ async def correct(index: SearchIndex, plan: Plan) -> Plan | None:
         if not choices:
             terms.append(term)
             continue
-        fix, df = await _best_fix(index, choices, others)
+        fixes = await _best_fix(index, choices, others)
+        (fix, df), second = fixes[0], fixes[1:]
+        keys = _stem_keys(fix.text)
+        if second:
+            df = min(plan.documents, df + second[0][1])
+            keys += _stem_keys(second[0][0].text)
         terms.append(
-            PlannedTerm(Term(fix, "prefix"), word, df, idf(df, plan.documents), _stem_keys(fix), fix, "corrected")
+            PlannedTerm(
+                fix,
+                word,
+                df,
+                idf(df, plan.documents),
+                keys,
+                fix.text,
+                "corrected",
+                second[0][0] if second else None,
+            )
         )
         changed = True
     if not changed:

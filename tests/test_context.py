@@ -26,7 +26,7 @@ async def test_context_cites_matching_sections_after_the_essentials(service: Kno
 @pytest.mark.parametrize("budget", [200, 250, 300, 400, 600, 1000, 2500, 8000])
 async def test_never_exceeds_the_budget(service: KnowledgeService, budget: int) -> None:
     body = "\n\n".join(f"## Part {n}\n\n" + "backoff retry jitter deadline " * 60 for n in range(12))
-    await service.save(DocumentIn(id="big", title="Big Retry Guide", layer="practices", body=body))
+    await service.save(DocumentIn(id="big", title="Retry, Backoff, Jitter and Deadlines", layer="practices", body=body))
     result = await service.context("retry backoff jitter deadline", max_tokens=budget)
     assert result.tokens_used == estimate_tokens(result.text) <= budget
     assert result.sections, "something relevant always fits"
@@ -92,3 +92,42 @@ async def test_a_weaker_section_never_takes_the_place_of_one_that_did_not_fit(se
     assert packed == ["deep"] and "truncated to fit" in result.sections[0].text
     assert "aside" not in packed and result.tokens_used <= 1200
     assert left_out[0] == "deep"
+
+
+async def test_the_leading_document_gives_several_sections_a_trailing_one_only_its_best(
+    service: KnowledgeService,
+) -> None:
+    parts = ("Quotas", "Tokens", "Windows", "Headers")
+    lead = "".join(f"## {part}\n\nA rate limiter caps bursts with {part.lower()}.\n\n" for part in parts)
+    await service.save(
+        DocumentIn(
+            id="lead", title="Rate Limiter Bursts", layer="practices", body=lead, triggers=["rate limiter bursts"]
+        )
+    )
+    trail = "".join(f"## {part}\n\nBursts of {part.lower()} pass a limiter.\n\n" for part in parts)
+    await service.save(DocumentIn(id="trail", title="Rate Limiter Notes", layer="practices", body=trail))
+    result = await service.context("rate limiter bursts", max_tokens=4000)
+    packed = [s.id for s in result.sections]
+    assert packed.count("lead") > 1 and packed.count("trail") == 1, packed
+    # A section matching far less than the best one is not packed, however good its document.
+    assert all("limiter" in s.text.lower() or "burst" in s.text.lower() for s in result.sections if s.id == "lead")
+
+
+async def test_a_trailing_document_shows_its_shortest_well_matching_section(service: KnowledgeService) -> None:
+    lead = "## Limits\n\nA rate limiter caps bursts.\n\n## Keys\n\nA rate limiter keys bursts by client.\n"
+    await service.save(
+        DocumentIn(
+            id="lead", title="Rate Limiter Bursts", layer="practices", body=lead, triggers=["rate limiter bursts"]
+        )
+    )
+    long_part = (
+        "## In depth\n\nA rate limiter and its bursts: each rate limiter meters bursts. "
+        + "Tokens refill at a steady pace. " * 60
+        + "\n\n"
+    )
+    short_part = "## In short\n\nA rate limiter smooths bursts.\n"
+    await service.save(
+        DocumentIn(id="trail", title="Rate Limiter Notes", layer="practices", body=long_part + short_part)
+    )
+    result = await service.context("rate limiter bursts", max_tokens=4000)
+    assert [s.heading for s in result.sections if s.id == "trail"] == ["In short"]

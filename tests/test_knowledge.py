@@ -55,6 +55,7 @@ KINDS = {"keyword", "question", "task", "typo", "zh", "out_of_scope"}
 FLOOR_RECALL = 0.88
 FLOOR_MRR = 0.82
 FLOOR_CONTEXT_HIT = 0.90
+FLOOR_CONTEXT_SHARE = 0.55
 FLOOR_ZH_RECALL = 0.90
 MAX_TRIGGER_SHARE = 0.20
 
@@ -251,6 +252,9 @@ async def test_search_quality_floor(report: EvalReport) -> None:
 
 async def test_context_quality_floor(report: EvalReport) -> None:
     assert report.context_hit_rate >= FLOOR_CONTEXT_HIT, report.context_hit_rate
+    assert report.context_relevant_share >= FLOOR_CONTEXT_SHARE, report.context_relevant_share
+    # No task packs an off-topic section while leaving a relevant one out for want of room.
+    assert report.context_crowded_out == 0, [o.query for o in report.outcomes if o.crowded_out]
 
 
 async def test_chinese_questions_find_their_documents(report: EvalReport) -> None:

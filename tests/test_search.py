@@ -212,3 +212,33 @@ async def test_scores_say_how_well_a_document_answers(service: KnowledgeService)
 async def test_chinese_sentences_find_documents_holding_their_words_apart(service: KnowledgeService) -> None:
     hits = (await service.search("轮换泄露的密钥")).hits  # no document holds the sentence; one holds its words
     assert hits and hits[0].id == "handling-secrets"
+
+
+async def test_a_typo_as_close_to_two_words_is_searched_as_both(service: KnowledgeService) -> None:
+    await save(service, "flimbat", "Flimbat", "How to tune the flimbat.")
+    await save(service, "flambat", "Flambat", "How to tune the flambat.")
+    result = await service.search("flembat", explain=True)  # one edit from either
+    assert result.terms is not None and result.terms[0].note == "corrected"
+    assert result.terms[0].searched in ("(flimbat OR flambat)", "(flambat OR flimbat)")
+    assert {h.id for h in result.hits} == {"flimbat", "flambat"}
+    # A correction far likelier than the other is searched alone.
+    for n in range(20):  # e^CLOSE_FIX times as common
+        await save(service, f"flimbat-{n}", f"Flimbat {n}", "The flimbat again.")
+    result = await service.search("flembat", explain=True)
+    assert result.terms is not None and result.terms[0].searched == "flimbat"
+
+
+async def test_a_short_stem_correction_does_not_match_every_word_starting_with_it(service: KnowledgeService) -> None:
+    await save(service, "zenith", "Zenith", "The zen of zenith: zenithal zenithward views.")
+    await save(service, "zen", "Zen", "Zen.")
+    result = await service.search("zenk", explain=True)  # "zen" is a word: searched as itself, not as zen*
+    assert result.terms is not None and result.terms[0].searched == "zen"
+
+
+async def test_chinese_pieces_across_a_function_character_count_little(service: KnowledgeService) -> None:
+    # '审的', '的时', '候应' straddle words: a document matching mostly through such pieces must not outrank one
+    # holding the query's content words.
+    await save(service, "straddles", "Changes", "变更评审的时候应该记录。")
+    await save(service, "words", "Review", "代码评审：先看意图，再看正确性。")
+    hits = (await service.search("代码评审的时候应该先看什么")).hits
+    assert [h.id for h in hits][:2] == ["words", "straddles"]
