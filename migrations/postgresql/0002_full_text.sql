@@ -73,23 +73,23 @@ DECLARE
         sage_words(d.body)
     ];
     grams TEXT[] := array_remove(string_to_array(d.cjk, ' '), '');
+    vectors TSVECTOR[];   -- each field parsed once, for its term frequencies and for the weighted vector
     total INTEGER;
 BEGIN
+    vectors := ARRAY(SELECT to_tsvector('sage', f.text) FROM unnest(fields) WITH ORDINALITY AS f (text, n) ORDER BY f.n);
     total := coalesce(cardinality(grams), 0)
         + (SELECT coalesce(sum(regexp_count(f, '\S+')), 0) FROM unnest(fields) AS f);
     INSERT INTO search_terms (term, doc_key, field, tf)
     SELECT v.lexeme, d.key, (f.n - 1)::SMALLINT, cardinality(v.positions)
-    FROM unnest(fields) WITH ORDINALITY AS f (text, n), unnest(to_tsvector('sage', f.text)) AS v;
+    FROM unnest(vectors) WITH ORDINALITY AS f (vector, n), unnest(f.vector) AS v;
     INSERT INTO search_terms (term, doc_key, field, tf)
     SELECT g, d.key, 6, count(*) FROM unnest(grams) AS g GROUP BY g;
     INSERT INTO search_documents (doc_key, length, vector, cjk)
     VALUES (
         d.key,
         total,
-        setweight(to_tsvector('sage', fields[1]), 'A')
-            || setweight(to_tsvector('sage', fields[2] || ' ' || fields[3] || ' ' || fields[4]), 'B')
-            || setweight(to_tsvector('sage', fields[5]), 'C')
-            || setweight(to_tsvector('sage', fields[6]), 'D'),
+        setweight(vectors[1], 'A') || setweight(vectors[2] || vectors[3] || vectors[4], 'B')
+            || setweight(vectors[5], 'C') || setweight(vectors[6], 'D'),
         ' ' || coalesce(array_to_string(array(SELECT ' ' || g || ' ' FROM unnest(grams) AS g), ''), '') || ' '
     );
     UPDATE search_totals SET documents = documents + 1, tokens = tokens + total;
