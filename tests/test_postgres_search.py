@@ -84,3 +84,10 @@ async def test_the_index_holds_exactly_the_live_documents(tmp_path: Path, postgr
         documents, tokens, lengths, live, with_terms, indexed = await cursor.fetchone() or ()
     assert documents == len(live) == 3 and tokens == lengths
     assert with_terms == indexed == live
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        await conn.execute("TRUNCATE documents CASCADE")
+        cursor = await conn.execute(
+            "SELECT (SELECT documents FROM search_totals), (SELECT count(*) FROM search_terms), "
+            "(SELECT count(*) FROM search_documents)"
+        )
+        assert await cursor.fetchone() == (0, 0, 0)

@@ -126,4 +126,15 @@ AFTER INSERT OR DELETE
 OR UPDATE OF title, tags, triggers, summary, headings, body, cjk, alt_titles, alt_summaries, deleted_at
 ON documents FOR EACH ROW EXECUTE FUNCTION sage_search_sync();
 
+-- TRUNCATE fires no row trigger: emptying documents empties the index with it.
+CREATE FUNCTION sage_search_clear() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE search_terms, search_documents;
+    UPDATE search_totals SET documents = 0, tokens = 0;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER documents_search_truncate AFTER TRUNCATE ON documents
+FOR EACH STATEMENT EXECUTE FUNCTION sage_search_clear();
+
 SELECT count(*) FROM (SELECT sage_search_add(d) FROM documents AS d WHERE d.deleted_at IS NULL) AS indexed;
