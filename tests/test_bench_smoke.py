@@ -121,7 +121,7 @@ async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_serv
         assert "nginx is not installed" in several["notes"][0]
 
     verdicts = {target["name"]: target["verdict"] for target in result["targets"]}
-    assert len(verdicts) == 11 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts
+    assert len(verdicts) == 12 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts
     assert verdicts["write visible to search once acknowledged: failures"] == "PASS"
     for target in result["targets"]:
         assert target["measured"] is not None and math.isfinite(target["measured"]), target
