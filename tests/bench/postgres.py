@@ -10,6 +10,7 @@ import psycopg
 
 import sage_server
 from sage_server import search
+from sage_server.errors import SageError
 from sage_server.store.postgres_search import PostgresSearch
 from tests.bench.corpus import Corpus, QueryStream
 from tests.bench.inprocess import bench_settings
@@ -62,7 +63,10 @@ async def measure(corpus: Corpus, work: Path, stream: QueryStream, budget: Budge
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 await conn.execute("VACUUM ANALYZE")
             for q in stream.queries(budget.warmup):
-                await kb.search(q)
+                try:
+                    await kb.search(q)
+                except SageError as exc:  # counted in the measured loop below, not fatal here
+                    results.notes.append(f"PostgreSQL warm-up search failed: {exc}")
             serial = stream.queries(budget.serial)
             lat = await run_load(
                 lambda w, i: kb.search(serial[i]), concurrency=1, count=len(serial), seconds=budget.seconds
