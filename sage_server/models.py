@@ -151,7 +151,7 @@ class DocumentList(BaseModel):
 class ScoreExplanation(BaseModel):
     """Why a hit ranked where it did (search with explain): its score is the weighted sum of `parts`."""
 
-    bm25: float = Field(description="SQLite FTS5 BM25 with SAGE's field weights (higher is better)")
+    bm25: float = Field(description="FTS5's BM25 with SAGE's field weights (higher is better)")
     bm25_fields: dict[str, float] = Field(description="BM25 counting one field at a time, with that field's weight")
     parts: dict[str, float] = Field(
         description="Each part of the score, 0-1: bm25 (relative to the best candidate), "

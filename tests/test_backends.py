@@ -1,5 +1,5 @@
 """The same behaviour on both stores: every test here runs on SQLite and on PostgreSQL (a database of its own,
-created and dropped). Search is the one part PostgreSQL does not have yet: that it refuses clearly is tested too."""
+created and dropped), and search ranks alike on both (the same documents in the same order, with close scores)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sage_server import service as service_module
 from sage_server.app import create_app
 from sage_server.assistant import build_server
 from sage_server.config import Settings
-from sage_server.errors import Conflict, MigrationError, NotFound, NotSupported, StaleRevision
+from sage_server.errors import Conflict, MigrationError, NotFound, StaleRevision
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from sage_server.store.postgres import PostgresStore, migrate, postgres_migrations
@@ -195,6 +195,94 @@ async def test_an_unknown_id_suggests_close_ones(kb: KnowledgeService) -> None:
     assert "handling-secrets" in missing.value.details["suggestions"]
 
 
+# -- search and context ----------------------------------------------------------------------------------------------
+
+
+async def test_search_finds_words_stems_prefixes_typos_and_chinese(kb: KnowledgeService) -> None:
+    async def first(query: str, **filters: Any) -> str | None:
+        hits = (await kb.search(query, **filters)).hits
+        return hits[0].id if hits else None
+
+    assert await first("retrying with backoff") == "timeout-resilience"  # a stem: retrying -> retri
+    assert await first("credentials in logs") == "handling-secrets"
+    assert await first("resil*") == "timeout-resilience"
+    assert await first("circiut braker") == "timeout-resilience"  # typos corrected
+    assert await first("密钥") == "handling-secrets"  # two Chinese characters
+    assert await first("检查访问日志") == "handling-secrets"  # a Chinese phrase inside a sentence
+    assert await first('"exponential backoff"') == "timeout-resilience"
+    assert await first("stabilisé") == "scenarios.plain-note"  # accents folded
+    assert await first("key", layers=["core"]) is None
+    assert await first("deadline", tags=["timeouts"]) == "timeout-resilience"
+    assert await first("deadline", tags=["security"]) is None
+
+
+async def test_search_follows_every_write(kb: KnowledgeService) -> None:
+    await kb.save(doc("animal-note", "# Quokka care\n\nFeed the quokka leaves.\n", tags=["animals"]))
+    assert [hit.id for hit in (await kb.search("quokka")).hits] == ["animal-note"]
+    await kb.save(doc("animal-note", "# Wombat care\n\nFeed the wombat grass.\n"))
+    assert (await kb.search("quokka")).hits == []
+    assert [hit.id for hit in (await kb.search("wombat")).hits] == ["animal-note"]
+    await kb.delete("animal-note")
+    assert (await kb.search("wombat")).hits == []
+    await kb.restore("animal-note", 1)
+    assert [hit.id for hit in (await kb.search("quokka")).hits] == ["animal-note"]
+    assert (await kb.search("wombat")).hits == []
+    await kb.delete("animal-note")
+    await kb.purge("animal-note")
+    assert (await kb.search("quokka")).hits == []
+
+
+async def test_context_packs_the_relevant_sections(kb: KnowledgeService) -> None:
+    packed = await kb.context("rotate a leaked api key", max_tokens=2000)
+    assert "handling-secrets" in [section.id for section in packed.sections]
+    assert "Rotate a leaked key at once." in packed.text
+
+
+QUERIES = [
+    "retry budget",
+    "circuit breaker",
+    "key",
+    "verified tests",
+    "credentials logs api",
+    "deadline*",
+    '"circuit breaker" failing',
+    "密钥管理",
+    "密钥",
+    "production incident cause",
+    "stabilisé",
+    "retriez",
+]
+
+
+async def test_both_stores_rank_alike(tmp_path: Path, knowledge: Path) -> None:
+    extra = [
+        doc(f"note-{n}", f"# Note {n}\n\n" + " ".join(["retry budget circuit"[: 5 + n]] * (n + 1)) + " key logs.\n")
+        for n in range(8)
+    ]
+    found: dict[str, dict[str, list[tuple[str, float]]]] = {}
+    explained: dict[str, dict[str, float]] = {}
+    async with scratch_database() as url:
+        for backend, settings in {
+            "sqlite": make_settings(tmp_path / "s", knowledge_dirs=[knowledge]),
+            "postgresql": make_settings(tmp_path / "p", knowledge_dirs=[knowledge], database_url=url),
+        }.items():
+            async with open_service(settings) as service:
+                for item in extra:
+                    await service.save(item)
+                found[backend] = {}
+                for query in QUERIES:
+                    hits = (await service.search(query, limit=10)).hits
+                    found[backend][query] = [(hit.id, hit.score) for hit in hits]
+                why = (await service.search("retry budget key", limit=1, explain=True)).hits[0].explain
+                assert why is not None
+                explained[backend] = {"bm25": why.bm25, **why.bm25_fields}
+    for query in QUERIES:
+        sqlite, postgres = found["sqlite"][query], found["postgresql"][query]
+        assert [hit for hit, _ in postgres] == [hit for hit, _ in sqlite], query
+        assert [score for _, score in postgres] == pytest.approx([score for _, score in sqlite], abs=0.01), query
+    assert explained["postgresql"] == pytest.approx(explained["sqlite"], rel=0.01)
+
+
 # -- PostgreSQL only -------------------------------------------------------------------------------------------------
 
 
@@ -202,14 +290,6 @@ async def test_an_unknown_id_suggests_close_ones(kb: KnowledgeService) -> None:
 async def postgres_url() -> AsyncIterator[str]:
     async with scratch_database() as url:
         yield url
-
-
-async def test_search_and_context_refuse_clearly_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
-    async with open_service(make_settings(tmp_path, database_url=postgres_url)) as kb:
-        with pytest.raises(NotSupported, match="not available on PostgreSQL yet"):
-            await kb.search("secrets")
-        with pytest.raises(NotSupported, match="not available on PostgreSQL yet"):
-            await kb.context("rotate a leaked key")
 
 
 async def test_instances_starting_at_once_migrate_once(postgres_url: str) -> None:
@@ -226,7 +306,7 @@ async def test_instances_starting_at_once_migrate_once(postgres_url: str) -> Non
     finally:
         for store in stores:
             await store.close()
-    assert sorted(applied) == [[], [], [], ["0001_initial.sql"]]
+    assert sorted(applied) == [[], [], [], ["0001_initial.sql", "0002_full_text.sql"]]
 
 
 async def test_a_changed_migration_is_refused(postgres_url: str, tmp_path: Path) -> None:
@@ -308,10 +388,9 @@ async def test_the_rest_face_behaves_alike(kb: KnowledgeService, backend_setting
             restored = await http.post("/v1/knowledge/rate-limits/restore", json={"revision": 1})
             assert restored.json()["revision"] == 4 and restored.json()["body"] == "Token buckets smooth bursts."
             search = await http.get("/v1/search", params={"q": "token buckets"})
-            if backend_of(backend_settings) == "sqlite":
-                assert search.status_code == 200 and search.json()["hits"][0]["id"] == "rate-limits"
-            else:
-                assert search.status_code == 501 and "not available on PostgreSQL yet" in search.text
+            assert search.status_code == 200 and search.json()["hits"][0]["id"] == "rate-limits"
+            chinese = await http.get("/v1/search", params={"q": "密钥"})
+            assert chinese.status_code == 200 and chinese.json()["hits"][0]["id"] == "handling-secrets"
 
 
 async def test_the_command_line_names_the_backend(tmp_path: Path, knowledge: Path, postgres_url: str) -> None:
@@ -367,7 +446,6 @@ async def test_the_mcp_face_behaves_alike(kb: KnowledgeService) -> None:
         assert (await call("sage_restore_revision", id="retry-budgets", revision=1))["revision"] == 4
         assert (await call("sage_info"))["documents"] == 5
         searched = await client.call_tool("sage_search", {"query": "retries"})
-        if kb.store.backend == "sqlite":
-            assert "retry-budgets" in [hit["id"] for hit in payload(searched)["hits"]]
-        else:
-            assert "not available on PostgreSQL yet" in error_text(searched)
+        assert "retry-budgets" in [hit["id"] for hit in payload(searched)["hits"]]
+        chinese = await client.call_tool("sage_search", {"query": "轮换"})
+        assert [hit["id"] for hit in payload(chinese)["hits"]] == ["handling-secrets"]

@@ -28,6 +28,8 @@ LATENCIES = [
     for level in ("c1", "c32")
 ] + [
     "sqlite-raw/search/c1",
+    "pg/search/c1",
+    "pg-raw/search/c1",
     "inproc/search-repeat/c1",
     "inproc/get-cold/c1",
     "inproc/get-warm/c1",
@@ -45,6 +47,7 @@ LATENCIES = [
 FIGURES = [
     "corpus_mb",
     "import_docs_per_s",
+    "pg_import_docs_per_s",
     "import_s",
     "db_mb",
     "cold_start_s",
@@ -120,7 +123,7 @@ async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_serv
         assert "nginx is not installed" in several["notes"][0]
 
     verdicts = {target["name"]: target["verdict"] for target in result["targets"]}
-    assert len(verdicts) == 11 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts
+    assert len(verdicts) == 12 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts
     assert verdicts["write visible to search once acknowledged: failures"] == "PASS"
     for target in result["targets"]:
         assert target["measured"] is not None and math.isfinite(target["measured"]), target

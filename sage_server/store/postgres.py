@@ -115,7 +115,7 @@ class PostgresStore:
 
     backend: Literal["postgresql"] = "postgresql"
     path: Path | None = None
-    searchable = False  # the full-text index is still to be built on PostgreSQL (issue 18, part 2)
+    searchable = True
 
     def __init__(self, url: str, pool_size: int = 10, migrations: Path | None = None) -> None:
         self.url = url
@@ -128,11 +128,14 @@ class PostgresStore:
             min_size=1,
             max_size=pool_size,
             open=False,
+            # Each session says BEGIN and COMMIT itself. No JIT: it compiles for seconds when a freshly written table's
+            # statistics make a millisecond search look costly.
             kwargs={
                 "row_factory": dict_row,
                 "autocommit": True,
                 "application_name": self.application_name,
-            },  # each session says BEGIN and COMMIT itself
+                "options": "-c jit=off",
+            },
             connection_class=AsyncConnection[DictRow],
             timeout=CONNECT_SECONDS,
         )

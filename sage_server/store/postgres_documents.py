@@ -1,31 +1,29 @@
-"""The PostgreSQL store's sessions: the same reads and writes as sqlite_documents.py, in PostgreSQL's SQL. The
-full-text index is not built on PostgreSQL yet: its reads refuse with a clear error (see FULL_TEXT_MISSING)."""
+"""The PostgreSQL store's sessions: the same reads and writes as sqlite_documents.py, in PostgreSQL's SQL (the
+full-text reads are in postgres_search.py)."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
-from sage_server.errors import NotSupported
 from sage_server.models import ApiKey, AuditEntry, Change, DocumentIn, Revision
 from sage_server.store.postgres_export import PostgresDump, PostgresLoad
+from sage_server.store.postgres_search import PostgresSearch
 from sage_server.store.records import (
     CHANGE_IDS,
     CHANGE_RETENTION,
     EVERYTHING,
     PRUNE_EVERY,
-    Body,
     ChangeLog,
     DocumentPage,
     DocumentRef,
     Essential,
     ImportCandidate,
     LayerTotal,
-    SearchRow,
     SectionText,
     Source,
     StoredDocument,
@@ -33,12 +31,6 @@ from sage_server.store.records import (
     now_iso,
 )
 from sage_server.store.rows import document_fields, ref, section_rows, stored, to_content, to_summary
-
-FULL_TEXT_MISSING = (
-    "search and context are not available on PostgreSQL yet (the full-text index there is still to be built: "
-    "issue 18, part 2); documents, revisions, imports, keys and the audit trail work. Use SQLite (unset "
-    "SAGE_DATABASE_URL) to search"
-)
 
 DOCUMENT_COLUMNS = (
     "key, id, title, layer, tags, triggers, summary, body, related, aliases, translations, source_path, source_hash, "
@@ -86,7 +78,7 @@ def _filters(layers: list[str] | None, tags: list[str] | None) -> tuple[str, lis
     return sql, params
 
 
-class PostgresReader(PostgresDump):
+class PostgresReader(PostgresDump, PostgresSearch):
     """Reads on one PostgreSQL connection, inside one snapshot."""
 
     def __init__(self, conn: Connection) -> None:
@@ -229,38 +221,6 @@ class PostgresReader(PostgresDump):
             )
             for row in rows
         ]
-
-    # -- the full-text index: not built on PostgreSQL yet ------------------------------------------------------------
-
-    @staticmethod
-    def _no_full_text() -> NoReturn:
-        raise NotSupported(FULL_TEXT_MISSING, backend="postgresql")
-
-    async def stems(self, texts: list[str]) -> list[list[str]]:
-        self._no_full_text()
-
-    async def document_counts(self, expressions: list[str], documents: int) -> list[int]:
-        self._no_full_text()
-
-    async def document_count(self) -> int:
-        self._no_full_text()
-
-    async def rank_documents(
-        self, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
-    ) -> list[SearchRow]:
-        self._no_full_text()
-
-    async def bodies(self, keys: list[int]) -> dict[int, Body]:
-        self._no_full_text()
-
-    async def field_scores(self, fts: str, keys: list[int]) -> dict[int, dict[str, float]]:
-        self._no_full_text()
-
-    async def vocabulary_near(self, starts: list[str], max_length: int) -> list[tuple[str, int]]:
-        self._no_full_text()
-
-    async def count_matches(self, fts: str, up_to: int) -> int:
-        self._no_full_text()
 
     async def essentials(self, layer: str) -> list[Essential]:
         rows = await self._rows(

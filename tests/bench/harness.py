@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.bench import cluster, inprocess, limits, mcp, remote
+from tests.bench import cluster, inprocess, limits, mcp, postgres, remote
 from tests.bench.corpus import QueryStream, generate
 from tests.bench.load import FULL, QUICK
 from tests.bench.report import Results, table, to_json, write_json
@@ -54,6 +54,8 @@ async def measure_size(size: int, options: Options) -> Results:
         picks = await inprocess.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: imported at {results.figures['import_docs_per_s']} docs/s; Redis tier")
         await inprocess.measure_redis(work, options.redis_url, picks, budget, results)
+        progress(f"{size} docs: PostgreSQL: import and search")
+        await postgres.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: sage serve over REST and MCP, writes")
         await remote.measure(corpus, work, work / "sage.db", stream, picks, options.seed, budget, results)
     progress(f"{size} docs: done")

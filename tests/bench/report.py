@@ -76,6 +76,12 @@ def targets(r: Results) -> list[Target]:
             1.5,
             "x",
         ),
+        Target(
+            "in-process search on PostgreSQL p50 / its raw ranking statement p50",
+            _ratio(get("pg/search/c1", "p50_ms"), get("pg-raw/search/c1", "p50_ms")),
+            1.5,
+            "x",
+        ),
         Target("in-process get-by-id warm p99", get("inproc/get/c1", "p99_ms"), 1.0, "ms"),
         Target(
             "REST get-by-id warm req/s / bare Starlette req/s (c32)",
@@ -116,6 +122,7 @@ FIGURES = {
     "import_docs_per_s": "import (docs/s)",
     "import_s": "import (s)",
     "db_mb": "database on disk (MB)",
+    "pg_import_docs_per_s": "import into PostgreSQL (docs/s)",
     "cold_start_s": "cold start to /ready, import off (s, median)",
     "cold_start_rescan_s": "cold start to /ready, re-scanning the unchanged corpus (s)",
     "server_peak_rss_mb": "server peak RSS, VmHWM (MB)",
