@@ -19,6 +19,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.cluster_support import DEPLOY_CONF, NAMES, Cluster, failures, load, nginx_binary
+from tests.conftest import BACKENDS, database_for
 from tests.redis_support import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -38,10 +39,13 @@ async def cluster_on(tmp_path: Path, **settings: str) -> AsyncIterator[Cluster]:
         redis.kill()
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async for running in cluster_on(tmp_path):
-        yield running
+@pytest.fixture(params=BACKENDS)
+async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Three instances on one SQLite file (one host), or on one PostgreSQL database of the test's own."""
+    async with database_for(request.param) as database:
+        url = database.get("database_url")
+        async for running in cluster_on(tmp_path, **({"SAGE_DATABASE_URL": url} if url else {})):
+            yield running
 
 
 def eventually(check: object, seconds: float = 10) -> float:
@@ -193,10 +197,11 @@ async def test_stopping_an_instance_fails_nothing_and_killing_one_fails_no_idemp
 def test_the_compose_file_and_the_nginx_config_name_the_same_instances() -> None:
     compose = yaml.safe_load((DEPLOY_CONF.parent / "compose.yaml").read_text())
     services = compose["services"]
-    named = {service["environment"]["SAGE_INSTANCE_NAME"] for service in services.values() if "environment" in service}
+    named = {service.get("environment", {}).get("SAGE_INSTANCE_NAME") for service in services.values()} - {None}
     assert named == set(NAMES) <= set(services)
     conf = DEPLOY_CONF.read_text()
     for name in NAMES:
         assert f"server {name}:8000" in conf and f"~^{name}\\.  {name};" in conf
     nginx_ip = services["nginx"]["networks"]["default"]["ipv4_address"]
     assert all(services[name]["environment"]["SAGE_TRUSTED_PROXIES"] == nginx_ip for name in NAMES)
+    assert all(services[name]["environment"]["SAGE_DATABASE_URL"].startswith("postgresql://") for name in NAMES)

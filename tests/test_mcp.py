@@ -18,6 +18,7 @@ from sage_server.config import Settings
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
 from sage_server.text import estimate_tokens
+from tests.conftest import BACKENDS, database_for
 from tests.mcp_support import error_text, huge_document, payload, settings_for, text_of, write_knowledge
 
 pytestmark = pytest.mark.anyio
@@ -39,9 +40,11 @@ WRITES = {"sage_save_knowledge", "sage_delete_knowledge", "sage_restore_revision
 ERAS = {"auto": "2026-07-28", "legacy": "2025-11-25"}
 
 
-@pytest.fixture
-def mcp_settings(tmp_path: Path) -> Settings:
-    return settings_for(tmp_path, write_knowledge(tmp_path / "kb"))
+@pytest.fixture(params=BACKENDS)
+async def mcp_settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
+    """Every test on the `kb` fixture runs on SQLite and on PostgreSQL."""
+    async with database_for(request.param) as database:
+        yield settings_for(tmp_path, write_knowledge(tmp_path / "kb"), **database)
 
 
 @pytest.fixture

@@ -13,12 +13,20 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from sage_server.app import create_app
+from sage_server.config import Settings
 from sage_server.logs import JsonFormatter
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings
+from tests.conftest import BACKENDS, database_for, make_settings
 
 pytestmark = pytest.mark.anyio
 JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(params=BACKENDS)
+async def settings(request: pytest.FixtureRequest, tmp_path: Path, knowledge: Path) -> AsyncIterator[Settings]:
+    """Every test served from the `service` fixture runs on SQLite and on PostgreSQL."""
+    async with database_for(request.param) as database:
+        yield make_settings(tmp_path, knowledge_dirs=[knowledge], **database)
 
 
 @asynccontextmanager

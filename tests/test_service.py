@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import anyio
 import pytest
 
+from sage_server.config import Settings
 from sage_server.errors import Conflict, InvalidInput, NotFound
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService
-from tests.conftest import assert_index_consistent
+from tests.conftest import BACKENDS, assert_index_consistent, database_for, make_settings
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=BACKENDS)
+async def settings(request: pytest.FixtureRequest, tmp_path: Path, knowledge: Path) -> AsyncIterator[Settings]:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    async with database_for(request.param) as database:
+        yield make_settings(tmp_path, knowledge_dirs=[knowledge], **database)
 
 
 def doc(body: str = "Use a bounded queue for backpressure.", **fields: object) -> DocumentIn:
