@@ -153,6 +153,7 @@ async def import_export(
             entry = Entry(operation, target=str(path), detail=detail).row(current_caller())
             await writer.insert_audit([*carried, entry])
             generation = await writer.bump_generation(None)
+        await store.analyze()  # a whole knowledge base was just written: plan searches for it, not for an empty one
     return ImportReport(
         path=str(path),
         counts=header.counts,

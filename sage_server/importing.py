@@ -26,6 +26,10 @@ class Applied:
     generation: int | None
 
 
+# An import writing at least this many documents refreshes the query planner's statistics afterwards (Store.analyze).
+BULK_DOCUMENTS = 200
+
+
 def _stored(candidate: ImportCandidate, bundled_root: str) -> reconcile.Stored:
     return reconcile.Stored(
         id=candidate.ref.id,

@@ -578,6 +578,8 @@ class KnowledgeService(BoundedViews):
                 entry.detail = importing.audit_detail(collected, applied.plan)
             if applied.generation is not None:
                 await self._committed(applied.generation)
+            if len(applied.plan.create) + len(applied.plan.update) >= importing.BULK_DOCUMENTS:
+                await self.store.analyze()
         return importing.report(collected, applied.plan, (time.perf_counter() - started) * 1000)
 
     # -- keys, the audit trail, and what the front door tells -------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from mcp import Client
 from psycopg.rows import dict_row
 
+from sage_server import importing
 from sage_server import service as service_module
 from sage_server.app import create_app
 from sage_server.assistant import build_server
@@ -449,3 +450,30 @@ async def test_the_mcp_face_behaves_alike(kb: KnowledgeService) -> None:
         assert "retry-budgets" in [hit["id"] for hit in payload(searched)["hits"]]
         chinese = await client.call_tool("sage_search", {"query": "轮换"})
         assert [hit["id"] for hit in payload(chinese)["hits"]] == ["handling-secrets"]
+
+
+async def test_a_bulk_import_refreshes_the_planner_statistics_on_postgresql(
+    tmp_path: Path, knowledge: Path, postgres_url: str
+) -> None:
+    """Searches right after a large import were planned for empty tables (seconds each) until autovacuum ran."""
+
+    async def analysed() -> bool:
+        async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+            cursor = await conn.execute(
+                "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'search_terms'"
+            )
+            row = await cursor.fetchone()
+            return bool(row and row[0])
+
+    bulk = tmp_path / "bulk"
+    for n in range(importing.BULK_DOCUMENTS - 1):
+        write_doc(bulk, f"practices/note-{n}.md", f"# Note {n}\n\nBulk text number {n}.\n")
+    async with open_service(make_settings(tmp_path, knowledge_dirs=[knowledge], database_url=postgres_url)) as kb:
+        await kb.import_paths([bulk])
+        assert not await analysed()  # a smaller import leaves it to autovacuum
+        write_doc(bulk, "practices/one-more.md", "# One more\n\nBulk text.\n")
+        for n in range(importing.BULK_DOCUMENTS - 1):
+            write_doc(bulk, f"practices/note-{n}.md", f"# Note {n}\n\nBulk text number {n}, revised.\n")
+        await kb.import_paths([bulk])
+        assert await analysed()
+        assert (await kb.search("bulk text revised")).hits

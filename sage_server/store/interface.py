@@ -177,5 +177,9 @@ class Store(Protocol):
         """The other clients connected to the database, described for people (PostgreSQL: any SAGE instance shows
         as `sage:<tag>`); always empty for SQLite, whose file lock refuses a restore while the file is served."""
 
+    async def analyze(self) -> None:
+        """Refresh the query planner's statistics after a bulk write (an import of many documents), so the next
+        searches are planned for the data as it is now rather than as it was."""
+
     async def close(self) -> None:
         """Close every connection; safe to call twice."""

@@ -178,6 +178,12 @@ class PostgresStore:
                 log_event(log, logging.WARNING, "Listening for writes failed", operation="watch", error=str(exc))
             await anyio.sleep(WATCH_RETRY_SECONDS)
 
+    async def analyze(self) -> None:
+        # Search plans rely on these tables' statistics: until autovacuum analyses freshly imported rows (a minute
+        # or so later), the first searches after a large import were planned for empty tables and took seconds.
+        async with self.pool.connection() as conn:
+            await conn.execute("ANALYZE documents, search_terms, search_documents")
+
     @asynccontextmanager
     async def _session(self, begin: str) -> AsyncIterator[AsyncConnection[DictRow]]:
         """A pooled connection inside one transaction, committed when the block ends and rolled back when it raises.
