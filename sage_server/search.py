@@ -45,6 +45,10 @@ MAX_QUERY_CHARS = 4000
 # How many of the best BM25 documents are re-scored, and how many holding every term make asking for any unneeded.
 CANDIDATES = 60
 ENOUGH_HOLDING_ALL = 30
+# How many are re-scored when a word was read as a prefix or corrected: BM25 weighs such a word by a guess (a
+# prefix's combined count, a correction beside its runner-up), so its order says less and the page the user meant
+# lies deeper in it. Only queries holding an unknown or rare word pay for this.
+CORRECTED_CANDIDATES = 200
 # Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
 ALL_TERMS_FIRST = 6
 # The parts of a score and their weights; they sum to 1.
@@ -308,6 +312,11 @@ class Plan:
         """The query as searched (prefixes and corrections applied), for snippets and section scores."""
         terms = [t.term for t in self.terms] + [t.alternative for t in self.terms if t.alternative is not None]
         return ParsedQuery(terms, self.query.text)
+
+    @property
+    def guessed(self) -> bool:
+        """Some word was read as a prefix or corrected (or searched beside a likelier word)."""
+        return any(t.note for t in self.terms)
 
     @property
     def doubtful(self) -> bool:
@@ -645,16 +654,19 @@ async def rank(
     limit: int,
     offset: int = 0,
     weights: dict[str, float] | None = None,
-    rescored: int = CANDIDATES,
+    rescored: int | None = None,
 ) -> list[Ranked]:
-    """Documents for `plan`, best first: BM25 candidates, the best `rescored` of them re-scored from their text,
-    with the parts weighed by `weights` (default WEIGHTS).
+    """Documents for `plan`, best first: BM25 candidates, the best `rescored` of them (default CANDIDATES, or
+    CORRECTED_CANDIDATES for a plan with a guessed word) re-scored from their text, with the parts weighed by `weights`
+    (default WEIGHTS).
 
     Past the re-scored head (deep pages) documents follow in BM25 order, scored by their BM25 part alone.
     """
     if not plan.terms:
         return []
     weights = weights or WEIGHTS
+    if rescored is None:
+        rescored = CORRECTED_CANDIDATES if plan.guessed else CANDIDATES
     rows = await candidates(index, plan, layers, tags, max(rescored, offset + limit))
     best = max((-row.score for row in rows), default=0.0)
     ranked = [Ranked(row, 0.0, parts={"bm25": -row.score / best if best > 0 else 0.0}) for row in rows]
