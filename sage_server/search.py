@@ -45,9 +45,9 @@ MAX_QUERY_CHARS = 4000
 # How many of the best BM25 documents are re-scored, and how many holding every term make asking for any unneeded.
 CANDIDATES = 60
 ENOUGH_HOLDING_ALL = 30
-# How many are re-scored when a word was read as a prefix or corrected: BM25 weighs such a word by a guess (a
-# prefix's combined count, a correction beside its runner-up), so its order says less and the page the user meant
-# lies deeper in it. Only queries holding an unknown or rare word pay for this.
+# How many are re-scored when `correct` read a word no document holds as a prefix or a typo (or a rare word beside
+# a common one): BM25 weighs such a word by a guess (a prefix's combined count, a correction with its runner-up), so
+# its order says less and the page meant lies deeper in it. Only queries holding an unknown or rare word pay this.
 CORRECTED_CANDIDATES = 200
 # Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
 ALL_TERMS_FIRST = 6
@@ -312,11 +312,6 @@ class Plan:
         """The query as searched (prefixes and corrections applied), for snippets and section scores."""
         terms = [t.term for t in self.terms] + [t.alternative for t in self.terms if t.alternative is not None]
         return ParsedQuery(terms, self.query.text)
-
-    @property
-    def guessed(self) -> bool:
-        """Some word was read as a prefix or corrected (or searched beside a likelier word)."""
-        return any(t.note for t in self.terms)
 
     @property
     def doubtful(self) -> bool:
@@ -657,7 +652,7 @@ async def rank(
     rescored: int | None = None,
 ) -> list[Ranked]:
     """Documents for `plan`, best first: BM25 candidates, the best `rescored` of them (default CANDIDATES, or
-    CORRECTED_CANDIDATES for a plan with a guessed word) re-scored from their text, with the parts weighed by `weights`
+    CORRECTED_CANDIDATES for a plan `correct` made) re-scored from their text, with the parts weighed by `weights`
     (default WEIGHTS).
 
     Past the re-scored head (deep pages) documents follow in BM25 order, scored by their BM25 part alone.
@@ -666,7 +661,7 @@ async def rank(
         return []
     weights = weights or WEIGHTS
     if rescored is None:
-        rescored = CORRECTED_CANDIDATES if plan.guessed else CANDIDATES
+        rescored = CANDIDATES if plan.corrected is None else CORRECTED_CANDIDATES
     rows = await candidates(index, plan, layers, tags, max(rescored, offset + limit))
     best = max((-row.score for row in rows), default=0.0)
     ranked = [Ranked(row, 0.0, parts={"bm25": -row.score / best if best > 0 else 0.0}) for row in rows]
