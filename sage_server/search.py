@@ -48,7 +48,7 @@ ENOUGH_HOLDING_ALL = 30
 # How many are re-scored when `correct` read a word no document holds as a prefix or a typo (or a rare word beside
 # a common one): BM25 weighs such a word by a guess (a prefix's combined count, a correction with its runner-up), so
 # its order says less and the page meant lies deeper in it. Only queries holding an unknown or rare word pay this.
-CORRECTED_CANDIDATES = 200
+CORRECTED_CANDIDATES = 120
 # Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
 ALL_TERMS_FIRST = 6
 # The parts of a score and their weights; they sum to 1.
