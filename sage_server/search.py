@@ -45,6 +45,10 @@ MAX_QUERY_CHARS = 4000
 # How many of the best BM25 documents are re-scored, and how many holding every term make asking for any unneeded.
 CANDIDATES = 60
 ENOUGH_HOLDING_ALL = 30
+# How many are re-scored when `correct` read a word no document holds as a prefix or a typo (or a rare word beside
+# a common one): BM25 weighs such a word by a guess (a prefix's combined count, a correction with its runner-up), so
+# its order says less and the page meant lies deeper in it. Only queries holding an unknown or rare word pay this.
+CORRECTED_CANDIDATES = 120
 # Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
 ALL_TERMS_FIRST = 6
 # The parts of a score and their weights; they sum to 1.
@@ -645,16 +649,19 @@ async def rank(
     limit: int,
     offset: int = 0,
     weights: dict[str, float] | None = None,
-    rescored: int = CANDIDATES,
+    rescored: int | None = None,
 ) -> list[Ranked]:
-    """Documents for `plan`, best first: BM25 candidates, the best `rescored` of them re-scored from their text,
-    with the parts weighed by `weights` (default WEIGHTS).
+    """Documents for `plan`, best first: BM25 candidates, the best `rescored` of them (default CANDIDATES, or
+    CORRECTED_CANDIDATES for a plan `correct` made) re-scored from their text, with the parts weighed by `weights`
+    (default WEIGHTS).
 
     Past the re-scored head (deep pages) documents follow in BM25 order, scored by their BM25 part alone.
     """
     if not plan.terms:
         return []
     weights = weights or WEIGHTS
+    if rescored is None:
+        rescored = CANDIDATES if plan.corrected is None else CORRECTED_CANDIDATES
     rows = await candidates(index, plan, layers, tags, max(rescored, offset + limit))
     best = max((-row.score for row in rows), default=0.0)
     ranked = [Ranked(row, 0.0, parts={"bm25": -row.score / best if best > 0 else 0.0}) for row in rows]

@@ -242,3 +242,20 @@ async def test_chinese_pieces_across_a_function_character_count_little(service: 
     await save(service, "words", "Review", "代码评审：先看意图，再看正确性。")
     hits = (await service.search("代码评审的时候应该先看什么")).hits
     assert [h.id for h in hits][:2] == ["words", "straddles"]
+
+
+async def test_a_guessed_word_has_more_candidates_re_scored(
+    service: KnowledgeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Documents that BM25 prefers (each word often, in a short text) but that hold the words far apart ...
+    gap = " filler" * 30
+    for n in range(4):
+        body = f"zorblax zorblax{gap} quintessa quintessa{gap} vembrook vembrook {n}"
+        await save(service, f"scattered-{n}", f"Scattered {n}", body)
+    # ... and the one holding them together, once, in a longer text.
+    await save(service, "together", "Together", "zorblax quintessa vembrook" + " other words" * 40)
+    monkeypatch.setattr(search, "CANDIDATES", 2)
+    monkeypatch.setattr(search, "CORRECTED_CANDIDATES", 10)
+    # A typo's correction is a guess, so BM25's order says less: more of its candidates are re-scored.
+    result = await service.search("zorblax quintessa vembrok")
+    assert result.corrected_query is not None and result.hits[0].id == "together"
