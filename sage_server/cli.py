@@ -759,15 +759,17 @@ def eval_command(
     report = run(ctx, action)
 
     def human() -> None:
-        click.echo(
-            f"search  ({report.search_queries} queries): recall@{k} {report.recall_at_k:.3f}  "
-            f"MRR@10 {report.mrr:.3f}  nDCG@10 {report.ndcg_at_10:.3f}"
-        )
-        click.echo(
-            f"context ({report.context_queries} tasks):   relevant found {report.context_hit_rate:.1%}  "
-            f"budget on relevant {report.context_relevant_share:.1%}  "
-            f"off-topic packed while relevant left out: {report.context_crowded_out}"
-        )
+        if report.search_queries:  # a kind of query the file does not hold is not printed as a score of 0
+            click.echo(
+                f"search  ({report.search_queries} queries): recall@{k} {report.recall_at_k:.3f}  "
+                f"MRR@10 {report.mrr:.3f}  nDCG@10 {report.ndcg_at_10:.3f}"
+            )
+        if report.context_queries:
+            click.echo(
+                f"context ({report.context_queries} tasks):   relevant found {report.context_hit_rate:.1%}  "
+                f"budget on relevant {report.context_relevant_share:.1%}  "
+                f"off-topic packed while relevant left out: {report.context_crowded_out}"
+            )
         if report.out_of_scope_queries:
             rate = "n/a" if report.false_alarm_rate is None else f"{report.false_alarm_rate:.1%}"
             click.echo(

@@ -111,3 +111,9 @@ def test_sage_eval_prints_kinds_and_false_alarms_and_json_has_them(tmp_path: Pat
     )
     assert {k["kind"] for k in data["kinds"]} == {"keyword", "zh", "task"}
     assert data["false_alarm_rate"] == 0.0 and len(data["outcomes"]) == 5
+    # A file without context tasks prints no context line (not "relevant found 0.0%").
+    searches_only = "\n".join(line for line in EVAL.splitlines() if "mode: context" not in line)
+    (tmp_path / "search-only").mkdir()
+    path = write(tmp_path / "search-only", searches_only)
+    human = subprocess.run([*command[:-1], str(path)], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "search  (3 queries)" in human and "context (" not in human
