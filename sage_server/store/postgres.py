@@ -161,12 +161,16 @@ class PostgresStore:
         # lost connection is opened again (the service's poll covers the gap).
         while True:
             try:
-                async with await AsyncConnection.connect(
-                    self.url,
-                    autocommit=True,
-                    connect_timeout=int(CONNECT_SECONDS),
-                    application_name=self.application_name,
-                ) as conn:
+                # Shielded: a connect cancelled half-way (the service closing just after it opened) would leave the
+                # server's end open until the socket is garbage-collected, seen by restore as another client.
+                with anyio.CancelScope(shield=True):
+                    listener = await AsyncConnection.connect(
+                        self.url,
+                        autocommit=True,
+                        connect_timeout=int(CONNECT_SECONDS),
+                        application_name=self.application_name,
+                    )
+                async with listener as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     # Writes committed before the LISTEN took hold are told by the generation they left.
                     cursor = await conn.execute("SELECT value FROM meta WHERE key = 'generation'")
