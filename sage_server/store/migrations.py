@@ -38,29 +38,37 @@ def migration_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 
 
+def pending(applied: dict[str, str], directory: Path) -> list[tuple[Path, str]]:
+    """The migrations in `directory` not yet applied, with their sha256, in order, given what the database
+    recorded (name -> sha256). Refused: a recorded migration SAGE does not ship (a newer SAGE wrote it) and one
+    whose file changed since it was applied (migrations are forward-only). Shared by both stores."""
+    files = migration_files(directory)
+    unknown = sorted(set(applied) - {f.name for f in files})
+    if unknown:
+        raise MigrationError(
+            f"the database was migrated by a newer SAGE (unknown migrations: {', '.join(unknown)}); upgrade SAGE"
+        )
+    todo = []
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.name not in applied:
+            todo.append((path, digest))
+        elif applied[path.name] != digest:
+            raise MigrationError(
+                f"{path}: migration changed after it was applied (recorded sha256 {applied[path.name][:12]}…, "
+                f"file {digest[:12]}…); migrations are forward-only: add a new numbered file instead",
+                migration=path.name,
+            )
+    return todo
+
+
 async def migrate(conn: aiosqlite.Connection, directory: Path) -> list[str]:
     """Bring the database to the newest migration; return the names applied now."""
     await conn.execute(_TRACKING)
     async with conn.execute("SELECT name, sha256 FROM schema_migrations") as cursor:
         applied = {row[0]: row[1] for row in await cursor.fetchall()}
-    files = migration_files(directory)
-    known = {f.name for f in files}
-    unknown = sorted(set(applied) - known)
-    if unknown:
-        raise MigrationError(
-            f"the database was migrated by a newer SAGE (unknown migrations: {', '.join(unknown)}); upgrade SAGE"
-        )
     done: list[str] = []
-    for path in files:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if path.name in applied:
-            if applied[path.name] != digest:
-                raise MigrationError(
-                    f"{path}: migration changed after it was applied (recorded sha256 {applied[path.name][:12]}…, "
-                    f"file {digest[:12]}…); migrations are forward-only: add a new numbered file instead",
-                    migration=path.name,
-                )
-            continue
+    for path, digest in pending(applied, directory):
         try:
             script = statements(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:

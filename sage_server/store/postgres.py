@@ -9,7 +9,6 @@ the server too (psycopg sends the cancel request).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import uuid
@@ -29,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sage_server.errors import MigrationError, Unavailable
 from sage_server.logs import get_logger, log_event
 from sage_server.resources import migrations_dir
-from sage_server.store.migrations import migration_files
+from sage_server.store.migrations import pending
 from sage_server.store.postgres_documents import CHANNEL, PostgresReader, PostgresWriter
 
 log = get_logger("store")
@@ -77,23 +76,8 @@ async def migrate(conn: AsyncConnection[DictRow], directory: Path) -> list[str]:
         await conn.execute(_TRACKING)
         cursor = await conn.execute("SELECT name, sha256 FROM schema_migrations")
         applied = {row["name"]: row["sha256"] for row in await cursor.fetchall()}
-        files = migration_files(directory)
-        unknown = sorted(set(applied) - {f.name for f in files})
-        if unknown:
-            raise MigrationError(
-                f"the database was migrated by a newer SAGE (unknown migrations: {', '.join(unknown)}); upgrade SAGE"
-            )
         done: list[str] = []
-        for path in files:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if path.name in applied:
-                if applied[path.name] != digest:
-                    raise MigrationError(
-                        f"{path}: migration changed after it was applied (recorded sha256 {applied[path.name][:12]}…, "
-                        f"file {digest[:12]}…); migrations are forward-only: add a new numbered file instead",
-                        migration=path.name,
-                    )
-                continue
+        for path, digest in pending(applied, directory):
             try:
                 script = path.read_text(encoding="utf-8")
                 async with conn.transaction():
