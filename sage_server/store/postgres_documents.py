@@ -12,7 +12,7 @@ from psycopg.rows import DictRow
 
 from sage_server.models import ApiKey, AuditEntry, Change, DocumentIn, Revision
 from sage_server.store.postgres_export import PostgresDump, PostgresLoad
-from sage_server.store.postgres_search import PostgresSearch
+from sage_server.store.postgres_search import PostgresSearch, filter_sql
 from sage_server.store.records import (
     CHANGE_IDS,
     CHANGE_RETENTION,
@@ -64,18 +64,6 @@ WHERE d.id = ANY(%(ids)s) AND p.layer <> d.layer
 
 Connection = AsyncConnection[DictRow]
 CHANNEL = "sage_generation"  # every committed write NOTIFYs its generation here (see PostgresStore.watch)
-
-
-def _filters(layers: list[str] | None, tags: list[str] | None) -> tuple[str, list[object]]:
-    sql = ""
-    params: list[object] = []
-    if layers:
-        sql += " AND d.layer = ANY(%s)"
-        params.append(layers)
-    for tag in tags or []:
-        sql += " AND d.tags::jsonb ? %s"
-        params.append(tag)
-    return sql, params
 
 
 class PostgresReader(PostgresDump, PostgresSearch):
@@ -135,7 +123,7 @@ class PostgresReader(PostgresDump, PostgresSearch):
     async def list_documents(
         self, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
     ) -> DocumentPage:
-        where, params = _filters(layers, tags)
+        where, params = filter_sql(layers, tags)
         page = await self._rows(
             f"SELECT {DOCUMENT_COLUMNS} FROM documents d WHERE d.deleted_at IS NULL{where} "
             "ORDER BY d.layer, d.id LIMIT %s OFFSET %s",

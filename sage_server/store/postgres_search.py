@@ -282,7 +282,8 @@ def _scores(out: _Statement, names: list[str], weights: str) -> None:
     )
 
 
-def _filters(layers: list[str] | None, tags: list[str] | None) -> tuple[str, list[object]]:
+def filter_sql(layers: list[str] | None, tags: list[str] | None) -> tuple[str, list[object]]:
+    """The conditions on documents `d` of a layer filter and of every tag filter, and their parameters."""
     sql = ""
     params: list[object] = []
     if layers:
@@ -379,7 +380,7 @@ class PostgresSearch:
         out, names = await self._statement(fts)
         _scores(out, names, _weights())
         columns = "d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary, s.score"
-        where, filters = _filters(layers, tags)
+        where, filters = filter_sql(layers, tags)
         if where:
             out.add(
                 f" SELECT {columns} FROM scored s JOIN documents d ON d.key = s.doc_key WHERE true{where} "
