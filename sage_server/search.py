@@ -21,6 +21,7 @@ import base64
 import bisect
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -51,13 +52,22 @@ ENOUGH_HOLDING_ALL = 30
 CORRECTED_CANDIDATES = 120
 # Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
 ALL_TERMS_FIRST = 6
+# A second source of candidates for such queries: the best CLOSE_CANDIDATES documents (by BM25) holding every term
+# within CLOSE_DISTANCE words of each other in one of CLOSE_FIELDS. When many documents hold every word, the one
+# that holds them in one sentence can lie past the CANDIDATES best by BM25 (which ignores where the words are), and
+# re-scoring, which would put it first, never sees it.
+CLOSE_DISTANCE = 15
+CLOSE_CANDIDATES = 30
+CLOSE_FIELDS = ("headings", "body")
 # The parts of a score and their weights; they sum to 1.
-WEIGHTS = {"bm25": 0.15, "coverage": 0.15, "proximity": 0.5, "meta": 0.1, "triggers": 0.1}
+WEIGHTS = {"bm25": 0.12, "coverage": 0.12, "proximity": 0.4, "meta": 0.08, "triggers": 0.08, "sequence": 0.2}
 # Proximity: two terms this many characters apart count half as much as two side by side, and two found only in
 # the opposite order to the query's count ORDERED times as much (words typed together were usually read together,
 # in that order).
 PAIR_SCALE = 60
 ORDERED = 0.5
+# Sequence: the shortest stretch holding every term in the query's order counts half at this many characters.
+SEQUENCE_SCALE = 100
 META_PROXIMITY = True
 META_GAP = 1000
 # Occurrences of one term looked at in one document: enough to find it near the others.
@@ -532,6 +542,27 @@ def _pair_proximity(starts: list[list[int]], weights: list[float]) -> float:
     return found / total if total else 0.0
 
 
+def _in_order(starts: list[list[int]]) -> float:
+    """How close together the terms stand in the query's order, 0-1: 1 when the shortest stretch holding each term
+    after the one before it is short, 1/2 when it is SEQUENCE_SCALE characters long, 0 when no such stretch exists
+    (a term is missing, or no occurrence of one follows the one before)."""
+    if len(starts) < 2 or not all(starts):
+        return 0.0
+    best: int | None = None
+    for first in starts[0]:
+        at = first
+        for offsets in starts[1:]:
+            i = bisect.bisect_right(offsets, at)
+            if i == len(offsets):
+                break
+            at = offsets[i]
+        else:
+            best = at - first if best is None else min(best, at - first)
+            continue
+        break  # no later occurrence of some term follows this one, hence none follows any later one either
+    return 0.0 if best is None else 1 / (1 + best / SEQUENCE_SCALE)
+
+
 def _densest(starts: list[list[int]], width: int) -> int | None:
     """The offset that opens the stretch of `width` characters holding the most distinct terms (for snippets)."""
     events = sorted((at, term) for term, offsets in enumerate(starts) for at in offsets)
@@ -594,6 +625,7 @@ def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) 
         "proximity": together,
         "meta": in_meta / meta_total,
         "triggers": min(triggered, 2) / 2,
+        "sequence": _in_order(per_unit) if proximity else 0.0,
     }
     # Lower-casing keeps offsets for all but a few letters (e.g. 'İ'); where it does not, snippets look again.
     item.around = _densest(per_unit, SNIPPET_WIDTH) if len(text) == len(body) else None
@@ -619,7 +651,8 @@ def explain_terms(plan: Plan) -> list[QueryTermExplanation]:
 
 
 def _total(parts: dict[str, float], weights: dict[str, float]) -> float:
-    return sum(weights[name] * value for name, value in parts.items())
+    """The weighted sum of a score's parts; a part without a weight counts nothing."""
+    return sum(weights.get(name, 0.0) * value for name, value in parts.items())
 
 
 async def candidates(
@@ -639,6 +672,45 @@ async def candidates(
     seen = {row.key for row in rows}
     more = [row for row in await index.rank_documents(plan.fts(), layers, tags, window, 0) if row.key not in seen]
     return sorted([*rows, *more], key=lambda row: row.score)
+
+
+def close_groups(plan: Plan) -> list[list[str]]:
+    """The query's terms as groups that must stand close together (one per choice of each term's alternative), or
+    none when the query has one term, more than ALL_TERMS_FIRST, or a CJK run (its own column: see `Term.fts`)."""
+    if not 1 < len(plan.terms) <= ALL_TERMS_FIRST:
+        return []
+    choices = []
+    for term in plan.terms:
+        options = [term.term] if term.alternative is None else [term.term, term.alternative]
+        if any(option.kind == "cjk" for option in options):
+            return []
+        choices.append([option.fts() for option in options])
+    return [list(group) for group in itertools.product(*choices)]
+
+
+async def _with_close(
+    index: SearchIndex,
+    plan: Plan,
+    layers: list[str] | None,
+    tags: list[str] | None,
+    rows: list[SearchRow],
+    rescored: int,
+    proximity: bool,
+) -> tuple[list[SearchRow], int]:
+    """`rows` with the documents holding the query's words close together (see CLOSE_DISTANCE) that are not among
+    the `rescored` best moved up behind them, and how many are to be re-scored now. Only when re-scoring weighs
+    `proximity`: otherwise standing close together earns a document nothing."""
+    groups = close_groups(plan)
+    if not groups or not proximity:
+        return rows, rescored
+    close = await index.rank_close_together(plan.fts_all(), groups, CLOSE_DISTANCE, layers, tags, CLOSE_CANDIDATES)
+    head = rows[:rescored]
+    seen = {row.key for row in head}
+    extra = [row for row in close if row.key not in seen]
+    if not extra:
+        return rows, rescored
+    moved = {row.key for row in extra}
+    return [*head, *extra, *(row for row in rows[rescored:] if row.key not in moved)], len(head) + len(extra)
 
 
 async def rank(
@@ -663,6 +735,8 @@ async def rank(
     if rescored is None:
         rescored = CANDIDATES if plan.corrected is None else CORRECTED_CANDIDATES
     rows = await candidates(index, plan, layers, tags, max(rescored, offset + limit))
+    proximity = weights["proximity"] > 0
+    rows, rescored = await _with_close(index, plan, layers, tags, rows, rescored, proximity)
     best = max((-row.score for row in rows), default=0.0)
     ranked = [Ranked(row, 0.0, parts={"bm25": -row.score / best if best > 0 else 0.0}) for row in rows]
     head = ranked[:rescored]
@@ -670,7 +744,7 @@ async def rank(
     query_plain = _normalized(plan.query.text)
     for item in head:
         item.body = texts.get(item.row.key, Body("", 0, 0))
-        rescore(plan, item, query_plain, proximity=weights["proximity"] > 0)
+        rescore(plan, item, query_plain, proximity)
     for item in ranked:
         item.score = _total(item.parts, weights)
     head.sort(key=lambda item: (-item.score, item.row.score))
