@@ -261,30 +261,6 @@ async def test_a_guessed_word_has_more_candidates_re_scored(
     assert result.corrected_query is not None and result.hits[0].id == "together"
 
 
-async def test_documents_holding_the_words_close_together_are_re_scored_beyond_the_bm25_head(
-    service: KnowledgeService, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Many documents hold every word, and BM25 prefers those holding each one often, far apart ...
-    gap = " filler" * 30
-    for n in range(4):
-        body = f"zorblax zorblax{gap} quintessa quintessa{gap} vembrook vembrook {n}"
-        await save(service, f"scattered-{n}", f"Scattered {n}", body)
-    # ... to the one holding them in one sentence, in a longer text.
-    await save(service, "together", "Together", "The zorblax meets a quintessa by the vembrook." + " other words" * 40)
-    monkeypatch.setattr(search, "CANDIDATES", 2)
-    monkeypatch.setattr(search, "ENOUGH_HOLDING_ALL", 2)
-    assert (await service.search("zorblax quintessa vembrook")).hits[0].id == "together"
-    # Without the second source of candidates it is never re-scored, and BM25's order stands (the query's text
-    # differs, so the answer is not the one cached above).
-    monkeypatch.setattr(search, "CLOSE_CANDIDATES", 0)
-    hits = (await service.search("zorblax quintessa vembrook?")).hits
-    assert hits[0].id.startswith("scattered-") and "together" in [h.id for h in hits]
-    # Filters hold for it as for the others.
-    monkeypatch.setattr(search, "CLOSE_CANDIDATES", 30)
-    filtered = await service.search("zorblax quintessa vembrook", layers=["core"])
-    assert "together" not in [h.id for h in filtered.hits]
-
-
 def test_the_sequence_part_rewards_the_query_order_held_close() -> None:
     near = search._in_order([[0], [10], [20]])
     assert near == pytest.approx(1 / (1 + 20 / search.SEQUENCE_SCALE))
