@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -59,6 +60,9 @@ ALL_TERMS_FIRST = 6
 CLOSE_DISTANCE = 15
 CLOSE_CANDIDATES = 30
 CLOSE_FIELDS = ("headings", "body")
+# Not when the rarest term is in more documents than this: FTS5 then reads as many position lists as the all-terms
+# query read rows (40-100 ms at 10k documents), for words too common for their closeness to single a page out.
+CLOSE_MAX_DOCUMENTS = 2000
 # The parts of a score and their weights; they sum to 1.
 WEIGHTS = {"bm25": 0.12, "coverage": 0.12, "proximity": 0.4, "meta": 0.08, "triggers": 0.08, "sequence": 0.2}
 # Proximity: two terms this many characters apart count half as much as two side by side, and two found only in
@@ -699,14 +703,18 @@ async def _with_close(
 ) -> tuple[list[SearchRow], int]:
     """`rows` with the documents holding the query's words close together (see CLOSE_DISTANCE) that are not among
     the `rescored` best moved up behind them, and how many are to be re-scored now. Only when re-scoring weighs
-    `proximity`: otherwise standing close together earns a document nothing."""
+    `proximity` (otherwise standing close together earns a document nothing), and only when the candidates fill
+    the re-scored head: when they do not, every document holding every term is among them already.
+
+    Their BM25 is taken to be the last re-scored row's: ranked below it, theirs is at most that (counting it for
+    each would run the all-terms query once per row, seconds for a common prefix at 10k documents)."""
     groups = close_groups(plan)
-    if not groups or not proximity:
+    if not groups or not proximity or len(rows) < rescored or min(t.df for t in plan.terms) > CLOSE_MAX_DOCUMENTS:
         return rows, rescored
-    close = await index.rank_close_together(plan.fts_all(), groups, CLOSE_DISTANCE, layers, tags, CLOSE_CANDIDATES)
+    close = await index.rank_close_together(groups, CLOSE_DISTANCE, layers, tags, CLOSE_CANDIDATES)
     head = rows[:rescored]
     seen = {row.key for row in head}
-    extra = [row for row in close if row.key not in seen]
+    extra = [dataclasses.replace(row, score=head[-1].score) for row in close if row.key not in seen]
     if not extra:
         return rows, rescored
     moved = {row.key for row in extra}

@@ -46,13 +46,11 @@ async def test_the_index_finds_the_documents_holding_the_words_closest(kb: Knowl
     async with kb.store.read() as reader:
         plan = await search.plan(reader, search.parse_query(QUERY))
         groups = search.close_groups(plan)
-        rows = await reader.rank_close_together(plan.fts_all(), groups, search.CLOSE_DISTANCE, None, None, 1)
+        rows = await reader.rank_close_together(groups, search.CLOSE_DISTANCE, None, None, 1)
         assert [row.id for row in rows] == ["together"]
         everything = await reader.rank_documents(plan.fts_all(), None, None, 10, 0)
         assert [row.id for row in everything][0] != "together"  # BM25 alone ranks it lower
-        together = next(row for row in everything if row.id == "together")
-        assert rows[0].score == pytest.approx(together.score)  # scored as the other candidates are
-        assert await reader.rank_close_together(plan.fts_all(), groups, 15, ["core"], None, 5) == []
+        assert await reader.rank_close_together(groups, search.CLOSE_DISTANCE, ["core"], None, 5) == []
 
 
 async def test_they_are_re_scored_beyond_the_bm25_head(kb: KnowledgeService, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,6 +62,10 @@ async def test_they_are_re_scored_beyond_the_bm25_head(kb: KnowledgeService, mon
     monkeypatch.setattr(search, "CLOSE_CANDIDATES", 0)
     hits = (await kb.search(QUERY + "?")).hits
     assert hits[0].id.startswith("scattered-") and "together" in [hit.id for hit in hits]
+    # Nor when its words are in too many documents for the search to pay for it.
+    monkeypatch.setattr(search, "CLOSE_CANDIDATES", 30)
+    monkeypatch.setattr(search, "CLOSE_MAX_DOCUMENTS", 4)
+    assert (await kb.search(QUERY + "!")).hits[0].id.startswith("scattered-")
 
 
 def test_queries_of_one_term_many_terms_or_chinese_have_no_groups() -> None:

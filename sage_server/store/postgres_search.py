@@ -387,37 +387,22 @@ class PostgresSearch:
         return out.text(), out.params
 
     async def rank_close_together(
-        self,
-        fts: str,
-        groups: list[list[str]],
-        distance: int,
-        layers: list[str] | None,
-        tags: list[str] | None,
-        limit: int,
+        self, groups: list[list[str]], distance: int, layers: list[str] | None, tags: list[str] | None, limit: int
     ) -> list[SearchRow]:
         # tsquery has no NEAR (its <N> is an exact distance), so the documents whose headings and body hold a group
-        # most densely together are picked by cover density (ts_rank_cd), which `distance` cannot bound, then scored
-        # by BM25 for `fts` like the other candidates.
+        # most densely together are picked by cover density (ts_rank_cd), which `distance` does not bound.
         del distance
         trees = iter(await self._parsed([phrase for group in groups for phrase in group]))
         query = " | ".join("(" + " & ".join(_lexemes(*next(trees)) for _ in group) + ")" for group in groups)
-        out, names = await self._statement(fts)
-        _scores(out, names, _weights())
-        out.add(
-            ", close AS (SELECT doc_key FROM search_documents WHERE vector @@ %s::tsquery "
-            "ORDER BY ts_rank_cd('{1, 1, 0, 0}', vector, %s::tsquery) DESC, doc_key LIMIT %s)",
-            query,
-            query,
-            limit,
-        )
         where, filters = filter_sql(layers, tags)
-        out.add(
-            " SELECT d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary, s.score FROM scored s "
-            f"JOIN close c ON c.doc_key = s.doc_key JOIN documents d ON d.key = s.doc_key WHERE true{where} "
-            "ORDER BY s.score DESC, s.doc_key",
-            *filters,
+        rows = await self._all(
+            "SELECT d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary, c.score FROM "
+            "(SELECT doc_key, ts_rank_cd('{1, 1, 0, 0}', vector, %s::tsquery) AS score FROM search_documents "
+            "WHERE vector @@ %s::tsquery) c JOIN documents d ON d.key = c.doc_key "
+            f"WHERE true{where} ORDER BY c.score DESC, c.doc_key LIMIT %s",
+            [query, query, *filters, limit],
         )
-        return [_search_row(row) for row in await self._all(out.text(), out.params)]
+        return [_search_row(row) for row in rows]
 
     async def bodies(self, keys: list[int]) -> dict[int, Body]:
         if not keys:

@@ -130,29 +130,12 @@ class SqliteSearch:
             return [_search_row(row) for row in await cursor.fetchall()]
 
     async def rank_close_together(
-        self,
-        fts: str,
-        groups: list[list[str]],
-        distance: int,
-        layers: list[str] | None,
-        tags: list[str] | None,
-        limit: int,
+        self, groups: list[list[str]], distance: int, layers: list[str] | None, tags: list[str] | None, limit: int
     ) -> list[SearchRow]:
-        # FTS5's NEAR reads the position lists of the documents holding every phrase: no more than the all-terms
-        # query costs. Its bm25() counts only the occurrences that stand close, so the documents it picks are scored
-        # again by `fts`, as the other candidates were.
+        # FTS5's NEAR reads the position lists of the documents holding every phrase. (Scoring them by the all-terms
+        # query instead, with `rowid IN (...)`, ran that query once per row: a second per row for a common prefix.)
         near = " OR ".join(f"NEAR({' '.join(group)}, {distance})" for group in groups)
-        weights = ", ".join(str(w) for w in DOC_WEIGHTS)
-        where, filters = filter_sql(layers, tags)
-        sql = (
-            f"SELECT d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary, r.score FROM "
-            f"(SELECT rowid, bm25(docs_fts, {weights}) AS score FROM docs_fts WHERE docs_fts MATCH ? AND rowid IN "
-            f"(SELECT rowid FROM docs_fts WHERE docs_fts MATCH ? ORDER BY bm25(docs_fts, {weights}) LIMIT ?)) r "
-            f"JOIN documents d ON d.key = r.rowid WHERE true{where} ORDER BY r.score"
-        )
-        params = [fts, f"{{{' '.join(CLOSE_FIELDS)}}} : ({near})", limit, *filters]
-        async with self.conn.execute(sql, params) as cursor:
-            return [_search_row(row) for row in await cursor.fetchall()]
+        return await self.rank_documents(f"{{{' '.join(CLOSE_FIELDS)}}} : ({near})", layers, tags, limit, 0)
 
     async def bodies(self, keys: list[int]) -> dict[int, Body]:
         if not keys:
