@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sage_server import search
+from sage_server import proximity, search, spelling
 from sage_server.errors import InvalidInput
 from sage_server.models import DocumentIn
 from sage_server.search import parse_query
@@ -181,7 +181,7 @@ async def test_a_word_cut_short_is_read_as_the_start_of_longer_words(service: Kn
 
 
 async def test_a_rare_word_near_a_common_one_is_searched_beside_it(service: KnowledgeService) -> None:
-    for n in range(search.RARE_RATIO):
+    for n in range(spelling.RARE_RATIO):
         await save(service, f"backoff-{n}", f"Backoff {n}", "Exponential backoff between attempts.")
     await save(service, "typo-doc", "Typo", "Exponential bakcoff, as written once.")
     result = await service.search("bakcoff", explain=True)
@@ -262,8 +262,8 @@ async def test_a_guessed_word_has_more_candidates_re_scored(
 
 
 def test_the_sequence_part_rewards_the_query_order_held_close() -> None:
-    near = search._in_order([[0], [10], [20]])
-    assert near == pytest.approx(1 / (1 + 20 / search.SEQUENCE_SCALE))
-    assert search._in_order([[0, 500], [505], [510]]) > near > search._in_order([[0], [100], [300]]) > 0
-    assert search._in_order([[20], [10], [0]]) == 0.0  # never in the query's order
-    assert search._in_order([[0], [], [20]]) == 0.0  # a term missing
+    near = proximity.in_order([[0], [10], [20]])
+    assert near == pytest.approx(1 / (1 + 20 / proximity.SEQUENCE_SCALE))
+    assert proximity.in_order([[0, 500], [505], [510]]) > near > proximity.in_order([[0], [100], [300]]) > 0
+    assert proximity.in_order([[20], [10], [0]]) == 0.0  # never in the query's order
+    assert proximity.in_order([[0], [], [20]]) == 0.0  # a term missing
