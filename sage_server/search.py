@@ -5,13 +5,14 @@ A search runs in three steps:
 1. `plan`: every query term is looked up in the index's vocabulary, with the index's own stemmer, to learn how rare
    it is (its IDF: a word found in most documents tells little).
 2. `rank`: SQLite FTS5 ranks documents by BM25 with field weights (documents holding every term are asked for first
-   when there are enough of them) and keeps the best CANDIDATES.
+   when there are enough of them) and keeps the best CANDIDATES, with the best documents holding every term close
+   together (an FTS5 NEAR query: BM25 ignores where the words are).
 3. Each candidate is scored from its text: BM25 relative to the best candidate, the share of the query's weight
    (IDF) it holds (coverage), the share found within one short stretch of text (proximity: words typed together
-   were usually read together), the share in its title, tags, triggers or summary (meta), and whether its trigger
-   phrases occur in the query. The score is their weighted sum (at most 1), so it says how well a document
-   answers the query and not only how it compares with the others; `field_scores` and the parts are what
-   `sage search --explain` shows.
+   were usually read together), the shortest stretch holding every term in the query's order (sequence), the share
+   in its title, tags, triggers or summary (meta), and whether its trigger phrases occur in the query. The score
+   is their weighted sum (at most 1), so it says how well a document answers the query and not only how it
+   compares with the others; `field_scores` and the parts are what `sage search --explain` shows.
 Words no document holds are read, before a second ranking, as the start of longer words or as typos
 (spelling.correct). proximity.py measures where the terms stand in a text.
 """
