@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass
 
 from sage_server import context as context_packing
-from sage_server import search
+from sage_server import search, spelling
 from sage_server.errors import NotFound, Timeout
 from sage_server.models import ContextResult, SearchResult
 from sage_server.store import Store
@@ -68,7 +68,7 @@ async def run_search(
             # Words no document holds are typos or cut short: read them again once the rest has ranked (a
             # deadline here still leaves an answer).
             if offset == 0 and plan.doubtful:
-                fixed = await search.correct(reader, plan)
+                fixed = await spelling.correct(reader, plan)
                 if fixed is not None:
                     plan, corrected = fixed, fixed.corrected
                     ranked = await search.rank(reader, plan, layers, tags, limit + 1, 0)
@@ -111,7 +111,7 @@ async def run_context(where: Where, core_layer: str, task: str, budget: int, lay
         async with where.store.read() as reader:
             plan = await search.plan(reader, parsed, where.vocabulary, where.version)
             if plan.doubtful:
-                plan = await search.correct(reader, plan) or plan
+                plan = await spelling.correct(reader, plan) or plan
             found = await context_packing.candidates(reader, plan, layers)
     result = context_packing.assemble(task, budget, lines, found)
     return result.model_copy(update={"partial": window.partial, "partial_reason": window.reason})

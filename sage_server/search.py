@@ -5,22 +5,25 @@ A search runs in three steps:
 1. `plan`: every query term is looked up in the index's vocabulary, with the index's own stemmer, to learn how rare
    it is (its IDF: a word found in most documents tells little).
 2. `rank`: SQLite FTS5 ranks documents by BM25 with field weights (documents holding every term are asked for first
-   when there are enough of them) and keeps the best CANDIDATES.
+   when there are enough of them) and keeps the best CANDIDATES, with the best documents holding every term close
+   together (an FTS5 NEAR query: BM25 ignores where the words are).
 3. Each candidate is scored from its text: BM25 relative to the best candidate, the share of the query's weight
    (IDF) it holds (coverage), the share found within one short stretch of text (proximity: words typed together
-   were usually read together), the share in its title, tags, triggers or summary (meta), and whether its trigger
-   phrases occur in the query. The score is their weighted sum (at most 1), so it says how well a document
-   answers the query and not only how it compares with the others; `field_scores` and the parts are what
-   `sage search --explain` shows.
-Words no document holds are read, before a second ranking, as the start of longer words or as typos (`correct`).
+   were usually read together), the shortest stretch holding every term in the query's order (sequence), the share
+   in its title, tags, triggers or summary (meta), and whether its trigger phrases occur in the query. The score
+   is their weighted sum (at most 1), so it says how well a document answers the query and not only how it
+   compares with the others; `field_scores` and the parts are what `sage search --explain` shows.
+Words no document holds are read, before a second ranking, as the start of longer words or as typos
+(spelling.correct). proximity.py measures where the terms stand in a text.
 """
 
 from __future__ import annotations
 
 import base64
-import bisect
+import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -30,6 +33,7 @@ from typing import TypeVar
 
 from sage_server.errors import InvalidInput
 from sage_server.models import QueryTermExplanation, ScoreExplanation, SearchHit
+from sage_server.proximity import densest, in_order, pair_proximity, word_starts
 from sage_server.store.records import Body as Body
 from sage_server.store.records import SearchRow
 from sage_server.store.search_index import SearchIndex
@@ -45,39 +49,34 @@ MAX_QUERY_CHARS = 4000
 # How many of the best BM25 documents are re-scored, and how many holding every term make asking for any unneeded.
 CANDIDATES = 60
 ENOUGH_HOLDING_ALL = 30
-# How many are re-scored when `correct` read a word no document holds as a prefix or a typo (or a rare word beside
-# a common one): BM25 weighs such a word by a guess (a prefix's combined count, a correction with its runner-up), so
-# its order says less and the page meant lies deeper in it. Only queries holding an unknown or rare word pay this.
+# How many are re-scored when spelling.correct read a word no document holds as a prefix or a typo (or a rare word
+# beside a common one): BM25 weighs such a word by a guess (a prefix's combined count, a correction with its
+# runner-up), so its order says less and the page meant lies deeper in it. Only queries holding an unknown or rare
+# word pay this.
 CORRECTED_CANDIDATES = 120
 # Queries of up to this many terms first ask for documents holding all of them (see `candidates`).
 ALL_TERMS_FIRST = 6
+# A second source of candidates for such queries: the best CLOSE_CANDIDATES documents (by BM25) holding every term
+# within CLOSE_DISTANCE words of each other in one of CLOSE_FIELDS. When many documents hold every word, the one
+# that holds them in one sentence can lie past the CANDIDATES best by BM25 (which ignores where the words are), and
+# re-scoring, which would put it first, never sees it.
+CLOSE_DISTANCE = 15
+CLOSE_CANDIDATES = 30
+CLOSE_FIELDS = ("headings", "body")
+# Not when the rarest term is in more documents than this: FTS5 then reads as many position lists as the all-terms
+# query read rows (40-100 ms at 10k documents), for words too common for their closeness to single a page out.
+CLOSE_MAX_DOCUMENTS = 2000
 # The parts of a score and their weights; they sum to 1.
-WEIGHTS = {"bm25": 0.15, "coverage": 0.15, "proximity": 0.5, "meta": 0.1, "triggers": 0.1}
-# Proximity: two terms this many characters apart count half as much as two side by side, and two found only in
-# the opposite order to the query's count ORDERED times as much (words typed together were usually read together,
-# in that order).
-PAIR_SCALE = 60
-ORDERED = 0.5
+WEIGHTS = {"bm25": 0.12, "coverage": 0.12, "proximity": 0.4, "meta": 0.08, "triggers": 0.08, "sequence": 0.2}
 META_PROXIMITY = True
 META_GAP = 1000
-# Occurrences of one term looked at in one document: enough to find it near the others.
-MAX_OCCURRENCES = 200
 # Words no document holds are read as prefixes or corrected from this length on: shorter ones match too much.
 MIN_PREFIX = 4
 # A known word of MIN_PREFIX-5 letters is read as a prefix when this many times more documents hold a word that
 # starts with it.
 SHORT_WORD_RATIO = 3
-# Equally close corrections weighed against the query's other words.
-CORRECTION_CHOICES = 5
-# A word at most this many documents hold is checked for being a typo of one at least RARE_RATIO times as common.
+# A word at most this many documents hold is checked for being a typo of a far more common one (spelling.py).
 RARE_DOCUMENTS = 2
-RARE_RATIO = 50
-# One edit weighs as much as this (natural) log of how many more documents use a word.
-EDIT_COST = 2.0
-# A second correction at most this much less likely (as weighed by `_best_fix`) is searched beside the first.
-CLOSE_FIX = 2.0
-# How much the share of a correction's documents that hold the query's other words counts (as a log).
-CONTEXT_WEIGHT = 1.0
 # Snippets and re-scoring read at most this much of a body: their cost must not grow with the document.
 SNIPPET_SCAN_CHARS = 20_000
 # Words whose stems and document counts are remembered between queries (see Vocabulary).
@@ -315,7 +314,7 @@ class Plan:
 
     @property
     def doubtful(self) -> bool:
-        """Some word is unknown to the index or rare enough to be a typo (see `correct`)."""
+        """Some word is unknown to the index or rare enough to be a typo (see spelling.correct)."""
         return any(t.unknown or t.rare for t in self.terms)
 
     @property
@@ -470,89 +469,6 @@ class Ranked:
     around: int | None = None  # where the query's words are densest in `body`, for the snippet
 
 
-def _starts(text: str, key: str, cjk: bool) -> list[int]:
-    """Offsets in `text` where a word starts with `key` (anywhere, for CJK), at most MAX_OCCURRENCES of them."""
-    found: list[int] = []
-    at = text.find(key)
-    while at >= 0 and len(found) < MAX_OCCURRENCES:
-        if cjk or at == 0 or not text[at - 1].isalnum():
-            found.append(at)
-        at = text.find(key, at + 1)
-    return found
-
-
-def _gap(first: list[int], second: list[int]) -> int | None:
-    """The smallest distance between an offset in `first` and one in `second` (both sorted)."""
-    if not first or not second:
-        return None
-    few, many = (first, second) if len(first) <= len(second) else (second, first)
-    best: int | None = None
-    for at in few:
-        i = bisect.bisect_left(many, at)
-        for j in (i - 1, i):
-            if 0 <= j < len(many) and (best is None or abs(many[j] - at) < best):
-                best = abs(many[j] - at)
-    return best
-
-
-def _ordered_gap(first: list[int], second: list[int]) -> int | None:
-    """The smallest distance from an offset in `first` forward to one in `second` (both sorted)."""
-    best: int | None = None
-    for at in first:
-        i = bisect.bisect_right(second, at)
-        if i == len(second):
-            break
-        if best is None or second[i] - at < best:
-            best = second[i] - at
-    return best
-
-
-def _pair_proximity(starts: list[list[int]], weights: list[float]) -> float:
-    """How close together the terms are, 0-1: every pair of terms (neighbours in the query, for long queries)
-    counts by its weight and by how near its closest occurrences are (1 when adjacent, 1/2 at PAIR_SCALE)."""
-    count = len(starts)
-    pairs = (
-        [(i, j) for i in range(count) for j in range(i + 1, count)]
-        if count <= ALL_TERMS_FIRST
-        else [(i, i + 1) for i in range(count - 1)]
-    )
-    total = found = 0.0
-    for i, j in pairs:
-        weight = weights[i] + weights[j]
-        total += weight
-        gap = _gap(starts[i], starts[j])
-        if gap is not None:
-            ahead = _ordered_gap(starts[i], starts[j]) if ORDERED < 1 else gap
-            close = 1 / (1 + gap / PAIR_SCALE)
-            if ahead is not None:
-                close = max(close * ORDERED, 1 / (1 + ahead / PAIR_SCALE))
-            else:
-                close *= ORDERED
-            found += weight * close
-    return found / total if total else 0.0
-
-
-def _densest(starts: list[list[int]], width: int) -> int | None:
-    """The offset that opens the stretch of `width` characters holding the most distinct terms (for snippets)."""
-    events = sorted((at, term) for term, offsets in enumerate(starts) for at in offsets)
-    if not events:
-        return None
-    counts = [0] * len(starts)
-    distinct = best = low = 0
-    best_at = events[0][0]
-    for at, term in events:
-        distinct += counts[term] == 0
-        counts[term] += 1
-        while at - events[low][0] > width:
-            gone = events[low][1]
-            counts[gone] -= 1
-            distinct -= counts[gone] == 0
-            low += 1
-        if distinct > best:
-            best, best_at = distinct, events[low][0]
-    return best_at
-
-
 def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) -> None:
     """Fill in the parts of a candidate's score (each 0-1; see the module docstring), the terms it holds and where
     its snippet should start. `query_plain` is the query as trigger matching reads it; without `proximity` (its
@@ -569,8 +485,8 @@ def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) 
         cjk = term.term.kind == "cjk"
         held = False
         for unit in term.units:
-            head = [at for key in unit.keys for at in _starts(meta, key, cjk)]
-            starts = sorted(at for key in unit.keys for at in _starts(text, key, cjk))
+            head = [at for key in unit.keys for at in word_starts(meta, key, cjk)]
+            starts = sorted(at for key in unit.keys for at in word_starts(text, key, cjk))
             # Proximity reads the meta fields as a first paragraph, far enough from the text not to run into it.
             per_unit.append([at - len(meta) - META_GAP for at in sorted(head)] + starts if META_PROXIMITY else starts)
             if head or starts:
@@ -586,7 +502,7 @@ def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) 
     if not proximity or len(weights) == 1:
         together = covered / total
     else:
-        together = _pair_proximity(per_unit, weights)
+        together = pair_proximity(per_unit, weights, len(per_unit) <= ALL_TERMS_FIRST)
     triggered = trigger_matches(plan.query.text, row.triggers, query_plain)
     item.parts = {
         "bm25": item.parts["bm25"],
@@ -594,9 +510,10 @@ def rescore(plan: Plan, item: Ranked, query_plain: str, proximity: bool = True) 
         "proximity": together,
         "meta": in_meta / meta_total,
         "triggers": min(triggered, 2) / 2,
+        "sequence": in_order(per_unit) if proximity else 0.0,
     }
     # Lower-casing keeps offsets for all but a few letters (e.g. 'İ'); where it does not, snippets look again.
-    item.around = _densest(per_unit, SNIPPET_WIDTH) if len(text) == len(body) else None
+    item.around = densest(per_unit, SNIPPET_WIDTH) if len(text) == len(body) else None
 
 
 def explain_hit(item: Ranked, fields: dict[str, float]) -> ScoreExplanation:
@@ -619,7 +536,8 @@ def explain_terms(plan: Plan) -> list[QueryTermExplanation]:
 
 
 def _total(parts: dict[str, float], weights: dict[str, float]) -> float:
-    return sum(weights[name] * value for name, value in parts.items())
+    """The weighted sum of a score's parts; a part without a weight counts nothing."""
+    return sum(weights.get(name, 0.0) * value for name, value in parts.items())
 
 
 async def candidates(
@@ -641,6 +559,49 @@ async def candidates(
     return sorted([*rows, *more], key=lambda row: row.score)
 
 
+def close_groups(plan: Plan) -> list[list[str]]:
+    """The query's terms as groups that must stand close together (one per choice of each term's alternative), or
+    none when the query has one term, more than ALL_TERMS_FIRST, or a CJK run (its own column: see `Term.fts`)."""
+    if not 1 < len(plan.terms) <= ALL_TERMS_FIRST:
+        return []
+    choices = []
+    for term in plan.terms:
+        options = [term.term] if term.alternative is None else [term.term, term.alternative]
+        if any(option.kind == "cjk" for option in options):
+            return []
+        choices.append([option.fts() for option in options])
+    return [list(group) for group in itertools.product(*choices)]
+
+
+async def _with_close(
+    index: SearchIndex,
+    plan: Plan,
+    layers: list[str] | None,
+    tags: list[str] | None,
+    rows: list[SearchRow],
+    rescored: int,
+    proximity: bool,
+) -> tuple[list[SearchRow], int]:
+    """`rows` with the documents holding the query's words close together (see CLOSE_DISTANCE) that are not among
+    the `rescored` best moved up behind them, and how many are to be re-scored now. Only when re-scoring weighs
+    `proximity` (otherwise standing close together earns a document nothing), and only when the candidates fill
+    the re-scored head: when they do not, every document holding every term is among them already.
+
+    Their BM25 is taken to be the last re-scored row's: ranked below it, theirs is at most that (counting it for
+    each would run the all-terms query once per row, seconds for a common prefix at 10k documents)."""
+    groups = close_groups(plan)
+    if not groups or not proximity or len(rows) < rescored or min(t.df for t in plan.terms) > CLOSE_MAX_DOCUMENTS:
+        return rows, rescored
+    close = await index.rank_close_together(groups, CLOSE_DISTANCE, layers, tags, CLOSE_CANDIDATES)
+    head = rows[:rescored]
+    seen = {row.key for row in head}
+    extra = [dataclasses.replace(row, score=head[-1].score) for row in close if row.key not in seen]
+    if not extra:
+        return rows, rescored
+    moved = {row.key for row in extra}
+    return [*head, *extra, *(row for row in rows[rescored:] if row.key not in moved)], len(head) + len(extra)
+
+
 async def rank(
     index: SearchIndex,
     plan: Plan,
@@ -652,8 +613,8 @@ async def rank(
     rescored: int | None = None,
 ) -> list[Ranked]:
     """Documents for `plan`, best first: BM25 candidates, the best `rescored` of them (default CANDIDATES, or
-    CORRECTED_CANDIDATES for a plan `correct` made) re-scored from their text, with the parts weighed by `weights`
-    (default WEIGHTS).
+    CORRECTED_CANDIDATES for a plan spelling.correct made) re-scored from their text, with the parts weighed by
+    `weights` (default WEIGHTS).
 
     Past the re-scored head (deep pages) documents follow in BM25 order, scored by their BM25 part alone.
     """
@@ -663,6 +624,8 @@ async def rank(
     if rescored is None:
         rescored = CANDIDATES if plan.corrected is None else CORRECTED_CANDIDATES
     rows = await candidates(index, plan, layers, tags, max(rescored, offset + limit))
+    proximity = weights["proximity"] > 0
+    rows, rescored = await _with_close(index, plan, layers, tags, rows, rescored, proximity)
     best = max((-row.score for row in rows), default=0.0)
     ranked = [Ranked(row, 0.0, parts={"bm25": -row.score / best if best > 0 else 0.0}) for row in rows]
     head = ranked[:rescored]
@@ -670,7 +633,7 @@ async def rank(
     query_plain = _normalized(plan.query.text)
     for item in head:
         item.body = texts.get(item.row.key, Body("", 0, 0))
-        rescore(plan, item, query_plain, proximity=weights["proximity"] > 0)
+        rescore(plan, item, query_plain, proximity)
     for item in ranked:
         item.score = _total(item.parts, weights)
     head.sort(key=lambda item: (-item.score, item.row.score))
@@ -748,182 +711,6 @@ def make_snippet(body: str, query: ParsedQuery, width: int = SNIPPET_WIDTH, arou
     plain = _MARKUP.sub(" ", text[begin:end])
     window = finder.sub(lambda m: f"**{m.group()}**", plain)
     return ("…" if begin else "") + " ".join(window.split()) + ("…" if end < len(body) else "")
-
-
-def bounded_edit_distance(a: str, b: str, limit: int) -> int:
-    """Levenshtein distance of `a` and `b` when it is at most `limit`, else `limit + 1` (computed in a band)."""
-    if abs(len(a) - len(b)) > limit:
-        return limit + 1
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i] + [limit + 1] * len(b)
-        low, high = max(1, i - limit), min(len(b), i + limit)
-        for j in range(low, high + 1):
-            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != b[j - 1]))
-        if min(current) > limit:
-            return limit + 1
-        previous = current
-    return min(previous[-1], limit + 1)
-
-
-def _neighbour_starts(word: str) -> list[str]:
-    """The first three letters of every word one edit away from `word`: a closest indexed word starts with one
-    of them, so the vocabulary is read in a few small ranges instead of whole."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    head = word[:4]
-    variants = {head}
-    for at in range(len(head) + 1):
-        variants.update(head[:at] + c + head[at:] for c in letters)  # a letter lost in typing
-        if at < len(head):
-            variants.add(head[:at] + head[at + 1 :])  # a letter typed twice or by mistake
-            variants.update(head[:at] + c + head[at + 1 :] for c in letters)
-        if at < len(head) - 1:
-            variants.add(head[:at] + head[at + 1] + head[at] + head[at + 2 :])
-    return sorted({v[:3] for v in variants if len(v) >= 3} | {word[:3]})
-
-
-# Endings Porter's stemmer takes off English words: an indexed stem ('oper') stands for the words made by adding
-# one back ('operation', 'operating'), and a typo is compared with those.
-ENDINGS = (
-    "",
-    *"""e s es d ed ing ings er ers ion ions ation ations ational ly al ally ment ments ness ity ities ive
-    ively ous able ible ize ized izes ization ise ate ates ated ating ator ance ence ent ant ism ist ingly ful fully
-    less ic ical ically ics ure ary ory age""".split(),
-)
-
-
-def _distance(word: str, candidate: str, limit: int) -> int:
-    """Edits between a typed word and the closest word an indexed stem stands for (see ENDINGS), at most limit+1."""
-    bases = [candidate]
-    if candidate.endswith("i"):
-        bases.append(candidate[:-1] + "y")  # Porter writes 'empty' as 'empti'
-    best = limit + 1
-    for base in bases:
-        for ending in ENDINGS:
-            if abs(len(base) + len(ending) - len(word)) <= limit:
-                best = min(best, bounded_edit_distance(word, base + ending, limit))
-                if best == 0:
-                    return 0
-    return best
-
-
-async def _closest(index: SearchIndex, word: str) -> list[tuple[float, str, int]]:
-    """Indexed stems that may stand for `word` (at most 1 edit for words up to 5 letters, 2 above), likeliest
-    first: (how unlikely, stem, documents holding it). An edit weighs as much as a factor of e^2 in use."""
-    limit = 1 if len(word) <= 5 else 2
-    rows = await index.vocabulary_near(_neighbour_starts(word), len(word) + limit)
-    found = []
-    for candidate, docs in rows:
-        distance = _distance(word, candidate, limit)
-        if distance <= limit:
-            found.append((EDIT_COST * distance - math.log(docs + 1), candidate, docs))
-    return sorted(found)
-
-
-async def _together(index: SearchIndex, fts: str) -> int:
-    """How many documents match `fts`, counted up to 1,000."""
-    return await index.count_matches(fts, 1000)
-
-
-async def _best_fix(
-    index: SearchIndex, choices: list[tuple[float, str, int]], others: list[Term]
-) -> list[tuple[Term, int]]:
-    """The likeliest of the closest stems, judged also by how often each is found with the query's other words
-    (relative to how common it is): 'clsed file' reads 'closed', not 'cased'. A runner-up nearly as likely
-    (within CLOSE_FIX) follows it, to be searched beside it: one wrong guess must not lose the page.
-
-    Each stem is searched as itself when the index's stemmer leaves it as it is, else as the start of words
-    (a short stem searched as a prefix, 'inf*', would match every word that starts with it)."""
-    head = choices[:CORRECTION_CHOICES]
-    stemmed = await index.stems([stem for _, stem, _ in head])
-    terms = [_fix_term(stem, tokens) for (_, stem, _), tokens in zip(head, stemmed, strict=True)]
-    rest = " AND ".join(term.fts() for term in others)
-    weighed = []
-    for (cost, _, docs), term in zip(head, terms, strict=True):
-        if rest and len(head) > 1:
-            share = await _together(index, f"{term.fts()} AND {rest}") / max(docs, 1)
-            cost -= CONTEXT_WEIGHT * math.log(min(share, 1.0) + 0.01)
-        weighed.append((cost, term, docs))
-    weighed.sort(key=lambda item: item[0])
-    return [(term, docs) for cost, term, docs in weighed[:2] if cost - weighed[0][0] <= CLOSE_FIX]
-
-
-def _fix_term(stem: str, tokens: list[str]) -> Term:
-    """An indexed stem as a query term: the word itself when the stemmer keeps it, else its start."""
-    return Term(stem, "word") if tokens == [stem] else Term(stem, "prefix")
-
-
-async def _maybe_typo(index: SearchIndex, term: PlannedTerm, documents: int, others: list[Term]) -> PlannedTerm:
-    """`term` (a rare word) with a far more common word one or two edits away as its alternative, if there is one."""
-    choices = [c for c in await _closest(index, term.term.text) if c[1] != term.stem and c[2] >= RARE_RATIO * term.df]
-    if not choices:
-        return term
-    [(fix, df), *_] = await _best_fix(index, choices, [t for t in others if t is not term.term])
-    both = min(documents, term.df + df)
-    return PlannedTerm(
-        term.term,
-        term.typed,
-        both,
-        idf(both, documents),
-        term.keys + _stem_keys(fix.text),
-        term.stem,
-        "or",
-        fix,
-    )
-
-
-def _stem_keys(stem: str) -> tuple[str, ...]:
-    """Word starts for an indexed stem in raw text ('empti' is written 'empty')."""
-    return (stem, stem[:-1] + "y") if stem.endswith("i") and len(stem) > 3 else (stem,)
-
-
-async def correct(index: SearchIndex, plan: Plan) -> Plan | None:
-    """Read the words no document holds: as the start of longer words when some indexed word begins with them
-    ('direc' -> direc*), else as a typo of the closest indexed word. None when no word changed."""
-    changed = False
-    terms: list[PlannedTerm] = []
-    others = [term.term for term in plan.terms if term.df > 0]
-    for term in plan.terms:
-        word = term.term.text
-        if term.rare:
-            terms.append(await _maybe_typo(index, term, plan.documents, others))
-            changed = changed or terms[-1].alternative is not None
-            continue
-        if not term.unknown or len(word) < MIN_PREFIX:
-            terms.append(term)
-            continue
-        as_prefix = Term(word, "prefix")
-        [df] = await index.document_counts([as_prefix.fts()], plan.documents)
-        if df:
-            terms.append(PlannedTerm(as_prefix, word, df, idf(df, plan.documents), (word,), term.stem, "prefix"))
-            changed = True
-            continue
-        choices = await _closest(index, word)
-        if not choices:
-            terms.append(term)
-            continue
-        fixes = await _best_fix(index, choices, others)
-        (fix, df), second = fixes[0], fixes[1:]
-        keys = _stem_keys(fix.text)
-        if second:
-            df = min(plan.documents, df + second[0][1])
-            keys += _stem_keys(second[0][0].text)
-        terms.append(
-            PlannedTerm(
-                fix,
-                word,
-                df,
-                idf(df, plan.documents),
-                keys,
-                fix.text,
-                "corrected",
-                second[0][0] if second else None,
-            )
-        )
-        changed = True
-    if not changed:
-        return None
-    return Plan(plan.query, terms, plan.documents, " ".join(t.describe() for t in terms))
 
 
 def describe(term: Term) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from sage_server import context, search
+from sage_server import context, search, spelling
 from sage_server import service as service_module
 from sage_server.config import Settings
 from sage_server.errors import Timeout, Unavailable
@@ -150,7 +150,7 @@ async def test_a_slow_search_returns_what_was_ranked_marked_partial(
     fast = settings.model_copy(update={"timeout_search_ms": 300, "cache_memory": False, "cache_disk": False})
     async with open_service(fast) as kb:
         # A word no document holds makes the search look for misspellings; that step hangs here, after ranking.
-        monkeypatch.setattr(search, "correct", stuck_correction)
+        monkeypatch.setattr(spelling, "correct", stuck_correction)
         with anyio.fail_after(10):  # cut short at the search deadline, not after the 30 s step
             result = await kb.search("circuit breakr")
         assert result.partial and "search limit of 300 ms" in (result.partial_reason or "")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sage_server import search
+from sage_server import proximity, search, spelling
 from sage_server.errors import InvalidInput
 from sage_server.models import DocumentIn
 from sage_server.search import parse_query
@@ -181,7 +181,7 @@ async def test_a_word_cut_short_is_read_as_the_start_of_longer_words(service: Kn
 
 
 async def test_a_rare_word_near_a_common_one_is_searched_beside_it(service: KnowledgeService) -> None:
-    for n in range(search.RARE_RATIO):
+    for n in range(spelling.RARE_RATIO):
         await save(service, f"backoff-{n}", f"Backoff {n}", "Exponential backoff between attempts.")
     await save(service, "typo-doc", "Typo", "Exponential bakcoff, as written once.")
     result = await service.search("bakcoff", explain=True)
@@ -195,7 +195,7 @@ async def test_explain_shows_bm25_per_field_and_the_parts_of_the_score(service: 
     assert top.id == "timeout-resilience" and top.explain is not None
     why = top.explain
     assert why.bm25 > 0 and {"triggers", "summary", "body"} <= set(why.bm25_fields)
-    assert set(why.parts) == set(why.weights) == {"bm25", "coverage", "proximity", "meta", "triggers"}
+    assert set(why.parts) == set(why.weights) == {"bm25", "coverage", "proximity", "meta", "triggers", "sequence"}
     assert top.score == pytest.approx(sum(why.parts[p] * why.weights[p] for p in why.parts), abs=1e-3)
     assert why.matched == ["circuit", "breaker"]
     assert result.terms is not None and [t.searched for t in result.terms] == ["circuit", "breaker"]
@@ -259,3 +259,11 @@ async def test_a_guessed_word_has_more_candidates_re_scored(
     # A typo's correction is a guess, so BM25's order says less: more of its candidates are re-scored.
     result = await service.search("zorblax quintessa vembrok")
     assert result.corrected_query is not None and result.hits[0].id == "together"
+
+
+def test_the_sequence_part_rewards_the_query_order_held_close() -> None:
+    near = proximity.in_order([[0], [10], [20]])
+    assert near == pytest.approx(1 / (1 + 20 / proximity.SEQUENCE_SCALE))
+    assert proximity.in_order([[0, 500], [505], [510]]) > near > proximity.in_order([[0], [100], [300]]) > 0
+    assert proximity.in_order([[20], [10], [0]]) == 0.0  # never in the query's order
+    assert proximity.in_order([[0], [], [20]]) == 0.0  # a term missing

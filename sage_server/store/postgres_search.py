@@ -359,19 +359,7 @@ class PostgresSearch:
         self, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
     ) -> list[SearchRow]:
         sql, params = await self.rank_documents_sql(fts, layers, tags, limit, offset)
-        return [
-            SearchRow(
-                key=row["key"],
-                id=row["id"],
-                title=row["title"],
-                layer=row["layer"],
-                tags=_json_list(row["tags"]),
-                triggers=_json_list(row["triggers"]),
-                summary=row["summary"],
-                score=-float(row["score"]),
-            )
-            for row in await self._all(sql, params)
-        ]
+        return [_search_row(row) for row in await self._all(sql, params)]
 
     async def rank_documents_sql(
         self, fts: str, layers: list[str] | None, tags: list[str] | None, limit: int, offset: int
@@ -397,6 +385,24 @@ class PostgresSearch:
                 offset,
             )
         return out.text(), out.params
+
+    async def rank_close_together(
+        self, groups: list[list[str]], distance: int, layers: list[str] | None, tags: list[str] | None, limit: int
+    ) -> list[SearchRow]:
+        # tsquery has no NEAR (its <N> is an exact distance), so the documents whose headings and body hold a group
+        # most densely together are picked by cover density (ts_rank_cd), which `distance` does not bound.
+        del distance
+        trees = iter(await self._parsed([phrase for group in groups for phrase in group]))
+        query = " | ".join("(" + " & ".join(_lexemes(*next(trees)) for _ in group) + ")" for group in groups)
+        where, filters = filter_sql(layers, tags)
+        rows = await self._all(
+            "SELECT d.key, d.id, d.title, d.layer, d.tags, d.triggers, d.summary, c.score FROM "
+            "(SELECT doc_key, ts_rank_cd('{1, 1, 0, 0}', vector, %s::tsquery) AS score FROM search_documents "
+            "WHERE vector @@ %s::tsquery) c JOIN documents d ON d.key = c.doc_key "
+            f"WHERE true{where} ORDER BY c.score DESC, c.doc_key LIMIT %s",
+            [query, query, *filters, limit],
+        )
+        return [_search_row(row) for row in rows]
 
     async def bodies(self, keys: list[int]) -> dict[int, Body]:
         if not keys:
@@ -454,6 +460,27 @@ class PostgresSearch:
         out.add(" SELECT count(*) AS c FROM (SELECT 1 FROM m LIMIT %s) AS found", up_to)
         rows = await self._all(out.text(), out.params)
         return int(rows[0]["c"]) if rows else 0
+
+
+def _search_row(row: DictRow) -> SearchRow:
+    return SearchRow(
+        key=row["key"],
+        id=row["id"],
+        title=row["title"],
+        layer=row["layer"],
+        tags=_json_list(row["tags"]),
+        triggers=_json_list(row["triggers"]),
+        summary=row["summary"],
+        score=-float(row["score"]),
+    )
+
+
+def _lexemes(tree: Expression, stems: dict[str, list[str]]) -> str:
+    """A phrase of search.Term.fts as a tsquery on the headings and body (weights C and D): its words in a row."""
+    assert isinstance(tree, Phrase)
+    tokens = stems[tree.text] or [tree.text.lower()]
+    star = "*" if tree.prefix else ""
+    return "(" + " <-> ".join("'" + token.replace("'", "''") + f"':{star}CD" for token in tokens) + ")"
 
 
 def _json_list(value: str) -> list[str]:

@@ -25,6 +25,13 @@ class SearchIndex(Protocol):
     ) -> list[SearchRow]:
         """Live documents matching `fts` by BM25 alone, best first."""
 
+    async def rank_close_together(
+        self, groups: list[list[str]], distance: int, layers: list[str] | None, tags: list[str] | None, limit: int
+    ) -> list[SearchRow]:
+        """The best `limit` live documents holding, in one of search.CLOSE_FIELDS, every phrase of some group
+        (`search.Term.fts` each) within `distance` words of each other, best first (by BM25 of those occurrences
+        alone, or the store's nearest equivalent)."""
+
     async def bodies(self, keys: list[int]) -> dict[int, Body]:
         """The opening of each document's body (as much as snippets and re-scoring read), its tokens and revision."""
 
