@@ -180,18 +180,21 @@ class _Statement:
 def _phrase_rows(out: _Statement, phrase: Phrase, tokens: list[str]) -> None:
     """A query giving (doc_key, field, tf): the phrase's occurrences in each field of each document holding it."""
     fields = sorted(phrase.fields)
+    # No condition on the field when every field counts (most phrases): it was checked on every row read.
+    in_fields = "" if phrase.fields == ALL_FIELDS else " AND field = ANY(%s)"
+    field_params = [] if phrase.fields == ALL_FIELDS else [fields]
     if not tokens or not fields:
         out.add("SELECT NULL::bigint AS doc_key, NULL::smallint AS field, NULL::integer AS tf WHERE false")
     elif len(tokens) == 1 and phrase.prefix:
         out.add(
-            "SELECT doc_key, field, sum(tf)::integer AS tf FROM search_terms WHERE term >= %s AND term < %s "
-            "AND field = ANY(%s) GROUP BY doc_key, field",
+            f"SELECT doc_key, field, sum(tf)::integer AS tf FROM search_terms WHERE term >= %s AND term < %s"
+            f"{in_fields} GROUP BY doc_key, field",
             tokens[0],
             tokens[0] + LAST_CHARACTER,
-            fields,
+            *field_params,
         )
     elif len(tokens) == 1:
-        out.add("SELECT doc_key, field, tf FROM search_terms WHERE term = %s AND field = ANY(%s)", tokens[0], fields)
+        out.add(f"SELECT doc_key, field, tf FROM search_terms WHERE term = %s{in_fields}", tokens[0], *field_params)
     elif _cjk_only(phrase):
         # The bigrams in a row, counted exactly in the space-padded text (found by the trigram index).
         pattern = "".join(f" {token} " for token in tokens)
@@ -210,12 +213,12 @@ def _phrase_rows(out: _Statement, phrase: Phrase, tokens: list[str]) -> None:
             "'" + token.replace("'", "''") + "'" + (f":{weights}" if weights else "") for token in tokens
         )
         out.add(
-            "SELECT doc_key, field, min(tf)::integer AS tf FROM search_terms WHERE term = ANY(%s) AND field = ANY(%s) "
-            "AND doc_key IN (SELECT doc_key FROM search_documents WHERE vector @@ %s::tsquery) "
+            "SELECT doc_key, field, min(tf)::integer AS tf FROM search_terms WHERE term = ANY(%s) "
+            f"AND doc_key IN (SELECT doc_key FROM search_documents WHERE vector @@ %s::tsquery){in_fields} "
             "GROUP BY doc_key, field HAVING count(*) = %s",
             sorted(set(tokens)),
-            fields,
             query,
+            *field_params,
             len(set(tokens)),
         )
 
