@@ -131,3 +131,7 @@ BEGIN
     CREATE INDEX search_terms_doc ON search_terms (doc_key);
 END
 $$;
+
+-- Ranking looks up the length of every matching document (98,000 for two common words at 100k documents): from
+-- this index alone, without visiting search_documents' wide rows (15-30% of such a search at 100k).
+CREATE INDEX search_documents_length ON search_documents (doc_key) INCLUDE (length);
