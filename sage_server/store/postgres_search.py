@@ -1,10 +1,11 @@
 """The PostgreSQL store's full-text reads: what search ranking and context packing ask of the index, on the tables of
-migrations/postgresql/0002_full_text.sql.
+migrations/postgresql/0002_full_text.sql (kept by the triggers of 0004_set_based_index.sql).
 
 Ranking hands the index FTS5 expressions (search.Term.fts, Plan.fts): quoted words and phrases, `"word"*` prefixes,
 AND, OR, parentheses and column filters (`cjk : (...)`, `{title tags triggers summary} : ...`). `parse` reads that
 small grammar; each quoted phrase becomes a set of (document, field, term frequency) rows read from search_terms,
-and AND and OR become INTERSECT and UNION of their documents. Scores are FTS5's bm25() computed the same way:
+and AND and OR become INTERSECT and UNION of their documents (ranking decides the same per document, in the
+aggregation that scores it: see _scores). Scores are FTS5's bm25() computed the same way:
 for each phrase, IDF = ln((N - n + 0.5) / (n + 0.5)) (at least 1e-6) times f (k1 + 1) / (f + k1 (1 - b + b D /
 avgD)), with f the phrase's occurrences weighted by field (search.DOC_WEIGHTS), D the document's length in tokens
 and k1 = 1.2, b = 0.75; lower (negative) scores are better, as bm25() returns them.
