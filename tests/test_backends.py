@@ -307,7 +307,9 @@ async def test_instances_starting_at_once_migrate_once(postgres_url: str) -> Non
     finally:
         for store in stores:
             await store.close()
-    assert sorted(applied) == [[], [], [], ["0001_initial.sql", "0002_full_text.sql"]]
+    every = sorted(path.name for path in postgres_migrations().glob("*.sql"))
+    assert every[:2] == ["0001_initial.sql", "0002_full_text.sql"]
+    assert sorted(applied) == [[], [], [], every]
 
 
 async def test_a_changed_migration_is_refused(postgres_url: str, tmp_path: Path) -> None:

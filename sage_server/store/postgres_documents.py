@@ -37,15 +37,16 @@ DOCUMENT_COLUMNS = (
     "content_hash, tokens, revision, change, created_at, updated_at, deleted_at"
 )
 CONTENT_COLUMNS = "title, layer, tags, triggers, summary, body, related, aliases, translations"
-DOCUMENT_INSERT = (
-    "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, related, aliases, translations, "
-    "headings, cjk, alt_titles, alt_summaries, source_path, source_hash, content_hash, tokens, revision, change, "
-    "created_at, updated_at) "
-    "VALUES (%(id)s, %(title)s, %(layer)s, %(tags)s, %(triggers)s, %(summary)s, %(body)s, %(related)s, %(aliases)s, "
-    "%(translations)s, %(headings)s, %(cjk)s, %(alt_titles)s, %(alt_summaries)s, %(source_path)s, %(source_hash)s, "
-    "%(content_hash)s, %(tokens)s, 1, 'create', %(now)s, %(now)s)"
-)
-SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (%s, %s, %s, %s, %s, %s)"
+# The columns a new document's row sets, written with COPY (insert_many).
+NEW_DOCUMENT_COLUMNS = (
+    "id", "title", "layer", "tags", "triggers", "summary", "body", "related", "aliases", "translations", "headings",
+    "cjk", "alt_titles", "alt_summaries", "source_path", "source_hash", "content_hash", "tokens", "revision",
+    "change", "created_at", "updated_at",
+)  # fmt: skip
+# Documents written per COPY statement: the index trigger runs once per statement (migration 0004), on this many
+# documents at once, and its working set (their parsed fields) stays a few MB.
+COPY_DOCUMENTS = 1000
+SECTION_COLUMNS = "doc_key, ord, heading, start, length, tokens"
 KEY_COLUMNS = "name, digest, scope, created_at, expires_at, revoked_at"
 AUDIT_COLUMNS = "at, key_name, client, operation, target, revision, outcome, count, detail"
 
@@ -64,6 +65,21 @@ WHERE d.id = ANY(%(ids)s) AND p.layer <> d.layer
 
 Connection = AsyncConnection[DictRow]
 CHANNEL = "sage_generation"  # every committed write NOTIFYs its generation here (see PostgresStore.watch)
+
+
+def _insert_row(doc: DocumentIn, source: Source, now: str) -> tuple[object, ...]:
+    """A new document's values, in the order of NEW_DOCUMENT_COLUMNS."""
+    values = {
+        **document_fields(doc),
+        "id": doc.id,
+        "source_path": source.path,
+        "source_hash": source.hash,
+        "revision": 1,
+        "change": "create",
+        "created_at": now,
+        "updated_at": now,
+    }
+    return tuple(values[name] for name in NEW_DOCUMENT_COLUMNS)
 
 
 class PostgresReader(PostgresDump, PostgresSearch):
@@ -240,22 +256,32 @@ class PostgresWriter(PostgresLoad, PostgresReader):
         }
 
     async def insert_many(self, items: list[tuple[DocumentIn, Source]]) -> None:
-        if not items:
-            return
+        # COPY, a chunk of documents per statement: the search index is kept per statement (migration 0004), so a
+        # chunk is parsed and indexed in one pass instead of one trigger call per document.
         now = now_iso()
-        rows = [
-            {**document_fields(doc), "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now}
-            for doc, source in items
-        ]
-        async with self.conn.cursor() as cursor:
-            await cursor.executemany(DOCUMENT_INSERT, rows)
-        found = await self._rows("SELECT id, key FROM documents WHERE id = ANY(%s)", ([doc.id for doc, _ in items],))
-        keys: dict[str, int] = {row["id"]: row["key"] for row in found}
-        async with self.conn.cursor() as cursor:
-            await cursor.executemany(
-                SECTION_INSERT, [row for doc, _ in items for row in section_rows(keys[doc.id], doc.body)]
+        rebuild = len(items) >= COPY_DOCUMENTS and len(items) >= await self.document_count()
+        if rebuild:  # a bulk load into a small index: its B-trees are built again once loaded (migration 0004)
+            await self.conn.execute("SELECT sage_search_terms_unindex()")
+        for start in range(0, len(items), COPY_DOCUMENTS):
+            chunk = items[start : start + COPY_DOCUMENTS]
+            async with self.conn.cursor() as cursor:
+                async with cursor.copy(f"COPY documents ({', '.join(NEW_DOCUMENT_COLUMNS)}) FROM STDIN") as copy:
+                    for doc, source in chunk:
+                        await copy.write_row(_insert_row(doc, source, now))
+            found = await self._rows(
+                "SELECT id, key FROM documents WHERE id = ANY(%s)", ([doc.id for doc, _ in chunk],)
             )
-        await self._set_aliases([(keys[doc.id], doc.aliases) for doc, _ in items if doc.aliases])
+            keys: dict[str, int] = {row["id"]: row["key"] for row in found}
+            await self._copy_sections([row for doc, _ in chunk for row in section_rows(keys[doc.id], doc.body)])
+            await self._set_aliases([(keys[doc.id], doc.aliases) for doc, _ in chunk if doc.aliases])
+        if rebuild:
+            await self.conn.execute("SELECT sage_search_terms_reindex()")
+
+    async def _copy_sections(self, rows: list[tuple[int, int, str, int, int, int]]) -> None:
+        async with self.conn.cursor() as cursor:
+            async with cursor.copy(f"COPY sections ({SECTION_COLUMNS}) FROM STDIN") as copy:
+                for row in rows:
+                    await copy.write_row(row)
 
     async def _set_aliases(self, rows: list[tuple[int, list[str]]]) -> None:
         """Point each document's aliases at it. An alias another document claimed first stays with that one."""
@@ -294,8 +320,7 @@ class PostgresWriter(PostgresLoad, PostgresReader):
                 "key": ref.key,
             },
         )
-        async with self.conn.cursor() as cursor:
-            await cursor.executemany(SECTION_INSERT, section_rows(ref.key, doc.body))
+        await self._copy_sections(section_rows(ref.key, doc.body))
         await self._set_aliases([(ref.key, doc.aliases)])
 
     async def soft_delete(self, ref: DocumentRef, change: Change) -> None:

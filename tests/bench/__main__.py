@@ -1,4 +1,5 @@
-"""`python -m tests.bench [--sizes 1000,10000,100000] [--seed 7] [--out bench-results/] [--quick] [--only mcp]`."""
+"""`python -m tests.bench [--sizes 1000,10000,100000] [--postgres-sizes 10000] [--seed 7] [--out bench-results/]
+[--quick] [--only mcp]`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES), help="corpus sizes (default 1000,10000)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the corpus and the queries (default 7)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON results")
+    parser.add_argument(
+        "--postgres-sizes",
+        type=_sizes,
+        help="measure PostgreSQL only at these of the sizes (default: every size; PostgreSQL imports 100k documents "
+        "in minutes)",
+    )
     parser.add_argument("--quick", action="store_true", help="a handful of requests per measurement (smoke runs)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis for the cache-tier measurements")
     parser.add_argument(
@@ -33,7 +40,13 @@ def parse(argv: list[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     parts = (args.only,) if args.only else PARTS
     return Options(
-        sizes=args.sizes, seed=args.seed, out=args.out, quick=args.quick, redis_url=args.redis_url, parts=parts
+        sizes=args.sizes,
+        seed=args.seed,
+        out=args.out,
+        quick=args.quick,
+        redis_url=args.redis_url,
+        parts=parts,
+        postgres_sizes=args.postgres_sizes,
     )
 
 

@@ -30,6 +30,7 @@ class Options:
     # "corpus" (speed and scale per corpus size), "limits" (resources, shutdown), "mcp" (tool list, cache hints),
     # "cluster" (three instances behind nginx)
     parts: tuple[str, ...] = PARTS
+    postgres_sizes: list[int] | None = None  # the corpus sizes measured on PostgreSQL too (None: every size)
 
 
 def progress(message: str) -> None:
@@ -54,8 +55,9 @@ async def measure_size(size: int, options: Options) -> Results:
         picks = await inprocess.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: imported at {results.figures['import_docs_per_s']} docs/s; Redis tier")
         await inprocess.measure_redis(work, options.redis_url, picks, budget, results)
-        progress(f"{size} docs: PostgreSQL: import and search")
-        await postgres.measure(corpus, work, stream, budget, results)
+        if options.postgres_sizes is None or size in options.postgres_sizes:
+            progress(f"{size} docs: PostgreSQL: import, search and context")
+            await postgres.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: sage serve over REST and MCP, writes")
         await remote.measure(corpus, work, work / "sage.db", stream, picks, options.seed, budget, results)
     progress(f"{size} docs: done")

@@ -14,7 +14,7 @@ from sage_server.errors import SageError
 from sage_server.store.postgres_search import PostgresSearch
 from tests.bench.corpus import Corpus, QueryStream
 from tests.bench.inprocess import bench_settings
-from tests.bench.load import Budget, Latency, run_load
+from tests.bench.load import CONCURRENCY, Budget, Latency, run_load
 from tests.bench.report import Results
 from tests.postgres_support import SERVER, scratch_database
 
@@ -48,7 +48,9 @@ async def raw_postgres_search(url: str, queries: list[str]) -> Latency:
 
 
 async def measure(corpus: Corpus, work: Path, stream: QueryStream, budget: Budget, results: Results) -> None:
-    """Import into a new PostgreSQL database and time search there, and the raw ranking statement beside it."""
+    """Import into a new PostgreSQL database, then time the embedded API there as inprocess.py times it on SQLite
+    (search at c=1 next to the raw ranking statement, search at c=32, context at c=1 and c=32), under the same names
+    with a `pg/` prefix."""
     if not await postgres_reachable():
         results.notes.append(f"PostgreSQL column skipped: no server at {SERVER}")
         return
@@ -58,7 +60,8 @@ async def measure(corpus: Corpus, work: Path, stream: QueryStream, budget: Budge
             started = time.perf_counter()
             report = await kb.import_paths([corpus.folder])
             elapsed = time.perf_counter() - started
-            results.figures["pg_import_docs_per_s"] = round(report.created / elapsed, 1)
+            results.figures["pg/import_s"] = round(elapsed, 2)
+            results.figures["pg/import_docs_per_s"] = round(report.created / elapsed, 1)
             # Statistics as autovacuum leaves them a minute after an import (the planner needs them).
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 await conn.execute("VACUUM ANALYZE")
@@ -73,3 +76,16 @@ async def measure(corpus: Corpus, work: Path, stream: QueryStream, budget: Budge
             )
             results.latencies["pg/search/c1"] = lat
             results.latencies["pg-raw/search/c1"] = await raw_postgres_search(url, serial[: lat.n + lat.errors])
+            many = stream.queries(budget.concurrent)
+            results.latencies["pg/search/c32"] = await run_load(
+                lambda w, i: kb.search(many[i]), concurrency=CONCURRENCY, count=len(many), seconds=budget.seconds
+            )
+            for name, concurrency, count in (("c1", 1, budget.serial), ("c32", CONCURRENCY, budget.concurrent)):
+                tasks = stream.tasks(count)
+
+                async def pack(w: int, i: int, tasks: list[str] = tasks) -> object:
+                    return await kb.context(tasks[i])
+
+                results.latencies[f"pg/context/{name}"] = await run_load(
+                    pack, concurrency=concurrency, count=count, seconds=budget.seconds
+                )
