@@ -30,7 +30,15 @@ from sage_server.store.records import (
     StoredKey,
     now_iso,
 )
-from sage_server.store.rows import document_fields, ref, section_rows, stored, to_content, to_summary
+from sage_server.store.rows import (
+    document_fields,
+    import_candidate,
+    section_rows,
+    source_fields,
+    stored,
+    to_content,
+    to_summary,
+)
 
 DOCUMENT_COLUMNS = (
     "key, id, title, layer, tags, triggers, summary, body, related, aliases, translations, source_path, source_hash, "
@@ -39,11 +47,11 @@ DOCUMENT_COLUMNS = (
 CONTENT_COLUMNS = "title, layer, tags, triggers, summary, body, related, aliases, translations"
 DOCUMENT_INSERT = (
     "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, related, aliases, translations, "
-    "headings, cjk, alt_titles, alt_summaries, source_path, source_hash, content_hash, tokens, revision, change, "
-    "created_at, updated_at) "
+    "headings, cjk, alt_titles, alt_summaries, source_path, source_hash, source_stat, content_hash, tokens, revision, "
+    "change, created_at, updated_at) "
     "VALUES (%(id)s, %(title)s, %(layer)s, %(tags)s, %(triggers)s, %(summary)s, %(body)s, %(related)s, %(aliases)s, "
     "%(translations)s, %(headings)s, %(cjk)s, %(alt_titles)s, %(alt_summaries)s, %(source_path)s, %(source_hash)s, "
-    "%(content_hash)s, %(tokens)s, 1, 'create', %(now)s, %(now)s)"
+    "%(source_stat)s, %(content_hash)s, %(tokens)s, 1, 'create', %(now)s, %(now)s)"
 )
 SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (%s, %s, %s, %s, %s, %s)"
 KEY_COLUMNS = "name, digest, scope, created_at, expires_at, revoked_at"
@@ -149,6 +157,14 @@ class PostgresReader(PostgresDump, PostgresSearch):
     async def has_live_documents(self) -> bool:
         return await self._row("SELECT 1 FROM documents WHERE deleted_at IS NULL LIMIT 1") is not None
 
+    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
+        rows = await self._rows(
+            "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
+            "WHERE source_path IS NOT NULL OR id = ANY(%s)",
+            (ids,),
+        )
+        return {row["id"]: import_candidate(row) for row in rows}
+
     async def generation(self) -> int:
         row = await self._row("SELECT value FROM meta WHERE key = 'generation'")
         return int(row["value"]) if row else 0
@@ -228,25 +244,11 @@ class PostgresReader(PostgresDump, PostgresSearch):
 class PostgresWriter(PostgresLoad, PostgresReader):
     """One write transaction (writers take one lock, so they run one at a time across instances, as on SQLite)."""
 
-    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
-        rows = await self._rows(
-            "SELECT key, id, source_path, source_hash, revision, change, deleted_at FROM documents "
-            "WHERE source_path IS NOT NULL OR id = ANY(%s)",
-            (ids,),
-        )
-        return {
-            row["id"]: ImportCandidate(ref(row), Source(row["source_path"], row["source_hash"]), row["change"])
-            for row in rows
-        }
-
     async def insert_many(self, items: list[tuple[DocumentIn, Source]]) -> None:
         if not items:
             return
         now = now_iso()
-        rows = [
-            {**document_fields(doc), "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now}
-            for doc, source in items
-        ]
+        rows = [{**document_fields(doc), "id": doc.id, **source_fields(source), "now": now} for doc, source in items]
         async with self.conn.cursor() as cursor:
             await cursor.executemany(DOCUMENT_INSERT, rows)
         found = await self._rows("SELECT id, key FROM documents WHERE id = ANY(%s)", ([doc.id for doc, _ in items],))
@@ -283,12 +285,11 @@ class PostgresWriter(PostgresLoad, PostgresReader):
             "summary = %(summary)s, body = %(body)s, related = %(related)s, aliases = %(aliases)s, "
             "translations = %(translations)s, headings = %(headings)s, cjk = %(cjk)s, alt_titles = %(alt_titles)s, "
             "alt_summaries = %(alt_summaries)s, source_path = %(source_path)s, source_hash = %(source_hash)s, "
-            "content_hash = %(content_hash)s, tokens = %(tokens)s, revision = revision + 1, change = %(change)s, "
-            "updated_at = %(now)s, deleted_at = NULL WHERE key = %(key)s",
+            "source_stat = %(source_stat)s, content_hash = %(content_hash)s, tokens = %(tokens)s, "
+            "revision = revision + 1, change = %(change)s, updated_at = %(now)s, deleted_at = NULL WHERE key = %(key)s",
             {
                 **document_fields(doc),
-                "source_path": source.path,
-                "source_hash": source.hash,
+                **source_fields(source),
                 "change": change,
                 "now": now_iso(),
                 "key": ref.key,
@@ -297,6 +298,13 @@ class PostgresWriter(PostgresLoad, PostgresReader):
         async with self.conn.cursor() as cursor:
             await cursor.executemany(SECTION_INSERT, section_rows(ref.key, doc.body))
         await self._set_aliases([(ref.key, doc.aliases)])
+
+    async def set_source_stats(self, stats: list[tuple[DocumentRef, str | None]]) -> None:
+        # Not a searched column: the full-text trigger does not fire.
+        async with self.conn.cursor() as cursor:
+            await cursor.executemany(
+                "UPDATE documents SET source_stat = %s WHERE key = %s", [(stat, ref.key) for ref, stat in stats]
+            )
 
     async def soft_delete(self, ref: DocumentRef, change: Change) -> None:
         await self._archive(ref)
