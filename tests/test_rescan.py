@@ -11,6 +11,7 @@ import pytest
 
 from sage_server import ingest
 from sage_server.config import Settings
+from sage_server.models import ImportReport
 from sage_server.service import KnowledgeService, open_service
 from tests.conftest import BACKENDS, SAMPLE, database_for, make_settings, write_doc
 
@@ -46,8 +47,8 @@ async def kb(
             yield service
 
 
-def counts(report: object) -> tuple[int, int, int, int]:
-    return tuple(getattr(report, name) for name in ("unchanged", "created", "updated", "removed"))  # type: ignore[return-value]
+def counts(report: ImportReport) -> tuple[int, int, int, int]:
+    return report.unchanged, report.created, report.updated, report.removed
 
 
 def rewrite_keeping_times(path: Path, text: str) -> None:
