@@ -49,25 +49,95 @@ def _bundled_root() -> str:
     return str(knowledge_dir().resolve()) + os.sep
 
 
-async def collect(store: Store, paths: list[Path], settings: Settings) -> Collected:
-    """Read the files under `paths` in a worker thread, passing over those whose size, times and inode are the ones
-    stored when they were last read (a restart re-scanning an unchanged folder reads nothing). Outside the write
-    transaction: `apply` checks again with the store as it is then."""
+@dataclass(frozen=True)
+class Survey:
+    """What an import needs to know of the store before reading files: the files it may pass over unread (path ->
+    stat, reconcile.skippable) and every stored document's file."""
+
+    known: dict[str, str]
+    paths: set[str]
+
+
+async def survey(store: Store) -> Survey:
+    """Read before the write transaction (`apply` checks again with the store as it is then)."""
     async with store.read() as reader:
         stored = await reader.import_candidates([])
     bundled_root = _bundled_root()
-    known = reconcile.skippable(_stored(candidate, bundled_root) for candidate in stored.values())
-    return await anyio.to_thread.run_sync(ingest.collect, paths, settings, known)
+    return Survey(
+        known=reconcile.skippable(_stored(candidate, bundled_root) for candidate in stored.values()),
+        paths={path for candidate in stored.values() if (path := candidate.source.path)},
+    )
 
 
-async def apply(writer: Writer, collected: Collected, settings: Settings) -> Applied:
+class _Early:
+    """New files written while the rest are still being read, so the database indexes them while Python parses the
+    next ones: a file no stored document came from, whose ids (its own and the hashed form, see reconcile) no stored
+    document and no file read before it holds, and without aliases (which go to the first document claiming them).
+    Whether that was right is known once every file is read: `apply` keeps them when the plan creates each of them
+    as it was written, and purges them otherwise, then writes the plan as usual (one transaction: nobody sees them)."""
+
+    def __init__(self, writer: Writer, stored_paths: set[str]) -> None:
+        self.writer = writer
+        self.stored_paths = stored_paths
+        self.claimed: set[str] = set()
+        self.written: list[ingest.ParsedFile] = []
+
+    async def write(self, files: list[ingest.ParsedFile]) -> None:
+        taken = await self.writer.taken_ids(reconcile.claimed_ids(files))
+        fresh = []
+        for parsed in files:
+            ids = set(reconcile.claimed_ids([parsed]))
+            if parsed.path not in self.stored_paths and not parsed.doc.aliases and not ids & (taken | self.claimed):
+                fresh.append(parsed)
+            self.claimed |= ids
+        await self.writer.insert_many([(p.doc, _source(p)) for p in fresh])
+        self.written += fresh
+
+
+async def run(writer: Writer, paths: list[Path], settings: Settings, seen: Survey) -> tuple[Collected, Applied]:
+    """Import `paths` in the write transaction of `writer`: a worker thread reads the files (passing over those whose
+    size, times and inode are the ones stored when they were last read: a restart re-scanning an unchanged folder
+    reads nothing), new files are written as they come (_Early), and then the rest of the plan."""
+    early = _Early(writer, seen.paths)
+    send, receive = anyio.create_memory_object_stream[list[ingest.ParsedFile]](2)
+    collected: list[Collected] = []
+
+    def read() -> None:
+        try:
+
+            def handed(files: list[ingest.ParsedFile]) -> None:
+                anyio.from_thread.run(send.send, files)  # waits while two chunks are waiting to be written
+
+            collected.append(ingest.collect(paths, settings, seen.known, handed))
+        finally:
+            anyio.from_thread.run_sync(send.close)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(anyio.to_thread.run_sync, read)
+            async with receive:
+                async for files in receive:
+                    await early.write(files)
+    except ExceptionGroup as group:
+        # One cause: the other side only stopped on it (the reader finds its stream closed when a write failed).
+        causes = [exc for exc in group.exceptions if not isinstance(exc, anyio.BrokenResourceError)]
+        raise (causes or list(group.exceptions))[0] from None
+    return collected[0], await apply(writer, collected[0], settings, early.written)
+
+
+async def apply(
+    writer: Writer, collected: Collected, settings: Settings, early: list[ingest.ParsedFile] | None = None
+) -> Applied:
     """Reconcile the collected files with the store and write the outcome: changed files become new revisions,
     new ones are created, files gone from an imported folder are soft-deleted. Files passed over unread that turn
-    out to matter (reconcile.unsure) are read first."""
+    out to matter (reconcile.unsure) are read first. `early`: files already written by _Early, and so left out of
+    the store as it was before (their ids were free then)."""
+    early = early or []
+    written = {parsed.doc.id for parsed in early}
     bundled_root = _bundled_root()
     while True:
         stored = await writer.import_candidates(reconcile.claimed_ids(collected.files))
-        records = [_stored(candidate, bundled_root) for candidate in stored.values()]
+        records = [_stored(candidate, bundled_root) for doc_id, candidate in stored.items() if doc_id not in written]
         unread = {path: file.stat for path, file in collected.unread.items()}
         to_read = reconcile.unsure(collected.files, unread, records)
         if not to_read:
@@ -81,9 +151,18 @@ async def apply(writer: Writer, collected: Collected, settings: Settings) -> App
         lambda path: Path(path).exists(),
         unread=collected.unread.keys(),
     )
+    creates = plan.create
+    if early:
+        planned = {id(parsed) for parsed in plan.create}
+        if all(id(parsed) in planned for parsed in early):
+            done = {id(parsed) for parsed in early}
+            creates = [parsed for parsed in plan.create if id(parsed) not in done]
+        else:  # a file read later took an id one of them was written with, or another rule says otherwise
+            for parsed in early:
+                await writer.purge(stored[parsed.doc.id].ref)
     for parsed in plan.update:
         await writer.replace(stored[parsed.doc.id].ref, parsed.doc, _source(parsed), "update")
-    await writer.insert_many([(p.doc, _source(p)) for p in plan.create])
+    await writer.insert_many([(p.doc, _source(p)) for p in creates])
     for gone in plan.remove:
         await writer.soft_delete(stored[gone.id].ref, "remove")
     if plan.restat:

@@ -7,7 +7,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,11 @@ _FILE_KINDS = {
 # rewrite within the same timestamp tick (coarse on some file systems) with the same size would otherwise look
 # unchanged ("racy" timestamps, as git calls them).
 RACY_NS = 2_000_000_000
+
+
+# Files read are handed to the import this many at a time (collect's `handed`): enough for one bulk insert to pay
+# off, few enough that writing starts early.
+HAND_OVER = 500
 
 
 class SkipFile(Exception):
@@ -246,12 +251,19 @@ def parse_file(
     )
 
 
-def collect(paths: list[Path], settings: Settings, known: Mapping[str, str] | None = None) -> Collected:
+def collect(
+    paths: list[Path],
+    settings: Settings,
+    known: Mapping[str, str] | None = None,
+    handed: Callable[[list[ParsedFile]], None] | None = None,
+) -> Collected:
     """Read every Markdown file under `paths` (folders or single files). Which file gets which id, when several
     claim one, is decided with the stored documents in view (see reconcile.py). A file in a folder whose file_stat
-    is its `known` one (path -> stat) is not read: it goes to `unread`."""
+    is its `known` one (path -> stat) is not read: it goes to `unread`. `handed`, when given, gets the files read
+    in chunks of HAND_OVER as they come (the import starts writing them while the rest are read)."""
     known = known or {}
     result = Collected()
+    given_out = 0
     bundled_root = knowledge_dir().resolve()
     for given in paths:
         root = given.expanduser().resolve()
@@ -277,6 +289,11 @@ def collect(paths: list[Path], settings: Settings, known: Mapping[str, str] | No
                 result.files.append(parse_file(path, root, settings, bundled=bundled, found=found))
             except SkipFile as exc:
                 result.skipped.append(SkippedFile(path=name, reason=str(exc)))
+            if handed is not None and len(result.files) - given_out >= HAND_OVER:
+                handed(result.files[given_out:])
+                given_out = len(result.files)
+    if handed is not None and len(result.files) > given_out:
+        handed(result.files[given_out:])
     return result
 
 

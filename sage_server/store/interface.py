@@ -66,6 +66,9 @@ class Reader(SearchIndex, Protocol):
     async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
         """By id, the documents an import must reconcile with: every imported one, and any holding one of `ids`."""
 
+    async def taken_ids(self, ids: list[str]) -> set[str]:
+        """Which of `ids` a stored document has (live or soft-deleted)."""
+
     async def generation(self) -> int:
         """The current generation number (every committed write advances it)."""
 

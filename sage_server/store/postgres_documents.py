@@ -165,6 +165,10 @@ class PostgresReader(PostgresDump, PostgresSearch):
         )
         return {row["id"]: import_candidate(row) for row in rows}
 
+    async def taken_ids(self, ids: list[str]) -> set[str]:
+        rows = await self._rows("SELECT id FROM documents WHERE id = ANY(%s)", (ids,))
+        return {row["id"] for row in rows}
+
     async def generation(self) -> int:
         row = await self._row("SELECT value FROM meta WHERE key = 'generation'")
         return int(row["value"]) if row else 0

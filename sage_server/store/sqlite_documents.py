@@ -183,6 +183,12 @@ class SqliteReader(SqliteDump, SqliteSearch):
         )
         return {row["id"]: import_candidate(row) for row in rows}
 
+    async def taken_ids(self, ids: list[str]) -> set[str]:
+        rows = await self._rows(
+            "SELECT id FROM documents WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
+        )
+        return {row[0] for row in rows}
+
     async def generation(self) -> int:
         row = await self._row("SELECT value FROM meta WHERE key = 'generation'")
         return int(row[0]) if row else 0
