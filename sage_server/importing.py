@@ -86,10 +86,11 @@ class _Early:
         taken = await self.writer.taken_ids(reconcile.claimed_ids(files))
         fresh = []
         for parsed in files:
-            ids = set(reconcile.claimed_ids([parsed]))
-            if parsed.path not in self.stored_paths and not parsed.doc.aliases and not ids & (taken | self.claimed):
+            ids = reconcile.claimed_ids([parsed])
+            free = self.claimed.isdisjoint(ids) and taken.isdisjoint(ids)
+            if free and parsed.path not in self.stored_paths and not parsed.doc.aliases:
                 fresh.append(parsed)
-            self.claimed |= ids
+            self.claimed.update(ids)
         await self.writer.insert_many([(p.doc, _source(p)) for p in fresh])
         self.written += fresh
 
