@@ -16,7 +16,7 @@ from sage_server.ingest import Collected
 from sage_server.logs import get_logger, log_event
 from sage_server.models import ImportReport
 from sage_server.resources import knowledge_dir
-from sage_server.store import ImportCandidate, Source, Store, Writer
+from sage_server.store import ImportCandidate, Source, Writer
 
 log = get_logger("core")
 
@@ -49,26 +49,6 @@ def _bundled_root() -> str:
     return str(knowledge_dir().resolve()) + os.sep
 
 
-@dataclass(frozen=True)
-class Survey:
-    """What an import needs to know of the store before reading files: the files it may pass over unread (path ->
-    stat, reconcile.skippable) and every stored document's file."""
-
-    known: dict[str, str]
-    paths: set[str]
-
-
-async def survey(store: Store) -> Survey:
-    """Read before the write transaction (`apply` checks again with the store as it is then)."""
-    async with store.read() as reader:
-        stored = await reader.import_candidates([])
-    bundled_root = _bundled_root()
-    return Survey(
-        known=reconcile.skippable(_stored(candidate, bundled_root) for candidate in stored.values()),
-        paths={path for candidate in stored.values() if (path := candidate.source.path)},
-    )
-
-
 class _Early:
     """New files written while the rest are still being read, so the database indexes them while Python parses the
     next ones: a file no stored document came from, whose ids (its own and the hashed form, see reconcile) no stored
@@ -95,11 +75,15 @@ class _Early:
         self.written += fresh
 
 
-async def run(writer: Writer, paths: list[Path], settings: Settings, seen: Survey) -> tuple[Collected, Applied]:
+async def run(writer: Writer, paths: list[Path], settings: Settings) -> tuple[Collected, Applied]:
     """Import `paths` in the write transaction of `writer`: a worker thread reads the files (passing over those whose
     size, times and inode are the ones stored when they were last read: a restart re-scanning an unchanged folder
     reads nothing), new files are written as they come (_Early), and then the rest of the plan."""
-    early = _Early(writer, seen.paths)
+    stored = await writer.import_candidates([])
+    bundled_root = _bundled_root()
+    records = [_stored(candidate, bundled_root) for candidate in stored.values()]
+    known = reconcile.skippable(records)
+    early = _Early(writer, {path for record in records if (path := record.source_path)})
     send, receive = anyio.create_memory_object_stream[list[ingest.ParsedFile]](2)
     collected: list[Collected] = []
 
@@ -109,7 +93,7 @@ async def run(writer: Writer, paths: list[Path], settings: Settings, seen: Surve
             def handed(files: list[ingest.ParsedFile]) -> None:
                 anyio.from_thread.run(send.send, files)  # waits while two chunks are waiting to be written
 
-            collected.append(ingest.collect(paths, settings, seen.known, handed))
+            collected.append(ingest.collect(paths, settings, known, handed))
         finally:
             anyio.from_thread.run_sync(send.close)
 
@@ -123,22 +107,32 @@ async def run(writer: Writer, paths: list[Path], settings: Settings, seen: Surve
         # One cause: the other side only stopped on it (the reader finds its stream closed when a write failed).
         causes = [exc for exc in group.exceptions if not isinstance(exc, anyio.BrokenResourceError)]
         raise (causes or list(group.exceptions))[0] from None
-    return collected[0], await apply(writer, collected[0], settings, early.written)
+    # Nothing read, nothing written: the store is as read above (a re-scan of unchanged folders needs no second look).
+    survey = None if collected[0].files else (stored, records)
+    return collected[0], await apply(writer, collected[0], settings, early.written, survey)
 
 
 async def apply(
-    writer: Writer, collected: Collected, settings: Settings, early: list[ingest.ParsedFile] | None = None
+    writer: Writer,
+    collected: Collected,
+    settings: Settings,
+    early: list[ingest.ParsedFile] | None = None,
+    survey: tuple[dict[str, ImportCandidate], list[reconcile.Stored]] | None = None,
 ) -> Applied:
     """Reconcile the collected files with the store and write the outcome: changed files become new revisions,
     new ones are created, files gone from an imported folder are soft-deleted. Files passed over unread that turn
     out to matter (reconcile.unsure) are read first. `early`: files already written by _Early, and so left out of
-    the store as it was before (their ids were free then)."""
+    the store as it was before (their ids were free then). `survey`: import_candidates([]) and its records, when
+    nothing was written since and no file read (no id to look up besides the files' own)."""
     early = early or []
     written = {parsed.doc.id for parsed in early}
     bundled_root = _bundled_root()
     while True:
-        stored = await writer.import_candidates(reconcile.claimed_ids(collected.files))
-        records = [_stored(candidate, bundled_root) for doc_id, candidate in stored.items() if doc_id not in written]
+        if survey is not None:
+            (stored, records), survey = survey, None
+        else:
+            stored = await writer.import_candidates(reconcile.claimed_ids(collected.files))
+            records = [_stored(c, bundled_root) for doc_id, c in stored.items() if doc_id not in written]
         unread = {path: file.stat for path, file in collected.unread.items()}
         to_read = reconcile.unsure(collected.files, unread, records)
         if not to_read:

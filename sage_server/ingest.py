@@ -9,6 +9,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class Unread:
     """A file passed over unread because its file_stat is the one stored when it was last read. `after`: how many
     read files came before it, so reading it later (read_unread) puts it back in scan order."""
 
-    path: Path
+    path: str
     root: Path
     bundled: bool
     stat: str
@@ -91,20 +92,20 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def scan(root: Path) -> Iterator[tuple[Path, str | None, os.stat_result | None]]:
+def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
     """Yield (file, problem, its stat) for every Markdown file under `root`; hidden folders and files are passed
     over. Folder symlinks are never followed; a file symlink is reported when its target leaves `root`. One stat
-    call per file: a re-scan of unchanged files is mostly these."""
+    call per file and no Path objects: a re-scan of unchanged files is mostly this loop."""
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in MARKDOWN_SUFFIXES:
                 continue
-            path = Path(folder, name)
+            path = os.path.join(folder, name)
             try:
                 found = os.lstat(path)
                 if stat.S_ISLNK(found.st_mode):
-                    if not _inside(path.resolve(), root):
+                    if not _inside(Path(path).resolve(), root):
                         yield path, "symlink points outside the imported folder; not followed", None
                         continue
                     found = os.stat(path)
@@ -125,8 +126,12 @@ def _not_regular(mode: int) -> str | None:
 
 def _settings_fingerprint(settings: Settings) -> str:
     """The settings that decide whether and how a file is read: a file read under others is read again."""
-    deciding = repr((settings.layers, settings.default_layer, settings.max_file_bytes))
-    return hashlib.sha256(deciding.encode()).hexdigest()[:8]
+    return _fingerprint(tuple(settings.layers), settings.default_layer, settings.max_file_bytes)
+
+
+@lru_cache(maxsize=8)
+def _fingerprint(*deciding: object) -> str:
+    return hashlib.sha256(repr(deciding).encode()).hexdigest()[:8]
 
 
 def file_stat(found: os.stat_result, settings: Settings) -> str | None:
@@ -270,23 +275,22 @@ def collect(
         bundled = _inside(root, bundled_root)
         if root.is_dir():
             result.folders.append(str(root))
-            entries: Iterator[tuple[Path, str | None, os.stat_result | None]] = scan(root)
+            entries: Iterator[tuple[str, str | None, os.stat_result | None]] = scan(root)
         elif root.is_file():
-            entries, root = iter([(root, None, None)]), root.parent
+            entries, root = iter([(str(root), None, None)]), root.parent
         else:
             result.skipped.append(SkippedFile(path=str(given), reason="no such file or folder"))
             continue
-        for path, problem, found in entries:
-            name = str(path)
+        for name, problem, found in entries:
             result.seen.add(name)
             remembered = known.get(name)
             if remembered is not None and found is not None and remembered == file_stat(found, settings):
-                result.unread[name] = Unread(path, root, bundled, remembered, after=len(result.files))
+                result.unread[name] = Unread(name, root, bundled, remembered, after=len(result.files))
                 continue
             try:
                 if problem:
                     raise SkipFile(problem)
-                result.files.append(parse_file(path, root, settings, bundled=bundled, found=found))
+                result.files.append(parse_file(Path(name), root, settings, bundled=bundled, found=found))
             except SkipFile as exc:
                 result.skipped.append(SkippedFile(path=name, reason=str(exc)))
             if handed is not None and len(result.files) - given_out >= HAND_OVER:
@@ -305,9 +309,9 @@ def read_unread(collected: Collected, paths: set[str], settings: Settings) -> No
         while found and found[0].after == position:
             unread = found.pop(0)
             try:
-                files.append(parse_file(unread.path, unread.root, settings, bundled=unread.bundled))
+                files.append(parse_file(Path(unread.path), unread.root, settings, bundled=unread.bundled))
             except SkipFile as exc:
-                collected.skipped.append(SkippedFile(path=str(unread.path), reason=str(exc)))
+                collected.skipped.append(SkippedFile(path=unread.path, reason=str(exc)))
         if position < len(collected.files):
             files.append(collected.files[position])
     collected.files = files

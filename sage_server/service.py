@@ -571,10 +571,9 @@ class KnowledgeService(BoundedViews):
         started = time.perf_counter()
         with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths], audit=True):
             self._require(WRITE)
-            survey = await importing.survey(self.store)
             entry = audit.Entry("import", ", ".join(str(p) for p in paths)[:1000])
             async with self._write(entry, bootstrap=bootstrap) as writer:
-                collected, applied = await importing.run(writer, list(paths), self.settings, survey)
+                collected, applied = await importing.run(writer, list(paths), self.settings)
                 entry.detail = importing.audit_detail(collected, applied.plan)
             if applied.generation is not None:
                 await self._committed(applied.generation)
