@@ -127,12 +127,11 @@ async def apply(
     early = early or []
     written = {parsed.doc.id for parsed in early}
     bundled_root = _bundled_root()
-    while True:
-        if survey is not None:
-            (stored, records), survey = survey, None
-        else:
-            stored = await writer.import_candidates(reconcile.claimed_ids(collected.files))
-            records = [_stored(c, bundled_root) for doc_id, c in stored.items() if doc_id not in written]
+    if survey is not None:  # the files were passed over on this very survey, and none was read to contest their ids
+        stored, records = survey
+    while survey is None:
+        stored = await writer.import_candidates(reconcile.claimed_ids(collected.files))
+        records = [_stored(c, bundled_root) for doc_id, c in stored.items() if doc_id not in written]
         unread = {path: file.stat for path, file in collected.unread.items()}
         to_read = reconcile.unsure(collected.files, unread, records)
         if not to_read:
