@@ -8,7 +8,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sage_server import reconcile
+import anyio
+
+from sage_server import ingest, reconcile
+from sage_server.config import Settings
 from sage_server.ingest import Collected
 from sage_server.logs import get_logger, log_event
 from sage_server.models import ImportReport
@@ -38,31 +41,135 @@ def _stored(candidate: ImportCandidate, bundled_root: str) -> reconcile.Stored:
         deleted=candidate.ref.deleted,
         removed_by_import=candidate.change == "remove",
         bundled=(candidate.source.path or "").startswith(bundled_root),
+        source_stat=candidate.source.stat,
     )
 
 
-async def apply(writer: Writer, collected: Collected) -> Applied:
+def _bundled_root() -> str:
+    return str(knowledge_dir().resolve()) + os.sep
+
+
+class _Early:
+    """New files written while the rest are still being read, so the database indexes them while Python parses the
+    next ones: a file no stored document came from, whose ids (its own and the hashed form, see reconcile) no stored
+    document and no file read before it holds, and without aliases (which go to the first document claiming them).
+    Whether that was right is known once every file is read: `apply` keeps them when the plan creates each of them
+    as it was written, and purges them otherwise, then writes the plan as usual (one transaction: nobody sees them)."""
+
+    def __init__(self, writer: Writer, stored_paths: set[str]) -> None:
+        self.writer = writer
+        self.stored_paths = stored_paths
+        self.claimed: set[str] = set()
+        self.written: list[ingest.ParsedFile] = []
+
+    async def write(self, files: list[ingest.ParsedFile]) -> None:
+        taken = await self.writer.taken_ids(reconcile.claimed_ids(files))
+        fresh = []
+        for parsed in files:
+            ids = reconcile.claimed_ids([parsed])
+            free = self.claimed.isdisjoint(ids) and taken.isdisjoint(ids)
+            if free and parsed.path not in self.stored_paths and not parsed.doc.aliases:
+                fresh.append(parsed)
+            self.claimed.update(ids)
+        await self.writer.insert_many([(p.doc, _source(p)) for p in fresh])
+        self.written += fresh
+
+
+async def run(writer: Writer, paths: list[Path], settings: Settings) -> tuple[Collected, Applied]:
+    """Import `paths` in the write transaction of `writer`: a worker thread reads the files (passing over those whose
+    size, times and inode are the ones stored when they were last read: a restart re-scanning an unchanged folder
+    reads nothing), new files are written as they come (_Early), and then the rest of the plan."""
+    stored = await writer.import_candidates([])
+    bundled_root = _bundled_root()
+    records = [_stored(candidate, bundled_root) for candidate in stored.values()]
+    known = reconcile.skippable(records)
+    early = _Early(writer, {path for record in records if (path := record.source_path)})
+    send, receive = anyio.create_memory_object_stream[list[ingest.ParsedFile]](2)
+    collected: list[Collected] = []
+
+    def read() -> None:
+        try:
+
+            def handed(files: list[ingest.ParsedFile]) -> None:
+                anyio.from_thread.run(send.send, files)  # waits while two chunks are waiting to be written
+
+            collected.append(ingest.collect(paths, settings, known, handed))
+        finally:
+            anyio.from_thread.run_sync(send.close)
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(anyio.to_thread.run_sync, read)
+            async with receive:
+                async for files in receive:
+                    await early.write(files)
+    except ExceptionGroup as group:
+        # One cause: the other side only stopped on it (the reader finds its stream closed when a write failed).
+        causes = [exc for exc in group.exceptions if not isinstance(exc, anyio.BrokenResourceError)]
+        raise (causes or list(group.exceptions))[0] from None
+    # Nothing read, nothing written: the store is as read above (a re-scan of unchanged folders needs no second look).
+    survey = None if collected[0].files else (stored, records)
+    return collected[0], await apply(writer, collected[0], settings, early.written, survey)
+
+
+async def apply(
+    writer: Writer,
+    collected: Collected,
+    settings: Settings,
+    early: list[ingest.ParsedFile] | None = None,
+    survey: tuple[dict[str, ImportCandidate], list[reconcile.Stored]] | None = None,
+) -> Applied:
     """Reconcile the collected files with the store and write the outcome: changed files become new revisions,
-    new ones are created, files gone from an imported folder are soft-deleted."""
-    bundled_root = str(knowledge_dir().resolve()) + os.sep
-    stored = await writer.import_candidates(reconcile.claimed_ids(collected.files))
+    new ones are created, files gone from an imported folder are soft-deleted. Files passed over unread that turn
+    out to matter (reconcile.unsure) are read first. `early`: files already written by _Early, and so left out of
+    the store as it was before (their ids were free then). `survey`: import_candidates([]) and its records, when
+    nothing was written since and no file read (no id to look up besides the files' own)."""
+    early = early or []
+    written = {parsed.doc.id for parsed in early}
+    bundled_root = _bundled_root()
+    if survey is not None:  # the files were passed over on this very survey, and none was read to contest their ids
+        stored, records = survey
+    while survey is None:
+        stored = await writer.import_candidates(reconcile.claimed_ids(collected.files))
+        records = [_stored(c, bundled_root) for doc_id, c in stored.items() if doc_id not in written]
+        unread = {path: file.stat for path, file in collected.unread.items()}
+        to_read = reconcile.unsure(collected.files, unread, records)
+        if not to_read:
+            break
+        await anyio.to_thread.run_sync(ingest.read_unread, collected, to_read, settings)
     plan = reconcile.plan_import(
         collected.files,
-        [_stored(candidate, bundled_root) for candidate in stored.values()],
+        records,
         collected.folders,
         collected.seen,
         lambda path: Path(path).exists(),
+        unread=collected.unread.keys(),
     )
+    creates = plan.create
+    if early:
+        planned = {id(parsed) for parsed in plan.create}
+        if all(id(parsed) in planned for parsed in early):
+            done = {id(parsed) for parsed in early}
+            creates = [parsed for parsed in plan.create if id(parsed) not in done]
+        else:  # a file read later took an id one of them was written with, or another rule says otherwise
+            for parsed in early:
+                await writer.purge(stored[parsed.doc.id].ref)
     for parsed in plan.update:
-        await writer.replace(stored[parsed.doc.id].ref, parsed.doc, Source(parsed.path, parsed.source_hash), "update")
-    await writer.insert_many([(p.doc, Source(p.path, p.source_hash)) for p in plan.create])
+        await writer.replace(stored[parsed.doc.id].ref, parsed.doc, _source(parsed), "update")
+    await writer.insert_many([(p.doc, _source(p)) for p in creates])
     for gone in plan.remove:
         await writer.soft_delete(stored[gone.id].ref, "remove")
+    if plan.restat:
+        await writer.set_source_stats([(stored[doc_id].ref, stat) for doc_id, stat in plan.restat])
     generation: int | None = None
     if plan.create or plan.update or plan.remove:
         changed = [p.doc.id for p in plan.create + plan.update] + [gone.id for gone in plan.remove]
         generation = await writer.bump_generation(changed)
     return Applied(plan, generation)
+
+
+def _source(parsed: ingest.ParsedFile) -> Source:
+    return Source(parsed.path, parsed.source_hash, parsed.stat)
 
 
 def audit_detail(collected: Collected, plan: reconcile.ImportPlan) -> dict[str, object]:

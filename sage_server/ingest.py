@@ -6,8 +6,10 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,17 @@ _FILE_KINDS = {
 }
 
 
+# A file changed less than this long before it was looked at is read again next time whatever its times say: a
+# rewrite within the same timestamp tick (coarse on some file systems) with the same size would otherwise look
+# unchanged ("racy" timestamps, as git calls them).
+RACY_NS = 2_000_000_000
+
+
+# Files read are handed to the import this many at a time (collect's `handed`): enough for one bulk insert to pay
+# off, few enough that writing starts early.
+HAND_OVER = 500
+
+
 class SkipFile(Exception):
     """A file that cannot be imported; the message is the reason shown to the user."""
 
@@ -48,49 +61,91 @@ class ParsedFile:
     source_hash: str
     id_parts: tuple[str, ...] | None = None
     bundled: bool = False
+    stat: str | None = None  # file_stat of the file as it was read
+
+
+@dataclass(frozen=True)
+class Unread:
+    """A file passed over unread because its file_stat is the one stored when it was last read. `after`: how many
+    read files came before it, so reading it later (read_unread) puts it back in scan order."""
+
+    path: str
+    root: Path
+    bundled: bool
+    stat: str
+    after: int
 
 
 @dataclass
 class Collected:
-    """Everything one import run read: documents, skipped files, and the folders it covered."""
+    """Everything one import run read: documents, skipped files, files passed over unread (by path), and the
+    folders it covered."""
 
     files: list[ParsedFile] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     folders: list[str] = field(default_factory=list)
+    unread: dict[str, Unread] = field(default_factory=dict)
 
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def scan(root: Path) -> Iterator[tuple[Path, str | None]]:
-    """Yield (file, problem) for every Markdown file under `root`; hidden folders and files are passed over.
-
-    Folder symlinks are never followed; a file symlink is reported when its target leaves `root`.
-    """
+def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
+    """Yield (file, problem, its stat) for every Markdown file under `root`; hidden folders and files are passed
+    over. Folder symlinks are never followed; a file symlink is reported when its target leaves `root`. One stat
+    call per file and no Path objects: a re-scan of unchanged files is mostly this loop."""
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            path = Path(folder) / name
-            if name.startswith(".") or path.suffix.lower() not in MARKDOWN_SUFFIXES:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in MARKDOWN_SUFFIXES:
                 continue
-            if path.is_symlink() and not _inside(path.resolve(), root):
-                yield path, "symlink points outside the imported folder; not followed"
-            else:
-                yield path, _not_regular(path)
+            path = os.path.join(folder, name)
+            try:
+                found = os.lstat(path)
+                if stat.S_ISLNK(found.st_mode):
+                    if not _inside(Path(path).resolve(), root):
+                        yield path, "symlink points outside the imported folder; not followed", None
+                        continue
+                    found = os.stat(path)
+            except OSError as exc:
+                yield path, f"cannot read file: {exc.strerror}", None
+                continue
+            yield path, _not_regular(found.st_mode), found
 
 
-def _not_regular(path: Path) -> str | None:
-    """Why `path` cannot be read as a file, found without opening it (reading a FIFO would wait forever)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        return f"cannot read file: {exc.strerror}"
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this mode cannot be read as a file (told without opening it: reading a FIFO would wait
+    forever)."""
     if stat.S_ISREG(mode):
         return None
     kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
     return f"{kind}, not a regular file; skipped without reading it"
+
+
+def _settings_fingerprint(settings: Settings) -> str:
+    """The settings that decide whether and how a file is read: a file read under others is read again."""
+    return _fingerprint(tuple(settings.layers), settings.default_layer, settings.max_file_bytes)
+
+
+@lru_cache(maxsize=8)
+def _fingerprint(*deciding: object) -> str:
+    return hashlib.sha256(repr(deciding).encode()).hexdigest()[:8]
+
+
+def file_stat(found: os.stat_result, settings: Settings) -> str | None:
+    """What an import remembers of a file to pass over it unread next time: size, modification and change times
+    (ns), inode, device and the settings' fingerprint. None when the file changed too recently to trust its times
+    (RACY_NS): it is read again next time. A file replaced by another (a rename over it, a copy from elsewhere, the
+    same path on another machine) has another inode or device, so it is read."""
+    changed = max(found.st_mtime_ns, found.st_ctime_ns)
+    if time.time_ns() - changed < RACY_NS:
+        return None
+    return (
+        f"{found.st_size}:{found.st_mtime_ns}:{found.st_ctime_ns}:{found.st_ino}:{found.st_dev}:"
+        f"{_settings_fingerprint(settings)}"
+    )
 
 
 def _string_list(meta: dict[str, Any], key: str) -> list[str]:
@@ -136,13 +191,18 @@ def _invalid(exc: ValidationError) -> SkipFile:
     return SkipFile(f"field {'.'.join(str(p) for p in first['loc'])}: {message}")
 
 
-def parse_file(path: Path, root: Path, settings: Settings, *, bundled: bool = False) -> ParsedFile:
+def parse_file(
+    path: Path, root: Path, settings: Settings, *, bundled: bool = False, found: os.stat_result | None = None
+) -> ParsedFile:
     """Read one Markdown file into a document, or raise SkipFile with the reason. `bundled` marks a file of the
-    knowledge that ships with SAGE."""
+    knowledge that ships with SAGE; `found` is its stat when the caller has it."""
     try:
-        size = path.stat().st_size
-        if size > settings.max_file_bytes:
-            raise SkipFile(f"file is {size} bytes, over the {settings.max_file_bytes}-byte limit (max_file_bytes)")
+        if found is None:
+            found = path.stat()  # before reading: a change after it makes the next import read the file again
+        if found.st_size > settings.max_file_bytes:
+            raise SkipFile(
+                f"file is {found.st_size} bytes, over the {settings.max_file_bytes}-byte limit (max_file_bytes)"
+            )
         raw = path.read_bytes()
     except OSError as exc:
         raise SkipFile(f"cannot read file: {exc.strerror}") from exc
@@ -192,31 +252,66 @@ def parse_file(path: Path, root: Path, settings: Settings, *, bundled: bool = Fa
         source_hash=hashlib.sha256(raw).hexdigest(),
         id_parts=parts,
         bundled=bundled,
+        stat=file_stat(found, settings),
     )
 
 
-def collect(paths: list[Path], settings: Settings) -> Collected:
+def collect(
+    paths: list[Path],
+    settings: Settings,
+    known: Mapping[str, str] | None = None,
+    handed: Callable[[list[ParsedFile]], None] | None = None,
+) -> Collected:
     """Read every Markdown file under `paths` (folders or single files). Which file gets which id, when several
-    claim one, is decided with the stored documents in view (see reconcile.py)."""
+    claim one, is decided with the stored documents in view (see reconcile.py). A file in a folder whose file_stat
+    is its `known` one (path -> stat) is not read: it goes to `unread`. `handed`, when given, gets the files read
+    in chunks of HAND_OVER as they come (the import starts writing them while the rest are read)."""
+    known = known or {}
     result = Collected()
+    given_out = 0
     bundled_root = knowledge_dir().resolve()
     for given in paths:
         root = given.expanduser().resolve()
         bundled = _inside(root, bundled_root)
         if root.is_dir():
             result.folders.append(str(root))
-            entries: Iterator[tuple[Path, str | None]] = scan(root)
+            entries: Iterator[tuple[str, str | None, os.stat_result | None]] = scan(root)
         elif root.is_file():
-            entries, root = iter([(root, None)]), root.parent
+            entries, root = iter([(str(root), None, None)]), root.parent
         else:
             result.skipped.append(SkippedFile(path=str(given), reason="no such file or folder"))
             continue
-        for path, problem in entries:
-            result.seen.add(str(path))
+        for name, problem, found in entries:
+            result.seen.add(name)
+            remembered = known.get(name)
+            if remembered is not None and found is not None and remembered == file_stat(found, settings):
+                result.unread[name] = Unread(name, root, bundled, remembered, after=len(result.files))
+                continue
             try:
                 if problem:
                     raise SkipFile(problem)
-                result.files.append(parse_file(path, root, settings, bundled=bundled))
+                result.files.append(parse_file(Path(name), root, settings, bundled=bundled, found=found))
             except SkipFile as exc:
-                result.skipped.append(SkippedFile(path=str(path), reason=str(exc)))
+                result.skipped.append(SkippedFile(path=name, reason=str(exc)))
+            if handed is not None and len(result.files) - given_out >= HAND_OVER:
+                handed(result.files[given_out:])
+                given_out = len(result.files)
+    if handed is not None and len(result.files) > given_out:
+        handed(result.files[given_out:])
     return result
+
+
+def read_unread(collected: Collected, paths: set[str], settings: Settings) -> None:
+    """Read these files passed over unread after all (reconcile.unsure says which), in scan order among the read."""
+    found = sorted((collected.unread.pop(path) for path in paths), key=lambda unread: unread.after)
+    files: list[ParsedFile] = []
+    for position in range(len(collected.files) + 1):
+        while found and found[0].after == position:
+            unread = found.pop(0)
+            try:
+                files.append(parse_file(Path(unread.path), unread.root, settings, bundled=unread.bundled))
+            except SkipFile as exc:
+                collected.skipped.append(SkippedFile(path=unread.path, reason=str(exc)))
+        if position < len(collected.files):
+            files.append(collected.files[position])
+    collected.files = files

@@ -11,12 +11,15 @@ The rules, in order:
   new file, history and all.
 - A stored document whose file is gone from an imported folder, or whose file now carries another id, is removed
   (soft-deleted, recoverable); a file that failed to parse removes nothing.
+
+Files passed over unread (their size, times and inode are the ones stored, see ingest.file_stat) are unchanged,
+as long as nothing could make them matter: `unsure` names those that must be read after all.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from sage_server.ids import document_id
@@ -34,6 +37,7 @@ class Stored:
     deleted: bool
     removed_by_import: bool  # deleted because its file went away (an import brings it back), not by a person
     bundled: bool = False  # imported from the knowledge that ships with SAGE
+    source_stat: str | None = None  # what the last import saw of its file (ingest.file_stat)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class ImportPlan:
     create: list[ParsedFile] = field(default_factory=list)
     update: list[ParsedFile] = field(default_factory=list)  # each replaces the stored document with its id
     unchanged: int = 0
+    restat: list[tuple[str, str | None]] = field(default_factory=list)  # (id, stat) of unchanged files seen anew
     remove: list[Stored] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     shadowed: list[ShadowedFile] = field(default_factory=list)
@@ -54,11 +59,13 @@ def plan_import(
     folders: Iterable[str],
     seen: set[str],
     exists: Callable[[str], bool],
+    unread: Collection[str] = (),
 ) -> ImportPlan:
     """Decide the import of `files` (read from `folders`; `seen` holds every Markdown path met, bad ones included)
     against the `stored` documents that matter: those imported from files, and those holding an id a file claims.
-    `exists` tells whether a stored document's source file is still on disk."""
-    plan = ImportPlan()
+    `exists` tells whether a stored document's source file is still on disk. `unread`: the paths passed over unread,
+    which `unsure` found nothing to say about: each is its stored document, unchanged, and claims no other id."""
+    plan = ImportPlan(unchanged=len(unread))
     by_id = {s.id: s for s in stored}
     by_path = {s.source_path: s for s in by_id.values() if s.source_path}
     claims = _assign_ids(list(files), by_id, by_path, exists, plan)
@@ -73,6 +80,8 @@ def plan_import(
             and not current.removed_by_import
         ):
             plan.unchanged += 1  # an edit or a delete made through the API of an unchanged file is kept
+            if parsed.stat != current.source_stat:
+                plan.restat.append((current.id, parsed.stat))
         else:
             plan.update.append(parsed)
 
@@ -87,6 +96,35 @@ def plan_import(
         if gone or renamed:
             plan.remove.append(doc)
     return plan
+
+
+def skippable(stored: Iterable[Stored]) -> dict[str, str]:
+    """Path -> stat of the files an import may pass over unread when their stat is still this one: those that are
+    the source of exactly one stored document, not removed by an import (reading it brings that document back)."""
+    by_path: dict[str, list[Stored]] = {}
+    for doc in stored:
+        if doc.source_path:
+            by_path.setdefault(doc.source_path, []).append(doc)
+    return {
+        path: docs[0].source_stat
+        for path, docs in by_path.items()
+        if len(docs) == 1 and docs[0].source_stat is not None and not docs[0].removed_by_import
+    }
+
+
+def unsure(files: Iterable[ParsedFile], unread: Mapping[str, str], stored: Iterable[Stored]) -> set[str]:
+    """The `unread` files (path -> the stat that let it pass) to read after all, with the store as it is now (it may
+    have changed since the files were scanned): those no longer skippable with that stat, and those holding an id a
+    read file could take (the rules above could then give it another, or none, and that needs its content)."""
+    stored = list(stored)
+    still = skippable(stored)
+    contested = set(claimed_ids(files))
+    holders = {doc.source_path: doc.id for doc in stored if doc.source_path in unread}
+    return {
+        path
+        for path, stat in unread.items()
+        if still.get(path) != stat or holders.get(path) in contested or holders.get(path) is None
+    }
 
 
 def claimed_ids(files: Iterable[ParsedFile]) -> list[str]:

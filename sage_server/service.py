@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
-from sage_server import audit, backup, importing, ingest, retrieval, search, store
+from sage_server import audit, backup, importing, retrieval, search, store
 from sage_server.auth import ADMIN, READ, WRITE, Principal, current_caller
 from sage_server.bounded import BoundedViews
 from sage_server.cache import TieredCache
@@ -571,10 +571,9 @@ class KnowledgeService(BoundedViews):
         started = time.perf_counter()
         with self._operation("import", None, logging.INFO, paths=[str(p) for p in paths], audit=True):
             self._require(WRITE)
-            collected = await anyio.to_thread.run_sync(ingest.collect, paths, self.settings)
             entry = audit.Entry("import", ", ".join(str(p) for p in paths)[:1000])
             async with self._write(entry, bootstrap=bootstrap) as writer:
-                applied = await importing.apply(writer, collected)
+                collected, applied = await importing.run(writer, list(paths), self.settings)
                 entry.detail = importing.audit_detail(collected, applied.plan)
             if applied.generation is not None:
                 await self._committed(applied.generation)

@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from sage_server import ingest
 from sage_server.config import Settings
 from sage_server.ingest import collect
 from sage_server.models import DocumentIn
@@ -17,6 +18,14 @@ from sage_server.store.sqlite_documents import SqliteWriter
 from tests.conftest import assert_index_consistent, make_settings, sqlite_db, write_doc
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True, params=["one-chunk", "file-by-file"])
+def hand_over(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test twice: new files handed to the import (and written early) all at once, and one by one, so a
+    file read later can take the id of one already written."""
+    if request.param == "file-by-file":
+        monkeypatch.setattr(ingest, "HAND_OVER", 1)
 
 
 async def test_start_imports_configured_folders(service: KnowledgeService) -> None:
@@ -285,4 +294,20 @@ async def test_links_aliases_and_translations_from_frontmatter(tmp_path: Path) -
         assert (await kb.history("postmortem-template")).id == "incident-postmortem"
         assert [h.id for h in (await kb.search("事后复盘")).hits] == ["incident-postmortem"]
         assert [h.id for h in (await kb.search("复盘模板")).hits] == ["incident-postmortem"]
+        await assert_index_consistent(kb)
+
+
+async def test_a_later_explicit_id_takes_the_id_of_a_file_written_before_it(tmp_path: Path) -> None:
+    folder = tmp_path / "notes"
+    write_doc(folder, "practices/a-note.md", "# A note\n\nFirst marker alphaword.\n")
+    write_doc(folder, "practices/b-note.md", "# B note\n\nSecond marker betaword.\n")
+    write_doc(folder, "practices/z.md", "---\nid: practices.a-note\n---\n# Z\n\nThird marker zetaword.\n")
+    async with open_service(make_settings(tmp_path, knowledge_dirs=[folder])) as kb:
+        report = kb.last_import
+        assert report is not None and (report.created, report.skipped) == (3, [])
+        assert (await kb.get("practices.a-note")).title == "Z"  # an explicit id wins over a derived one
+        hashed = (await kb.search("alphaword")).hits[0].id
+        assert hashed.startswith("practices.a-note") and hashed != "practices.a-note"
+        assert [h.id for h in (await kb.search("betaword")).hits] == ["practices.b-note"]
+        assert (await kb.info()).documents == 3
         await assert_index_consistent(kb)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import PurePosixPath
 
 from sage_server.ids import document_id, path_parts
 from sage_server.ingest import ParsedFile
 from sage_server.models import DocumentIn
-from sage_server.reconcile import ImportPlan, Stored, plan_import
+from sage_server.reconcile import ImportPlan, Stored, plan_import, skippable, unsure
 
 ROOT = "/kb"
 BUNDLED = "/site/knowledge"
@@ -147,3 +148,39 @@ def test_a_file_removed_by_an_import_comes_back() -> None:
     assert ids(plan([parsed("a.md")], [gone]).update) == ["a"]
     deleted_by_a_person = Stored("a", "/kb/a.md", "hash-v1", deleted=True, removed_by_import=False)
     assert plan([parsed("a.md")], [deleted_by_a_person]).unchanged == 1
+
+
+def test_only_the_one_document_of_a_file_with_a_stat_may_pass_unread() -> None:
+    known = [
+        Stored("a", "/kb/a.md", "h", deleted=False, removed_by_import=False, source_stat="s-a"),
+        Stored("b", "/kb/b.md", "h", deleted=False, removed_by_import=False),  # no stat: changed moments before
+        Stored("c", "/kb/c.md", "h", deleted=True, removed_by_import=True, source_stat="s-c"),  # reading brings it back
+        Stored("d-old", "/kb/d.md", "h", deleted=True, removed_by_import=False, source_stat="s-d"),
+        Stored("d", "/kb/d.md", "h", deleted=False, removed_by_import=False, source_stat="s-d"),  # two for one file
+        Stored("api", None, None, deleted=False, removed_by_import=False),
+    ]
+    assert skippable(known) == {"/kb/a.md": "s-a"}
+
+
+def test_unread_files_are_read_when_the_store_moved_or_a_read_file_wants_their_id() -> None:
+    known = [
+        Stored("a", "/kb/a.md", "h", deleted=False, removed_by_import=False, source_stat="s-a"),
+        Stored("b", "/kb/b.md", "h", deleted=False, removed_by_import=False, source_stat="s-b2"),
+        Stored("c", "/kb/c.md", "h", deleted=False, removed_by_import=False, source_stat="s-c"),
+    ]
+    unread = {"/kb/a.md": "s-a", "/kb/b.md": "s-b", "/kb/c.md": "s-c", "/kb/gone-from-store.md": "s-x"}
+    assert unsure([], unread, known) == {"/kb/b.md", "/kb/gone-from-store.md"}
+    assert unsure([parsed("new.md", "c")], unread, known) == {"/kb/b.md", "/kb/c.md", "/kb/gone-from-store.md"}
+
+
+def test_unread_files_count_as_unchanged_and_a_new_stat_is_kept() -> None:
+    result = plan_import(
+        [replace(parsed("a.md"), stat="s-new")],
+        [stored("a", "/kb/a.md"), stored("b", "/kb/b.md")],
+        [ROOT],
+        {"/kb/a.md", "/kb/b.md"},
+        lambda path: True,
+        unread={"/kb/b.md"},
+    )
+    assert (result.unchanged, result.create, result.update, result.remove) == (2, [], [], [])
+    assert result.restat == [("a", "s-new")]

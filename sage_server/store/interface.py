@@ -63,6 +63,12 @@ class Reader(SearchIndex, Protocol):
     async def has_live_documents(self) -> bool:
         """Whether any document is live."""
 
+    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
+        """By id, the documents an import must reconcile with: every imported one, and any holding one of `ids`."""
+
+    async def taken_ids(self, ids: list[str]) -> set[str]:
+        """Which of `ids` a stored document has (live or soft-deleted)."""
+
     async def generation(self) -> int:
         """The current generation number (every committed write advances it)."""
 
@@ -89,11 +95,11 @@ class Reader(SearchIndex, Protocol):
 class Writer(Reader, Protocol):
     """One write transaction; it reads its own writes."""
 
-    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
-        """By id, the documents an import must reconcile with: every imported one, and any holding one of `ids`."""
-
     async def insert_many(self, items: list[tuple[DocumentIn, Source]]) -> None:
         """Create documents at revision 1."""
+
+    async def set_source_stats(self, stats: list[tuple[DocumentRef, str | None]]) -> None:
+        """Record what an import saw of unchanged source files (Source.stat), without a new revision."""
 
     async def replace(self, ref: DocumentRef, doc: DocumentIn, source: Source, change: Change) -> None:
         """Store `doc` as the next revision of `ref` (live afterwards), archiving the current one."""

@@ -30,7 +30,15 @@ from sage_server.store.records import (
     StoredKey,
     now_iso,
 )
-from sage_server.store.rows import document_fields, ref, section_rows, stored, to_content, to_summary
+from sage_server.store.rows import (
+    document_fields,
+    import_candidate,
+    section_rows,
+    source_fields,
+    stored,
+    to_content,
+    to_summary,
+)
 
 DOCUMENT_COLUMNS = (
     "key, id, title, layer, tags, triggers, summary, body, related, aliases, translations, source_path, source_hash, "
@@ -40,8 +48,8 @@ CONTENT_COLUMNS = "title, layer, tags, triggers, summary, body, related, aliases
 # The columns a new document's row sets, written with COPY (insert_many).
 NEW_DOCUMENT_COLUMNS = (
     "id", "title", "layer", "tags", "triggers", "summary", "body", "related", "aliases", "translations", "headings",
-    "cjk", "alt_titles", "alt_summaries", "source_path", "source_hash", "content_hash", "tokens", "revision",
-    "change", "created_at", "updated_at",
+    "cjk", "alt_titles", "alt_summaries", "source_path", "source_hash", "source_stat", "content_hash", "tokens",
+    "revision", "change", "created_at", "updated_at",
 )  # fmt: skip
 # Documents written per COPY statement: the index trigger runs once per statement (migration 0004), on this many
 # documents at once, and its working set (their parsed fields) stays a few MB.
@@ -72,8 +80,7 @@ def _insert_row(doc: DocumentIn, source: Source, now: str) -> tuple[object, ...]
     values = {
         **document_fields(doc),
         "id": doc.id,
-        "source_path": source.path,
-        "source_hash": source.hash,
+        **source_fields(source),
         "revision": 1,
         "change": "create",
         "created_at": now,
@@ -165,6 +172,18 @@ class PostgresReader(PostgresDump, PostgresSearch):
     async def has_live_documents(self) -> bool:
         return await self._row("SELECT 1 FROM documents WHERE deleted_at IS NULL LIMIT 1") is not None
 
+    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
+        rows = await self._rows(
+            "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
+            "WHERE source_path IS NOT NULL OR id = ANY(%s)",
+            (ids,),
+        )
+        return {row["id"]: import_candidate(row) for row in rows}
+
+    async def taken_ids(self, ids: list[str]) -> set[str]:
+        rows = await self._rows("SELECT id FROM documents WHERE id = ANY(%s)", (ids,))
+        return {row["id"] for row in rows}
+
     async def generation(self) -> int:
         row = await self._row("SELECT value FROM meta WHERE key = 'generation'")
         return int(row["value"]) if row else 0
@@ -244,17 +263,6 @@ class PostgresReader(PostgresDump, PostgresSearch):
 class PostgresWriter(PostgresLoad, PostgresReader):
     """One write transaction (writers take one lock, so they run one at a time across instances, as on SQLite)."""
 
-    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
-        rows = await self._rows(
-            "SELECT key, id, source_path, source_hash, revision, change, deleted_at FROM documents "
-            "WHERE source_path IS NOT NULL OR id = ANY(%s)",
-            (ids,),
-        )
-        return {
-            row["id"]: ImportCandidate(ref(row), Source(row["source_path"], row["source_hash"]), row["change"])
-            for row in rows
-        }
-
     async def insert_many(self, items: list[tuple[DocumentIn, Source]]) -> None:
         # COPY, a chunk of documents per statement: the search index is kept per statement (migration 0004), so a
         # chunk is parsed and indexed in one pass instead of one trigger call per document.
@@ -309,12 +317,11 @@ class PostgresWriter(PostgresLoad, PostgresReader):
             "summary = %(summary)s, body = %(body)s, related = %(related)s, aliases = %(aliases)s, "
             "translations = %(translations)s, headings = %(headings)s, cjk = %(cjk)s, alt_titles = %(alt_titles)s, "
             "alt_summaries = %(alt_summaries)s, source_path = %(source_path)s, source_hash = %(source_hash)s, "
-            "content_hash = %(content_hash)s, tokens = %(tokens)s, revision = revision + 1, change = %(change)s, "
-            "updated_at = %(now)s, deleted_at = NULL WHERE key = %(key)s",
+            "source_stat = %(source_stat)s, content_hash = %(content_hash)s, tokens = %(tokens)s, "
+            "revision = revision + 1, change = %(change)s, updated_at = %(now)s, deleted_at = NULL WHERE key = %(key)s",
             {
                 **document_fields(doc),
-                "source_path": source.path,
-                "source_hash": source.hash,
+                **source_fields(source),
                 "change": change,
                 "now": now_iso(),
                 "key": ref.key,
@@ -322,6 +329,13 @@ class PostgresWriter(PostgresLoad, PostgresReader):
         )
         await self._copy_sections(section_rows(ref.key, doc.body))
         await self._set_aliases([(ref.key, doc.aliases)])
+
+    async def set_source_stats(self, stats: list[tuple[DocumentRef, str | None]]) -> None:
+        # Not a searched column: the full-text trigger does not fire.
+        async with self.conn.cursor() as cursor:
+            await cursor.executemany(
+                "UPDATE documents SET source_stat = %s WHERE key = %s", [(stat, ref.key) for ref, stat in stats]
+            )
 
     async def soft_delete(self, ref: DocumentRef, change: Change) -> None:
         await self._archive(ref)

@@ -36,10 +36,12 @@ def content_hash(doc: DocumentIn) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """Where an imported document came from (both None for documents saved through the API)."""
+    """Where an imported document came from (all None for documents saved through the API): the file, the sha256 of
+    its bytes, and what the import saw of it (ingest.file_stat; None when unknown) to skip it unread next time."""
 
     path: str | None = None
     hash: str | None = None
+    stat: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,14 @@ from typing import Any, Protocol
 
 from sage_server.markdown import heading_texts, sections
 from sage_server.models import Document, DocumentIn, DocumentSummary
-from sage_server.store.records import DocumentRef, Source, StoredDocument, content_hash, translations_json
+from sage_server.store.records import (
+    DocumentRef,
+    ImportCandidate,
+    Source,
+    StoredDocument,
+    content_hash,
+    translations_json,
+)
 from sage_server.text import cjk_index_text, estimate_tokens
 
 
@@ -80,6 +87,16 @@ def stored(row: Row | None) -> StoredDocument | None:
         return None
     source = Source(row["source_path"], row["source_hash"])
     return StoredDocument(ref=ref(row), document=to_document(row), source=source, change=row["change"])
+
+
+def import_candidate(row: Row) -> ImportCandidate:
+    """An import's bookkeeping from a documents row with the columns import_candidates selects."""
+    return ImportCandidate(ref(row), Source(row["source_path"], row["source_hash"], row["source_stat"]), row["change"])
+
+
+def source_fields(source: Source) -> dict[str, str | None]:
+    """The documents columns a document's source fills (named parameters of both stores' writes)."""
+    return {"source_path": source.path, "source_hash": source.hash, "source_stat": source.stat}
 
 
 def document_fields(doc: DocumentIn) -> dict[str, Any]:

@@ -26,7 +26,15 @@ from sage_server.store.records import (
     StoredKey,
     now_iso,
 )
-from sage_server.store.rows import document_fields, ref, section_rows, stored, to_content, to_summary
+from sage_server.store.rows import (
+    document_fields,
+    import_candidate,
+    section_rows,
+    source_fields,
+    stored,
+    to_content,
+    to_summary,
+)
 from sage_server.store.sqlite_export import SqliteDump, SqliteLoad
 from sage_server.store.sqlite_search import SqliteSearch, filter_sql
 
@@ -39,12 +47,12 @@ CONTENT_COLUMNS = "title, layer, tags, triggers, summary, body, related, aliases
 
 
 DOCUMENT_INSERT = (
-    "INSERT INTO documents (id, title, layer, tags, triggers, summary, body, related, aliases, translations, "
-    "headings, cjk, alt_titles, alt_summaries, source_path, source_hash, content_hash, tokens, revision, change, "
-    "created_at, updated_at) "
-    "VALUES (:id, :title, :layer, :tags, :triggers, :summary, :body, :related, :aliases, :translations, "
-    ":headings, :cjk, :alt_titles, :alt_summaries, :source_path, :source_hash, :content_hash, :tokens, 1, 'create', "
-    ":now, :now)"
+    "INSERT INTO documents (key, id, title, layer, tags, triggers, summary, body, related, aliases, translations, "
+    "headings, cjk, alt_titles, alt_summaries, source_path, source_hash, source_stat, content_hash, tokens, revision, "
+    "change, created_at, updated_at) "
+    "VALUES (:key, :id, :title, :layer, :tags, :triggers, :summary, :body, :related, :aliases, :translations, "
+    ":headings, :cjk, :alt_titles, :alt_summaries, :source_path, :source_hash, :source_stat, :content_hash, :tokens, "
+    "1, 'create', :now, :now)"
 )
 SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (?, ?, ?, ?, ?, ?)"
 
@@ -166,6 +174,21 @@ class SqliteReader(SqliteDump, SqliteSearch):
     async def has_live_documents(self) -> bool:
         return await self._row("SELECT 1 FROM documents WHERE deleted_at IS NULL LIMIT 1") is not None
 
+    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
+        # Only the bookkeeping columns (replace and soft_delete need no more): at 100k documents the bodies are 450 MB.
+        rows = await self._rows(
+            "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
+            "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        )
+        return {row["id"]: import_candidate(row) for row in rows}
+
+    async def taken_ids(self, ids: list[str]) -> set[str]:
+        rows = await self._rows(
+            "SELECT id FROM documents WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
+        )
+        return {row[0] for row in rows}
+
     async def generation(self) -> int:
         row = await self._row("SELECT value FROM meta WHERE key = 'generation'")
         return int(row[0]) if row else 0
@@ -233,36 +256,33 @@ class SqliteReader(SqliteDump, SqliteSearch):
 class SqliteWriter(SqliteLoad, SqliteReader):
     """One write transaction on the SQLite writer connection."""
 
-    async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
-        # Only the bookkeeping columns (replace and soft_delete need no more): at 100k documents the bodies are 450 MB.
-        rows = await self._rows(
-            "SELECT key, id, source_path, source_hash, revision, change, deleted_at FROM documents "
-            "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))",
-            (json.dumps(ids),),
-        )
-        return {
-            row["id"]: ImportCandidate(ref(row), Source(row["source_path"], row["source_hash"]), row["change"])
-            for row in rows
-        }
-
     async def insert_many(self, items: list[tuple[DocumentIn, Source]]) -> None:
-        # Three statements for any number of documents (an import's new files arrive this way: one round trip to the
-        # database thread per document would cost more than indexing them).
+        # A few statements for any number of documents (an import's new files arrive this way: one round trip to the
+        # database thread per document would cost more than indexing them). The rows are indexed in one statement
+        # once they are in: FTS5 fed row by row from the insert trigger did twice the work (0005_source_stat.sql).
         if not items:
             return
         now = now_iso()
-        rows = [
-            {**document_fields(doc), "id": doc.id, "source_path": source.path, "source_hash": source.hash, "now": now}
-            for doc, source in items
-        ]
-        await self.conn.executemany(DOCUMENT_INSERT, rows)
-        ids = json.dumps([doc.id for doc, _ in items])
-        found = await self._rows("SELECT id, key FROM documents WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-        keys: dict[str, int] = {row[0]: row[1] for row in found}
-        await self.conn.executemany(
-            SECTION_INSERT, [row for doc, _ in items for row in section_rows(keys[doc.id], doc.body)]
+        found = await self._row("SELECT coalesce(max(key), 0) + 1 FROM documents")
+        assert found is not None
+        first: int = found[0]
+        rows: list[dict[str, Any]] = []
+        sections: list[tuple[int, int, str, int, int, int]] = []
+        for key, (doc, source) in enumerate(items, start=first):
+            rows.append({**document_fields(doc), "key": key, "id": doc.id, **source_fields(source), "now": now})
+            sections += section_rows(key, doc.body)  # right after the fields: the body's headings are found once
+        await self.conn.execute("INSERT INTO meta (key, value) VALUES ('index_later', '1')")
+        try:
+            await self.conn.executemany(DOCUMENT_INSERT, rows)
+        finally:
+            await self.conn.execute("DELETE FROM meta WHERE key = 'index_later'")
+        await self.conn.execute(
+            "INSERT INTO docs_fts (rowid, title, tags, triggers, summary, headings, body, cjk) "
+            "SELECT key, title, tags, triggers, summary, headings, body, cjk FROM indexed_documents WHERE key >= ?",
+            (first,),
         )
-        await self._set_aliases([(keys[doc.id], doc.aliases) for doc, _ in items if doc.aliases])
+        await self.conn.executemany(SECTION_INSERT, sections)
+        await self._set_aliases([(key, doc.aliases) for key, (doc, _) in enumerate(items, start=first) if doc.aliases])
 
     async def _set_aliases(self, rows: list[tuple[int, list[str]]]) -> None:
         """Point each document's aliases at it. An alias another document claimed first stays with that one."""
@@ -289,12 +309,12 @@ class SqliteWriter(SqliteLoad, SqliteReader):
             "UPDATE documents SET title = :title, layer = :layer, tags = :tags, triggers = :triggers, "
             "summary = :summary, body = :body, related = :related, aliases = :aliases, translations = :translations, "
             "headings = :headings, cjk = :cjk, alt_titles = :alt_titles, alt_summaries = :alt_summaries, "
-            "source_path = :source_path, source_hash = :source_hash, content_hash = :content_hash, tokens = :tokens, "
-            "revision = revision + 1, change = :change, updated_at = :now, deleted_at = NULL WHERE key = :key",
+            "source_path = :source_path, source_hash = :source_hash, source_stat = :source_stat, "
+            "content_hash = :content_hash, tokens = :tokens, revision = revision + 1, change = :change, "
+            "updated_at = :now, deleted_at = NULL WHERE key = :key",
             {
                 **document_fields(doc),
-                "source_path": source.path,
-                "source_hash": source.hash,
+                **source_fields(source),
                 "change": change,
                 "now": now_iso(),
                 "key": ref.key,
@@ -302,6 +322,12 @@ class SqliteWriter(SqliteLoad, SqliteReader):
         )
         await self.conn.executemany(SECTION_INSERT, section_rows(ref.key, doc.body))
         await self._set_aliases([(ref.key, doc.aliases)])
+
+    async def set_source_stats(self, stats: list[tuple[DocumentRef, str | None]]) -> None:
+        # Not indexed columns: the full-text triggers do not fire.
+        await self.conn.executemany(
+            "UPDATE documents SET source_stat = ? WHERE key = ?", [(stat, ref.key) for ref, stat in stats]
+        )
 
     async def soft_delete(self, ref: DocumentRef, change: Change) -> None:
         await self._archive(ref)
