@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, TypeVar, cast
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -141,6 +141,43 @@ class MemoryTier:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.nbytes -= len(entry[0])
+
+
+class Memo(Generic[T]):
+    """An in-process LRU of Python objects (not bytes: nothing to decode on a hit), bounded in entries and in the
+    bytes `size` says each value holds. For intermediate results that the cache tiers do not hold, such as what a
+    context task gathered before packing (see KnowledgeService.context)."""
+
+    def __init__(self, *, max_entries: int, max_bytes: int, size: Callable[[T], int]) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._size = size
+        self._entries: OrderedDict[str, tuple[T, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> T | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def set(self, key: str, value: T) -> None:
+        """Keep `value`, evicting the least recently used entries past the bounds (a value alone above the byte
+        bound is not kept)."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.nbytes -= old[1]
+        size = self._size(value)
+        if size > self.max_bytes:
+            return
+        self._entries[key] = (value, size)
+        self.nbytes += size
+        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            self.nbytes -= self._entries.popitem(last=False)[1][1]
 
 
 class Tier(Protocol):

@@ -100,8 +100,24 @@ async def run_search(
     )
 
 
-async def run_context(where: Where, core_layer: str, task: str, budget: int, layers: Strings | None) -> ContextResult:
-    """What to read for `task` (see KnowledgeService.context): the core essentials, then the best sections."""
+@dataclass(frozen=True)
+class Gathered:
+    """What packing a context for one task reads: the core essentials and the candidate sections, best first. It
+    does not depend on the token budget, so one gathering serves every budget the task is packed at."""
+
+    lines: Strings
+    found: list[context_packing.Candidate]
+    partial: bool = False
+    partial_reason: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Roughly what it holds in memory (its text), for the memo that keeps it (see cache.Memo)."""
+        return sum(map(len, self.lines)) + sum(len(c.text) + len(c.title) + len(c.heading) for c in self.found)
+
+
+async def gather_context(where: Where, core_layer: str, task: str, layers: Strings | None) -> Gathered:
+    """The essentials and the ranked candidate sections for `task` (see KnowledgeService.context)."""
     parsed = search.parse_query(task, phrases=False)
     async with where.store.read() as reader:
         lines = await context_packing.essentials(reader, core_layer)
@@ -113,5 +129,15 @@ async def run_context(where: Where, core_layer: str, task: str, budget: int, lay
             if plan.doubtful:
                 plan = await search.correct(reader, plan) or plan
             found = await context_packing.candidates(reader, plan, layers)
-    result = context_packing.assemble(task, budget, lines, found)
-    return result.model_copy(update={"partial": window.partial, "partial_reason": window.reason})
+    return Gathered(lines, found, window.partial, window.reason)
+
+
+def pack_context(gathered: Gathered, task: str, budget: int) -> ContextResult:
+    """`gathered` packed into `budget` tokens: cheap next to gathering, which reads and ranks."""
+    result = context_packing.assemble(task, budget, gathered.lines, gathered.found)
+    return result.model_copy(update={"partial": gathered.partial, "partial_reason": gathered.partial_reason})
+
+
+async def run_context(where: Where, core_layer: str, task: str, budget: int, layers: Strings | None) -> ContextResult:
+    """What to read for `task` (see KnowledgeService.context): the core essentials, then the best sections."""
+    return pack_context(await gather_context(where, core_layer, task, layers), task, budget)

@@ -53,11 +53,11 @@ __all__ = [
 ]
 
 
-def sqlite_store(path: Path) -> Store:
-    """A store in the SQLite file at `path`."""
+def sqlite_store(path: Path, readers: int = 0) -> Store:
+    """A store in the SQLite file at `path`, with `readers` reader connections (0: sized from the cores)."""
     from sage_server.store.sqlite import SqliteStore  # noqa: PLC0415 - it imports search.py, which imports records
 
-    return SqliteStore(path)
+    return SqliteStore(path, readers)
 
 
 def open_store(settings: Settings) -> Store:
@@ -67,4 +67,4 @@ def open_store(settings: Settings) -> Store:
         from sage_server.store.postgres import PostgresStore  # noqa: PLC0415 - psycopg is loaded only when chosen
 
         return PostgresStore(settings.database_url.get_secret_value(), settings.database_pool_size)
-    return sqlite_store(settings.db_path)
+    return sqlite_store(settings.db_path, settings.sqlite_readers)

@@ -57,7 +57,9 @@ async def measure_size(size: int, options: Options) -> Results:
         progress(f"{size} docs: PostgreSQL: import and search")
         await postgres.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: sage serve over REST and MCP, writes")
-        await remote.measure(corpus, work, work / "sage.db", stream, picks, options.seed, budget, results)
+        # A stream of its own, made with the same seed: REST is measured on the queries in-process was.
+        served = QueryStream(corpus.vocabulary, options.seed)
+        await remote.measure(corpus, work, work / "sage.db", served, picks, options.seed, budget, results)
     progress(f"{size} docs: done")
     return results
 

@@ -59,13 +59,16 @@ async def mcp_clients(url: str, count: int) -> AsyncIterator[list[Client]]:
 
 async def _rest(running: Running, stream: QueryStream, picks: Picks, budget: Budget, results: Results) -> None:
     ids = picks.warm
+    work = stream.workload(budget.warmup, budget.serial, budget.concurrent)
     async with http_clients(running.api) as clients:
-        for q in stream.queries(budget.warmup):
+        for q in work.warmup:
             await _ok(await clients[0].get("/v1/search", params={"q": q}))
         for doc_id in ids:  # the get pool is read warm: the server has answered each id once already
             await _ok(await clients[0].get(f"/v1/knowledge/{doc_id}"))
-        for name, concurrency, count in (("c1", 1, budget.serial), ("c32", CONCURRENCY, budget.concurrent)):
-            queries, tasks = stream.queries(count), stream.tasks(count)
+        for name, concurrency, queries, tasks in (
+            ("c1", 1, work.serial, work.serial_tasks),
+            ("c32", CONCURRENCY, work.concurrent, work.concurrent_tasks),
+        ):
 
             async def find(w: int, i: int, queries: list[str] = queries) -> object:
                 return await _ok(await clients[w].get("/v1/search", params={"q": queries[i]}))
@@ -78,16 +81,20 @@ async def _rest(running: Running, stream: QueryStream, picks: Picks, budget: Bud
 
             for op, call in (("search", find), ("get", read), ("context", pack)):
                 results.latencies[f"rest/{op}/{name}"] = await run_load(
-                    call, concurrency=concurrency, count=count, seconds=budget.seconds
+                    call, concurrency=concurrency, count=len(queries), seconds=budget.seconds
                 )
 
 
 async def _mcp(clients: list[Client], stream: QueryStream, picks: Picks, budget: Budget, results: Results) -> None:
     ids = picks.warm
-    for q in stream.queries(budget.warmup):
+    # The stream's next workload: as long as REST's, and none of its queries, which the server has cached.
+    work = stream.workload(budget.warmup, budget.serial, budget.concurrent)
+    for q in work.warmup:
         await _tool(clients[0], "sage_search", {"query": q})
-    for name, concurrency, count in (("c1", 1, budget.serial), ("c32", CONCURRENCY, budget.concurrent)):
-        queries, tasks = stream.queries(count), stream.tasks(count)
+    for name, concurrency, queries, tasks in (
+        ("c1", 1, work.serial, work.serial_tasks),
+        ("c32", CONCURRENCY, work.concurrent, work.concurrent_tasks),
+    ):
 
         async def find(w: int, i: int, queries: list[str] = queries) -> object:
             return await _tool(clients[w], "sage_search", {"query": queries[i]})
@@ -100,7 +107,7 @@ async def _mcp(clients: list[Client], stream: QueryStream, picks: Picks, budget:
 
         for op, call in (("search", find), ("get", read), ("context", pack)):
             results.latencies[f"mcp/{op}/{name}"] = await run_load(
-                call, concurrency=concurrency, count=count, seconds=budget.seconds
+                call, concurrency=concurrency, count=len(queries), seconds=budget.seconds
             )
 
 
