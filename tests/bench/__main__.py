@@ -1,4 +1,4 @@
-"""`python -m tests.bench [--sizes 1000,10000,100000] [--seed 7] [--out bench-results/] [--quick] [--only mcp]`."""
+"""`python -m tests.bench [--sizes 1000,10000,100000] [--seed 7] [--out bench-results/] [--quick] [--only soak]`."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def parse(argv: list[str] | None = None) -> Options:
         "--only",
         choices=PARTS,
         help="run one part: corpus (speed and scale per corpus size), limits (resources and shutdown) or mcp (the "
-        "tool list's size, and what a client honouring cache hints saves) or cluster (three instances behind nginx)",
+        "tool list's size, and what a client honouring cache hints saves) or cluster (three instances behind nginx) or "
+        "soak (RSS after `sage serve` imports the largest size at start, and after a 10-minute mixed load)",
     )
     args = parser.parse_args(argv)
     parts = (args.only,) if args.only else PARTS

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from mcp import Client
 
 from tests.bench.corpus import Corpus, QueryStream
 from tests.bench.inprocess import Picks
-from tests.bench.load import CONCURRENCY, Budget, run_load
+from tests.bench.load import CONCURRENCY, Budget, run_load, summarize
 from tests.bench.report import Results
 from tests.bench.servers import Running, memory_mb, start_floor, start_sage, stop
 
@@ -83,6 +85,42 @@ async def _rest(running: Running, stream: QueryStream, picks: Picks, budget: Bud
                 results.latencies[f"rest/{op}/{name}"] = await run_load(
                     call, concurrency=concurrency, count=len(queries), seconds=budget.seconds
                 )
+
+
+async def _under_search(running: Running, queries: list[str], picks: Picks, budget: Budget, results: Results) -> None:
+    """/health and a warm get, one at a time from a client of their own, while 32 workers search: what a probe and
+    a cheap read wait for when the server is busy ranking (the searches are measured too)."""
+    ids = picks.warm
+    searching = anyio.Event()
+    async with http_clients(running.api, CONCURRENCY + 1) as clients:
+        prober = clients[CONCURRENCY]
+
+        async def find(w: int, i: int) -> object:
+            return await _ok(await clients[w].get("/v1/search", params={"q": queries[i]}))
+
+        async def searches() -> None:
+            results.latencies["rest/search-loaded/c32"] = await run_load(
+                find, concurrency=CONCURRENCY, count=len(queries), seconds=budget.seconds
+            )
+            searching.set()
+
+        samples: dict[str, list[float]] = {"health": [], "get": []}
+
+        async def probes() -> None:
+            i = 0
+            while not searching.is_set():
+                started = time.perf_counter()
+                response = await prober.get("/health" if i % 2 == 0 else f"/v1/knowledge/{ids[(i // 2) % len(ids)]}")
+                if response.status_code == 200:
+                    samples["health" if i % 2 == 0 else "get"].append(time.perf_counter() - started)
+                i += 1
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(searches)
+            group.start_soon(probes)
+    seconds = results.latencies["rest/search-loaded/c32"].seconds
+    for name, taken in samples.items():
+        results.latencies[f"rest/{name}-under-32-searches/c1"] = summarize(taken, seconds)
 
 
 async def _mcp(clients: list[Client], stream: QueryStream, picks: Picks, budget: Budget, results: Results) -> None:
@@ -242,6 +280,7 @@ async def measure(
         await _rest(running, stream, picks, budget, results)
         async with mcp_clients(f"{running.mcp}/mcp", CONCURRENCY) as clients:
             await _mcp(clients, stream, picks, budget, results)
+            await _under_search(running, stream.queries(budget.concurrent), picks, budget, results)
             await _floor(work, budget, results)
             await _writes(clients, running.api, stream, seed, budget, results)
         memory = memory_mb(running.process.pid)
