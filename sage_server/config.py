@@ -103,6 +103,12 @@ class Settings(BaseModel):
     context_memo_bytes: int = Field(
         16 * 2**20, ge=1024, description="Most bytes of section text those kept tasks hold together"
     )
+    sqlite_cache_mb: int = Field(
+        64,
+        ge=8,
+        le=65_536,
+        description="SQLite page cache of all connections together: half the writer's, half shared by the readers",
+    )
     sqlite_readers: int = Field(
         0, ge=0, le=64, description="SQLite reader connections (0: two per CPU core, at least 3 and at most 16)"
     )

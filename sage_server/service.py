@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -63,6 +63,8 @@ log = get_logger("core")
 MAX_LIMIT = 100
 GENERATION_POLL_SECONDS = 1.0
 M = TypeVar("M", bound=BaseModel)
+P = ParamSpec("P")
+R = TypeVar("R")
 Compute = Callable[[], Awaitable[M]]
 # The class has a method named `list`, which would shadow the builtin in its annotations.
 Strings = list[str]
@@ -78,6 +80,10 @@ class KnowledgeService(BoundedViews):
         self._use(store.open_store(settings))
         self.deadlines = Deadlines.from_settings(settings)
         self.cache = TieredCache(settings, observer=self.metrics)
+        # Searches and context packings ranking at once: one reader fewer than the store has, so that gets and /health
+        # always find one free instead of queueing behind rankings that hold theirs (and /health reporting the
+        # knowledge unhealthy when its read timed out).
+        self.ranking = anyio.Semaphore(max(1, store.reader_count(settings) - 1))
         # What context tasks gathered (ranked candidate sections), by task: packed again at other budgets for free.
         self.gathered: Memo[retrieval.Gathered] = Memo(
             max_entries=settings.context_memo_entries, max_bytes=settings.context_memo_bytes, size=lambda g: g.nbytes
@@ -378,7 +384,7 @@ class KnowledgeService(BoundedViews):
                 "search",
                 args,
                 SearchResult,
-                lambda: retrieval.run_search(self._where(), query, layers, tags, limit, cursor, explain),
+                lambda: self._ranked(retrieval.run_search, self._where(), query, layers, tags, limit, cursor, explain),
             )
 
     async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
@@ -399,13 +405,20 @@ class KnowledgeService(BoundedViews):
                 lambda: self._context(task, budget, layers),
             )
 
+    async def _ranked(self, ranking: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a search or a context gathering once a ranking slot is free (see `self.ranking`)."""
+        async with self.ranking:
+            return await ranking(*args, **kwargs)
+
     async def _context(self, task: str, budget: int, layers: Strings | None) -> ContextResult:
         """Pack `task` into `budget`, ranking its candidates only the first time: an MCP answer is packed again at
         smaller budgets until it fits (see bounded.context_within), and those rounds reuse what was gathered."""
         key = f"{self.database_id}:g{self.generation}:{json.dumps([task, layers])}"
         gathered = self.gathered.get(key)
         if gathered is None:
-            gathered = await retrieval.gather_context(self._where(), self.settings.layers[0], task, layers)
+            gathered = await self._ranked(
+                retrieval.gather_context, self._where(), self.settings.layers[0], task, layers
+            )
             if not gathered.partial:
                 self.gathered.set(key, gathered)
         return retrieval.pack_context(gathered, task, budget)

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sage_server.breaker import BreakerState
-from sage_server.cache import CorruptEntry, DiskTier, FaultKind, MemoryTier, TieredCache, TierName
+from sage_server.cache import CorruptEntry, DiskTier, FaultKind, Memo, MemoryTier, TieredCache, TierName
 from sage_server.config import Settings
 from sage_server.generation import GenerationWatcher
 from tests.conftest import make_settings
@@ -95,6 +95,21 @@ def test_memory_evicts_past_byte_bound_and_skips_oversized_values() -> None:
 
 
 # ---- disk tier
+
+
+def test_memo_evicts_least_recently_used_past_its_entry_and_byte_bounds() -> None:
+    memo: Memo[str] = Memo(max_entries=3, max_bytes=10, size=len)
+    for key in "abc":
+        memo.set(key, "xx")
+    assert memo.get("a") == "xx"  # a is now the most recently used
+    memo.set("d", "xx")
+    assert memo.get("b") is None and [memo.get(k) for k in "acd"] == ["xx"] * 3
+    memo.set("e", "xxxxxx")  # 12 bytes with a, c and d: the least recently used go until 10 fit
+    assert len(memo) == 2 and memo.nbytes == 8 and memo.get("a") is None and memo.get("e") == "xxxxxx"
+    memo.set("big", "x" * 11)  # alone above the byte bound: not kept, nothing else lost
+    assert memo.get("big") is None and len(memo) == 2
+    memo.set("e", "x")  # replacing a value counts its new size only
+    assert memo.nbytes == 3
 
 
 async def test_disk_round_trip_survives_a_restart(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from sage_server.locks import FileLock, serving_lock_path
 from sage_server.logs import get_logger, log_event
 from sage_server.resources import migrations_dir
 from sage_server.store.migrations import migrate
-from sage_server.store.sqlite_connections import Database
+from sage_server.store.sqlite_connections import CACHE_BYTES, Database
 from sage_server.store.sqlite_documents import SqliteReader, SqliteWriter
 
 log = get_logger("store")
@@ -46,9 +46,9 @@ class SqliteStore:
     backend: Literal["sqlite"] = "sqlite"
     searchable = True
 
-    def __init__(self, path: Path, readers: int = 0) -> None:
+    def __init__(self, path: Path, readers: int = 0, cache_bytes: int = CACHE_BYTES) -> None:
         self.path: Path | None = path
-        self.db = Database(path, readers or default_readers())
+        self.db = Database(path, readers or default_readers(), cache_bytes)
         self._in_use: FileLock | None = None
 
     @property

@@ -16,7 +16,8 @@ import sage_server
 from sage_server import search
 from sage_server.config import Settings
 from sage_server.service import KnowledgeService
-from sage_server.store.sqlite_connections import PRAGMAS
+from sage_server.store.sqlite import default_readers
+from sage_server.store.sqlite_connections import CACHE_BYTES, PRAGMAS, cache_kib
 from sage_server.store.sqlite_search import rank_documents_sql
 from tests.bench.corpus import Corpus, QueryStream
 from tests.bench.load import CONCURRENCY, Budget, Latency, run_load, time_each
@@ -52,9 +53,10 @@ async def raw_sqlite_search(db_path: Path, queries: list[str]) -> Latency:
     statements = [await ranking_statement(search.parse_query(q).fts()) for q in queries if search.parse_query(q).terms]
     conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
-        for pragma in PRAGMAS:  # the page cache and temp store SAGE's readers use
+        for pragma in PRAGMAS:  # the temp store and page cache SAGE's readers use
             if "journal_mode" not in pragma:
                 conn.execute(pragma)
+        conn.execute(f"PRAGMA cache_size=-{cache_kib(CACHE_BYTES, default_readers())[1]}")
         warm = statements[: max(1, len(statements) // 10)]
         for sql, params in warm:
             conn.execute(sql, params).fetchall()

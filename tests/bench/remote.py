@@ -108,7 +108,7 @@ async def _under_search(running: Running, queries: list[str], picks: Picks, budg
 
         async def probes() -> None:
             i = 0
-            while not searching.is_set():
+            while not searching.is_set() or i < 2:  # one of each at least, however quick the searches
                 started = time.perf_counter()
                 response = await prober.get("/health" if i % 2 == 0 else f"/v1/knowledge/{ids[(i // 2) % len(ids)]}")
                 if response.status_code == 200:
