@@ -31,10 +31,19 @@ def parse(argv: list[str] | None = None) -> Options:
         "tool list's size, and what a client honouring cache hints saves) or cluster (three instances behind nginx) or "
         "soak (RSS after `sage serve` imports the largest size at start, and after a 10-minute mixed load)",
     )
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="leave out the PostgreSQL column (its own import of each corpus)"
+    )
     args = parser.parse_args(argv)
     parts = (args.only,) if args.only else PARTS
     return Options(
-        sizes=args.sizes, seed=args.seed, out=args.out, quick=args.quick, redis_url=args.redis_url, parts=parts
+        sizes=args.sizes,
+        seed=args.seed,
+        out=args.out,
+        quick=args.quick,
+        redis_url=args.redis_url,
+        parts=parts,
+        postgres=not args.no_postgres,
     )
 
 

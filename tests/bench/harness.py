@@ -30,6 +30,7 @@ class Options:
     # "corpus" (speed and scale per corpus size), "limits" (resources, shutdown), "mcp" (tool list, cache hints),
     # "cluster" (three instances behind nginx), "soak" (RSS after an import at start and a mixed load)
     parts: tuple[str, ...] = PARTS
+    postgres: bool = True  # the PostgreSQL column of the corpus part (an import of its own: long at 100k)
 
 
 def progress(message: str) -> None:
@@ -54,8 +55,9 @@ async def measure_size(size: int, options: Options) -> Results:
         picks = await inprocess.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: imported at {results.figures['import_docs_per_s']} docs/s; Redis tier")
         await inprocess.measure_redis(work, options.redis_url, picks, budget, results)
-        progress(f"{size} docs: PostgreSQL: import and search")
-        await postgres.measure(corpus, work, stream, budget, results)
+        if options.postgres:
+            progress(f"{size} docs: PostgreSQL: import and search")
+            await postgres.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: sage serve over REST and MCP, writes")
         # A stream of its own, made with the same seed: REST is measured on the queries in-process was.
         served = QueryStream(corpus.vocabulary, options.seed)
