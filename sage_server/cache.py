@@ -211,9 +211,13 @@ class DiskTier:
 
     name: Final = "disk"
 
-    def __init__(self, directory: Path, *, max_bytes: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, directory: Path, *, max_bytes: int, max_entries: int = 20_000, clock: Callable[[], float] = time.time
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        # The index of entries lives in memory (about 200 bytes each), so it is bounded in entries too.
+        self.max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # file name -> size, least recently used first
@@ -305,7 +309,7 @@ class DiskTier:
 
     def _evict(self) -> None:
         # Called with the lock held.
-        while self.nbytes > self.max_bytes and self._index:
+        while (self.nbytes > self.max_bytes or len(self._index) > self.max_entries) and self._index:
             name, size = self._index.popitem(last=False)
             self.nbytes -= size
             (self.directory / name).unlink(missing_ok=True)
@@ -391,7 +395,13 @@ class TieredCache:
         )
         self.tiers: list[Tier] = []
         if settings.cache_disk:
-            self.tiers.append(DiskTier(settings.cache_dir / "entries", max_bytes=settings.cache_disk_bytes))
+            self.tiers.append(
+                DiskTier(
+                    settings.cache_dir / "entries",
+                    max_bytes=settings.cache_disk_bytes,
+                    max_entries=settings.cache_disk_entries,
+                )
+            )
         self.redis: RedisTier | None = None
         self.redis_breaker: CircuitBreaker | None = None
         if settings.cache_redis and settings.redis_url:

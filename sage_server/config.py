@@ -93,6 +93,9 @@ class Settings(BaseModel):
     cache_memory_bytes: int = Field(64 * 2**20, ge=1024, description="Most value bytes the memory tier holds")
     cache_disk: bool = Field(True, description="Use the disk cache tier under cache_dir")
     cache_disk_bytes: int = Field(512 * 2**20, ge=1024, description="Most bytes the disk tier keeps (LRU eviction)")
+    cache_disk_entries: int = Field(
+        20_000, ge=1, description="Most entries the disk tier keeps (its index is held in memory)"
+    )
     cache_redis: bool = Field(True, description="Use the Redis cache tier when redis_url is set")
     context_memo_entries: int = Field(
         256,

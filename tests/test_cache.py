@@ -104,12 +104,14 @@ def test_memo_evicts_least_recently_used_past_its_entry_and_byte_bounds() -> Non
     assert memo.get("a") == "xx"  # a is now the most recently used
     memo.set("d", "xx")
     assert memo.get("b") is None and [memo.get(k) for k in "acd"] == ["xx"] * 3
-    memo.set("e", "xxxxxx")  # 12 bytes with a, c and d: the least recently used go until 10 fit
-    assert len(memo) == 2 and memo.nbytes == 8 and memo.get("a") is None and memo.get("e") == "xxxxxx"
+    memo.set("e", "xxxxxx")  # a fourth entry: a, the least recently used, goes
+    assert len(memo) == 3 and memo.nbytes == 10 and memo.get("a") is None
+    memo.set("f", "xxxx")  # c goes for the entry bound, then d for the byte bound (d, e, f hold 12 bytes)
+    assert len(memo) == 2 and memo.nbytes == 10 and memo.get("d") is None and memo.get("e") == "xxxxxx"
     memo.set("big", "x" * 11)  # alone above the byte bound: not kept, nothing else lost
     assert memo.get("big") is None and len(memo) == 2
     memo.set("e", "x")  # replacing a value counts its new size only
-    assert memo.nbytes == 3
+    assert memo.nbytes == 5
 
 
 async def test_disk_round_trip_survives_a_restart(tmp_path: Path) -> None:
@@ -166,6 +168,15 @@ async def test_disk_evicts_oldest_past_the_size_bound(tmp_path: Path) -> None:
     assert await disk.get("k0") is None and await disk.get("k5") == bytes(100)
     await disk.set("huge", bytes(1000), ttl=60)
     assert await disk.get("huge") is None and await disk.get("k5") is not None
+
+
+async def test_disk_evicts_least_recently_used_past_the_entry_bound(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, max_bytes=10_000, max_entries=2)
+    await disk.start()
+    for key in "abc":
+        await disk.set(key, b"v", 60)
+    assert await disk.get("a") is None and await disk.get("c") == b"v"
+    assert len(list(tmp_path.glob("*.bin"))) == 2
 
 
 async def test_disk_restart_enforces_a_smaller_bound_and_clears_stale_temp_files(tmp_path: Path) -> None:
