@@ -4,24 +4,50 @@ deadlines. The ranking itself is search.py's and context.py's; this is the order
 from __future__ import annotations
 
 import difflib
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
 
 from sage_server import context as context_packing
 from sage_server import search
 from sage_server.errors import NotFound, Timeout
 from sage_server.models import ContextResult, SearchResult
-from sage_server.store import Store
+from sage_server.store import Reader, Store
 from sage_server.timeouts import Deadlines
 
 Strings = list[str]
 
 
+class Reads(Protocol):
+    """What a ranked read asks of the store: a reader."""
+
+    def read(self) -> AbstractAsyncContextManager[Reader]: ...
+
+
 @dataclass(frozen=True)
-class Where:
-    """What a ranked read runs against: the store, the deadlines, and what searches learned of the index's words at
-    the index's `version` (the database's identity and generation)."""
+class RankingReads:
+    """The store's readers as rankings take them: a ranking slot first, then a reader. Both are waited for inside
+    the caller's deadline, so a ranking queued behind others is cut short (partial, or a Timeout) as it was when it
+    queued for a reader. Fewer slots than readers leave gets and /health a reader (see KnowledgeService.ranking)."""
 
     store: Store
+    slots: anyio.Semaphore
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Reader]:
+        async with self.slots, self.store.read() as reader:
+            yield reader
+
+
+@dataclass(frozen=True)
+class Where:
+    """What a ranked read runs against: the store's readers, the deadlines, and what searches learned of the index's
+    words at the index's `version` (the database's identity and generation)."""
+
+    store: Reads
     deadlines: Deadlines
     vocabulary: search.Vocabulary
     version: object

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
@@ -63,8 +63,6 @@ log = get_logger("core")
 MAX_LIMIT = 100
 GENERATION_POLL_SECONDS = 1.0
 M = TypeVar("M", bound=BaseModel)
-P = ParamSpec("P")
-R = TypeVar("R")
 Compute = Callable[[], Awaitable[M]]
 # The class has a method named `list`, which would shadow the builtin in its annotations.
 Strings = list[str]
@@ -306,7 +304,8 @@ class KnowledgeService(BoundedViews):
             raise InvalidInput(f"limit must be between 1 and {MAX_LIMIT}, got {limit}", field="limit")
 
     def _where(self) -> retrieval.Where:
-        return retrieval.Where(self.store, self.deadlines, self.vocabulary, (self.database_id, self.generation))
+        reads = retrieval.RankingReads(self.store, self.ranking)
+        return retrieval.Where(reads, self.deadlines, self.vocabulary, (self.database_id, self.generation))
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -384,7 +383,7 @@ class KnowledgeService(BoundedViews):
                 "search",
                 args,
                 SearchResult,
-                lambda: self._ranked(retrieval.run_search, self._where(), query, layers, tags, limit, cursor, explain),
+                lambda: retrieval.run_search(self._where(), query, layers, tags, limit, cursor, explain),
             )
 
     async def context(self, task: str, max_tokens: int | None = None, layers: Strings | None = None) -> ContextResult:
@@ -405,20 +404,13 @@ class KnowledgeService(BoundedViews):
                 lambda: self._context(task, budget, layers),
             )
 
-    async def _ranked(self, ranking: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run a search or a context gathering once a ranking slot is free (see `self.ranking`)."""
-        async with self.ranking:
-            return await ranking(*args, **kwargs)
-
     async def _context(self, task: str, budget: int, layers: Strings | None) -> ContextResult:
         """Pack `task` into `budget`, ranking its candidates only the first time: an MCP answer is packed again at
         smaller budgets until it fits (see bounded.context_within), and those rounds reuse what was gathered."""
         key = f"{self.database_id}:g{self.generation}:{json.dumps([task, layers])}"
         gathered = self.gathered.get(key)
         if gathered is None:
-            gathered = await self._ranked(
-                retrieval.gather_context, self._where(), self.settings.layers[0], task, layers
-            )
+            gathered = await retrieval.gather_context(self._where(), self.settings.layers[0], task, layers)
             if not gathered.partial:
                 self.gathered.set(key, gathered)
         return retrieval.pack_context(gathered, task, budget)

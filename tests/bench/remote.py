@@ -79,7 +79,7 @@ async def _rest(running: Running, stream: QueryStream, picks: Picks, budget: Bud
                 return await _ok(await clients[w].get(f"/v1/knowledge/{ids[i % len(ids)]}"))
 
             async def pack(w: int, i: int, tasks: list[str] = tasks) -> object:
-                return await _ok(await clients[w].get("/v1/context", params={"task": tasks[i]}))
+                return (await _ok(await clients[w].get("/v1/context", params={"task": tasks[i]}))).json()
 
             for op, call in (("search", find), ("get", read), ("context", pack)):
                 results.latencies[f"rest/{op}/{name}"] = await run_load(

@@ -170,14 +170,16 @@ FIGURES = {
 def table(results: list[Results]) -> str:
     """The one table a run prints: every latency, the single figures, and the targets, per corpus size."""
     lines: list[str] = []
-    header = f"{'docs':>7}  {'measurement':<34} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'req/s':>8} err"
+    header = (
+        f"{'docs':>7}  {'measurement':<34} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'req/s':>8} err partial"
+    )
     rule = "-" * len(header)
     lines += [header, rule]
     for r in results:
         for name, lat in r.latencies.items():
             lines.append(
                 f"{r.size:>7}  {name:<34} {lat.n:>5} {_num(lat.p50_ms, 3):>9} {_num(lat.p99_ms, 3):>9} "
-                f"{_num(lat.mean_ms, 3):>9} {_num(lat.rps, 1):>8} {lat.errors:>3}"
+                f"{_num(lat.mean_ms, 3):>9} {_num(lat.rps, 1):>8} {lat.errors:>3} {lat.partial:>7}"
             )
         for key, label in FIGURES.items():
             for name, shown in ((key, label), (PG + key, f"{label}, PostgreSQL")):
