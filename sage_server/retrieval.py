@@ -162,8 +162,3 @@ def pack_context(gathered: Gathered, task: str, budget: int) -> ContextResult:
     """`gathered` packed into `budget` tokens: cheap next to gathering, which reads and ranks."""
     result = context_packing.assemble(task, budget, gathered.lines, gathered.found)
     return result.model_copy(update={"partial": gathered.partial, "partial_reason": gathered.partial_reason})
-
-
-async def run_context(where: Where, core_layer: str, task: str, budget: int, layers: Strings | None) -> ContextResult:
-    """What to read for `task` (see KnowledgeService.context): the core essentials, then the best sections."""
-    return pack_context(await gather_context(where, core_layer, task, layers), task, budget)
