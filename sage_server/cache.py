@@ -100,53 +100,10 @@ class FaultLog:
             self._faults = 0
 
 
-class MemoryTier:
-    """An in-process LRU bounded in entries and in value bytes, with a TTL per entry."""
-
-    name: Final = "memory"
-
-    def __init__(self, *, max_entries: int, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> bytes | None:
-        """The value, or None when absent or expired."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        value, expires_at = entry
-        if expires_at <= self._clock():
-            self._drop(key)
-            return None
-        self._entries.move_to_end(key)
-        return value
-
-    def set(self, key: str, value: bytes, ttl: float) -> None:
-        """Store `value` for `ttl` seconds, evicting the least recently used entries past the bounds."""
-        self._drop(key)
-        if len(value) > self.max_bytes:
-            return
-        self._entries[key] = (value, self._clock() + ttl)
-        self.nbytes += len(value)
-        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
-            self._drop(next(iter(self._entries)))
-
-    def _drop(self, key: str) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.nbytes -= len(entry[0])
-
-
 class Memo(Generic[T]):
-    """An in-process LRU of Python objects (not bytes: nothing to decode on a hit), bounded in entries and in the
-    bytes `size` says each value holds. For intermediate results that the cache tiers do not hold, such as what a
-    context task gathered before packing (see KnowledgeService.context)."""
+    """An in-process LRU of Python objects, bounded in entries and in the bytes `size` says each value holds: the
+    memory tier's store, and (holding objects, with nothing to decode on a hit) what a context task gathered before
+    packing (see KnowledgeService.context)."""
 
     def __init__(self, *, max_entries: int, max_bytes: int, size: Callable[[T], int]) -> None:
         self.max_entries = max_entries
@@ -167,10 +124,8 @@ class Memo(Generic[T]):
 
     def set(self, key: str, value: T) -> None:
         """Keep `value`, evicting the least recently used entries past the bounds (a value alone above the byte
-        bound is not kept)."""
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old[1]
+        bound is not kept, and the key's older value is gone all the same)."""
+        self.drop(key)
         size = self._size(value)
         if size > self.max_bytes:
             return
@@ -178,6 +133,45 @@ class Memo(Generic[T]):
         self.nbytes += size
         while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
             self.nbytes -= self._entries.popitem(last=False)[1][1]
+
+    def drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
+
+
+class MemoryTier:
+    """An in-process LRU bounded in entries and in value bytes, with a TTL per entry."""
+
+    name: Final = "memory"
+
+    def __init__(self, *, max_entries: int, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: Memo[tuple[bytes, float]] = Memo(
+            max_entries=max_entries, max_bytes=max_bytes, size=lambda entry: len(entry[0])
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._entries.nbytes
+
+    def get(self, key: str) -> bytes | None:
+        """The value, or None when absent or expired."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        value, expires_at = entry
+        if expires_at <= self._clock():
+            self._entries.drop(key)
+            return None
+        return value
+
+    def set(self, key: str, value: bytes, ttl: float) -> None:
+        """Store `value` for `ttl` seconds, evicting the least recently used entries past the bounds."""
+        self._entries.set(key, (value, self._clock() + ttl))
 
 
 class Tier(Protocol):

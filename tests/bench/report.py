@@ -28,6 +28,15 @@ class Results:
         return self.latencies.get(name)
 
 
+@dataclass
+class SectionResults:
+    """What one of the parts beside the corpus measured (cluster, soak): latencies, single figures, notes."""
+
+    latencies: dict[str, Latency] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Target:
     """A limit and what this run measured against it. Misses are reported, never fatal: machines are noisy.

@@ -17,9 +17,9 @@ import anyio.to_thread
 import httpx
 
 from tests.bench.corpus import QueryStream, generate
-from tests.bench.load import CONCURRENCY, Latency, summarize
+from tests.bench.load import CONCURRENCY, summarize
 from tests.bench.remote import http_clients
-from tests.bench.report import Target, section_json, section_table
+from tests.bench.report import SectionResults, Target, section_json, section_table
 from tests.bench.servers import memory_mb, start_sage, stop
 
 Progress = Callable[[str], None]
@@ -30,11 +30,7 @@ MIX = (("search", 0.55), ("get", 0.25), ("context", 0.15), ("write", 0.05))
 RSS_LIMIT_MB = 200
 
 
-@dataclass
-class SoakResults:
-    latencies: dict[str, Latency] = field(default_factory=dict)
-    figures: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+SoakResults = SectionResults
 
 
 FIGURES = {
