@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, TypeVar, cast
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -100,20 +100,63 @@ class FaultLog:
             self._faults = 0
 
 
+class Memo(Generic[T]):
+    """An in-process LRU of Python objects, bounded in entries and in the bytes `size` says each value holds: the
+    memory tier's store, and (holding objects, with nothing to decode on a hit) what a context task gathered before
+    packing (see KnowledgeService.context)."""
+
+    def __init__(self, *, max_entries: int, max_bytes: int, size: Callable[[T], int]) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._size = size
+        self._entries: OrderedDict[str, tuple[T, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> T | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def set(self, key: str, value: T) -> None:
+        """Keep `value`, evicting the least recently used entries past the bounds (a value alone above the byte
+        bound is not kept, and the key's older value is gone all the same)."""
+        self.drop(key)
+        size = self._size(value)
+        if size > self.max_bytes:
+            return
+        self._entries[key] = (value, size)
+        self.nbytes += size
+        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            self.nbytes -= self._entries.popitem(last=False)[1][1]
+
+    def drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
+
+
 class MemoryTier:
     """An in-process LRU bounded in entries and in value bytes, with a TTL per entry."""
 
     name: Final = "memory"
 
     def __init__(self, *, max_entries: int, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self.nbytes = 0
+        self._entries: Memo[tuple[bytes, float]] = Memo(
+            max_entries=max_entries, max_bytes=max_bytes, size=lambda entry: len(entry[0])
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._entries.nbytes
 
     def get(self, key: str) -> bytes | None:
         """The value, or None when absent or expired."""
@@ -122,25 +165,13 @@ class MemoryTier:
             return None
         value, expires_at = entry
         if expires_at <= self._clock():
-            self._drop(key)
+            self._entries.drop(key)
             return None
-        self._entries.move_to_end(key)
         return value
 
     def set(self, key: str, value: bytes, ttl: float) -> None:
         """Store `value` for `ttl` seconds, evicting the least recently used entries past the bounds."""
-        self._drop(key)
-        if len(value) > self.max_bytes:
-            return
-        self._entries[key] = (value, self._clock() + ttl)
-        self.nbytes += len(value)
-        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
-            self._drop(next(iter(self._entries)))
-
-    def _drop(self, key: str) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.nbytes -= len(entry[0])
+        self._entries.set(key, (value, self._clock() + ttl))
 
 
 class Tier(Protocol):
@@ -174,9 +205,13 @@ class DiskTier:
 
     name: Final = "disk"
 
-    def __init__(self, directory: Path, *, max_bytes: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, directory: Path, *, max_bytes: int, max_entries: int = 20_000, clock: Callable[[], float] = time.time
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        # The index of entries lives in memory (about 200 bytes each), so it is bounded in entries too.
+        self.max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # file name -> size, least recently used first
@@ -268,7 +303,7 @@ class DiskTier:
 
     def _evict(self) -> None:
         # Called with the lock held.
-        while self.nbytes > self.max_bytes and self._index:
+        while (self.nbytes > self.max_bytes or len(self._index) > self.max_entries) and self._index:
             name, size = self._index.popitem(last=False)
             self.nbytes -= size
             (self.directory / name).unlink(missing_ok=True)
@@ -354,7 +389,13 @@ class TieredCache:
         )
         self.tiers: list[Tier] = []
         if settings.cache_disk:
-            self.tiers.append(DiskTier(settings.cache_dir / "entries", max_bytes=settings.cache_disk_bytes))
+            self.tiers.append(
+                DiskTier(
+                    settings.cache_dir / "entries",
+                    max_bytes=settings.cache_disk_bytes,
+                    max_entries=settings.cache_disk_entries,
+                )
+            )
         self.redis: RedisTier | None = None
         self.redis_breaker: CircuitBreaker | None = None
         if settings.cache_redis and settings.redis_url:

@@ -93,7 +93,28 @@ class Settings(BaseModel):
     cache_memory_bytes: int = Field(64 * 2**20, ge=1024, description="Most value bytes the memory tier holds")
     cache_disk: bool = Field(True, description="Use the disk cache tier under cache_dir")
     cache_disk_bytes: int = Field(512 * 2**20, ge=1024, description="Most bytes the disk tier keeps (LRU eviction)")
+    cache_disk_entries: int = Field(
+        20_000, ge=1, description="Most entries the disk tier keeps (its index is held in memory)"
+    )
     cache_redis: bool = Field(True, description="Use the Redis cache tier when redis_url is set")
+    context_memo_entries: int = Field(
+        256,
+        ge=1,
+        description="Most tasks whose ranked candidate sections are kept in memory, to pack them again at "
+        "another budget without ranking again",
+    )
+    context_memo_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Most bytes of section text those kept tasks hold together"
+    )
+    sqlite_cache_mb: int = Field(
+        64,
+        ge=8,
+        le=65_536,
+        description="SQLite page cache of all connections together: half the writer's, half shared by the readers",
+    )
+    sqlite_readers: int = Field(
+        0, ge=0, le=64, description="SQLite reader connections (0: two per CPU core, at least 3 and at most 16)"
+    )
     cache_namespace: str = Field(
         "sage", min_length=1, description="Prefix of Redis keys and channels; one per knowledge base sharing a Redis"
     )

@@ -11,6 +11,8 @@ better one.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -62,6 +64,12 @@ class Candidate:
     def render(self) -> str:
         label = f"{self.title} › {self.heading}" if self.heading and self.heading != self.title else self.title
         return f"### {label}\n_Source: sage:{self.doc_id} (revision {self.revision})_\n\n{self.text.strip()}\n"
+
+    @functools.cached_property
+    def cost(self) -> int:
+        """Tokens this section takes in the packed text. Worked out once: the same candidates are packed again at
+        smaller budgets until an MCP answer fits (bounded.context_within), and a candidate is never changed."""
+        return estimate_tokens(self.render() + "\n")
 
 
 def _strip_heading(text: str) -> str:
@@ -194,7 +202,7 @@ def assemble(task: str, max_tokens: int, lines: list[str], found: list[Candidate
     used = estimate_tokens(text)
     full = False
     for candidate in found:
-        cost = estimate_tokens(candidate.render() + "\n")
+        cost = candidate.cost
         if not full and used + cost <= max_tokens:
             chosen.append(candidate)
             used += cost
@@ -203,13 +211,14 @@ def assemble(task: str, max_tokens: int, lines: list[str], found: list[Candidate
         full = True
         if not chosen:
             # The best section alone is larger than the budget: give its beginning rather than nothing.
-            overhead = estimate_tokens(Candidate(**{**candidate.__dict__, "text": ""}).render() + "\n")
+            overhead = dataclasses.replace(candidate, text="").cost
             cut = _truncate(candidate.text, max_tokens - used - overhead)
             if cut:
                 omitted.append(OmittedSection(id=candidate.doc_id, heading=candidate.heading, tokens=cost))
-                candidate.text = cut
-                chosen.append(candidate)
-                used += estimate_tokens(candidate.render() + "\n")
+                # A copy: the candidates may be packed again at another budget.
+                shortened = dataclasses.replace(candidate, text=cut)
+                chosen.append(shortened)
+                used += shortened.cost
                 continue
         omitted.append(OmittedSection(id=candidate.doc_id, heading=candidate.heading, tokens=cost))
 

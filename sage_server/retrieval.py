@@ -4,24 +4,50 @@ deadlines. The ranking itself is search.py's and context.py's; this is the order
 from __future__ import annotations
 
 import difflib
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
 
 from sage_server import context as context_packing
 from sage_server import search, spelling
 from sage_server.errors import NotFound, Timeout
 from sage_server.models import ContextResult, SearchResult
-from sage_server.store import Store
+from sage_server.store import Reader, Store
 from sage_server.timeouts import Deadlines
 
 Strings = list[str]
 
 
+class Reads(Protocol):
+    """What a ranked read asks of the store: a reader."""
+
+    def read(self) -> AbstractAsyncContextManager[Reader]: ...
+
+
 @dataclass(frozen=True)
-class Where:
-    """What a ranked read runs against: the store, the deadlines, and what searches learned of the index's words at
-    the index's `version` (the database's identity and generation)."""
+class RankingReads:
+    """The store's readers as rankings take them: a ranking slot first, then a reader. Both are waited for inside
+    the caller's deadline, so a ranking queued behind others is cut short (partial, or a Timeout) as it was when it
+    queued for a reader. Fewer slots than readers leave gets and /health a reader (see KnowledgeService.ranking)."""
 
     store: Store
+    slots: anyio.Semaphore
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Reader]:
+        async with self.slots, self.store.read() as reader:
+            yield reader
+
+
+@dataclass(frozen=True)
+class Where:
+    """What a ranked read runs against: the store's readers, the deadlines, and what searches learned of the index's
+    words at the index's `version` (the database's identity and generation)."""
+
+    store: Reads
     deadlines: Deadlines
     vocabulary: search.Vocabulary
     version: object
@@ -100,8 +126,24 @@ async def run_search(
     )
 
 
-async def run_context(where: Where, core_layer: str, task: str, budget: int, layers: Strings | None) -> ContextResult:
-    """What to read for `task` (see KnowledgeService.context): the core essentials, then the best sections."""
+@dataclass(frozen=True)
+class Gathered:
+    """What packing a context for one task reads: the core essentials and the candidate sections, best first. It
+    does not depend on the token budget, so one gathering serves every budget the task is packed at."""
+
+    lines: Strings
+    found: list[context_packing.Candidate]
+    partial: bool = False
+    partial_reason: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Roughly what it holds in memory (its text), for the memo that keeps it (see cache.Memo)."""
+        return sum(map(len, self.lines)) + sum(len(c.text) + len(c.title) + len(c.heading) for c in self.found)
+
+
+async def gather_context(where: Where, core_layer: str, task: str, layers: Strings | None) -> Gathered:
+    """The essentials and the ranked candidate sections for `task` (see KnowledgeService.context)."""
     parsed = search.parse_query(task, phrases=False)
     async with where.store.read() as reader:
         lines = await context_packing.essentials(reader, core_layer)
@@ -113,5 +155,10 @@ async def run_context(where: Where, core_layer: str, task: str, budget: int, lay
             if plan.doubtful:
                 plan = await spelling.correct(reader, plan) or plan
             found = await context_packing.candidates(reader, plan, layers)
-    result = context_packing.assemble(task, budget, lines, found)
-    return result.model_copy(update={"partial": window.partial, "partial_reason": window.reason})
+    return Gathered(lines, found, window.partial, window.reason)
+
+
+def pack_context(gathered: Gathered, task: str, budget: int) -> ContextResult:
+    """`gathered` packed into `budget` tokens: cheap next to gathering, which reads and ranks."""
+    result = context_packing.assemble(task, budget, gathered.lines, gathered.found)
+    return result.model_copy(update={"partial": gathered.partial, "partial_reason": gathered.partial_reason})

@@ -57,6 +57,18 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         pass  # not glibc (musl, say): nothing to bound
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). An import frees what it parsed when it
+    ends, but glibc keeps freed memory for reuse: after importing 100k documents at start the server stayed at
+    850 MB though it no longer held them."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 OPEN_FILES_CEILING = 65_536
 
 
@@ -206,10 +218,14 @@ async def _serve(
     try:
         background = anyio.CancelScope()  # cancelled at shutdown: an import in progress rolls back whole
 
+        async def import_then_trim() -> None:
+            await service.import_configured()
+            release_freed_memory()
+
         async def in_background() -> None:
             with background:
                 async with anyio.create_task_group() as work:
-                    work.start_soon(service.import_configured)
+                    work.start_soon(import_then_trim)
                     if settings.backup_interval_hours > 0 and service.fallback_reason is None:
                         work.start_soon(BackupSchedule(settings, service).run)
 

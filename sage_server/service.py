@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from sage_server import audit, backup, importing, retrieval, search, store
 from sage_server.auth import ADMIN, READ, WRITE, Principal, current_caller
 from sage_server.bounded import BoundedViews
-from sage_server.cache import TieredCache
+from sage_server.cache import Memo, TieredCache
 from sage_server.changes import ChangeFeed
 from sage_server.config import Settings, load_settings
 from sage_server.errors import (
@@ -78,6 +78,14 @@ class KnowledgeService(BoundedViews):
         self._use(store.open_store(settings))
         self.deadlines = Deadlines.from_settings(settings)
         self.cache = TieredCache(settings, observer=self.metrics)
+        # Searches and context packings ranking at once: one reader fewer than the store has, so that gets and /health
+        # always find one free instead of queueing behind rankings that hold theirs (and /health reporting the
+        # knowledge unhealthy when its read timed out).
+        self.ranking = anyio.Semaphore(max(1, store.reader_count(settings) - 1))
+        # What context tasks gathered (ranked candidate sections), by task: packed again at other budgets for free.
+        self.gathered: Memo[retrieval.Gathered] = Memo(
+            max_entries=settings.context_memo_entries, max_bytes=settings.context_memo_bytes, size=lambda g: g.nbytes
+        )
         self.generation = 0  # of the data this instance last saw; cache keys carry it
         self.database_id = ""  # the database's identity, which cache keys carry too (set when it is opened)
         self.created_at = datetime.now(UTC)  # when the database was created (read when it is opened)
@@ -296,7 +304,8 @@ class KnowledgeService(BoundedViews):
             raise InvalidInput(f"limit must be between 1 and {MAX_LIMIT}, got {limit}", field="limit")
 
     def _where(self) -> retrieval.Where:
-        return retrieval.Where(self.store, self.deadlines, self.vocabulary, (self.database_id, self.generation))
+        reads = retrieval.RankingReads(self.store, self.ranking)
+        return retrieval.Where(reads, self.deadlines, self.vocabulary, (self.database_id, self.generation))
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -392,8 +401,19 @@ class KnowledgeService(BoundedViews):
                 "context",
                 args,
                 ContextResult,
-                lambda: retrieval.run_context(self._where(), self.settings.layers[0], task, budget, layers),
+                lambda: self._context(task, budget, layers),
             )
+
+    async def _context(self, task: str, budget: int, layers: Strings | None) -> ContextResult:
+        """Pack `task` into `budget`, ranking its candidates only the first time: an MCP answer is packed again at
+        smaller budgets until it fits (see bounded.context_within), and those rounds reuse what was gathered."""
+        key = f"{self.database_id}:g{self.generation}:{json.dumps([task, layers])}"
+        gathered = self.gathered.get(key)
+        if gathered is None:
+            gathered = await retrieval.gather_context(self._where(), self.settings.layers[0], task, layers)
+            if not gathered.partial:
+                self.gathered.set(key, gathered)
+        return retrieval.pack_context(gathered, task, budget)
 
     async def history(self, doc_id: str) -> History:
         """Every revision of a document (live or deleted), newest first."""

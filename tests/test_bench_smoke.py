@@ -46,6 +46,9 @@ LATENCIES = [
     "mcp/write/c1",
     "mcp/write/c8",
     "mcp/write/c32",
+    "rest/search-loaded/c32",
+    "rest/health-under-32-searches/c1",
+    "rest/get-under-32-searches/c1",
 ]
 FIGURES = [
     "corpus_mb",
@@ -126,8 +129,20 @@ async def test_bench_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, redis_serv
     else:
         assert "nginx is not installed" in several["notes"][0]
 
+    # The soak part: RSS after the import at start and after the mixed load, every kind of request served.
+    soak = document["soak"]
+    for name in ("rss_after_import_mb", "peak_after_soak_mb", "rss_after_soak_mb", "seconds"):
+        assert soak["figures"][name] > 0, name
+    for op in ("search", "get", "context", "write"):
+        assert soak["latencies"][f"soak/{op}/c32"]["n"] > 0, op
+    assert "server peak RSS after the import and the mixed load" in stdout
+
+    # Issue 20's rows, REQUIRED ones marked, with a PostgreSQL column from the pg/ figures.
     verdicts = {target["name"]: target["verdict"] for target in result["targets"]}
-    assert len(verdicts) == 12 and set(verdicts.values()) <= {"PASS", "MISS"}, verdicts
+    assert len(verdicts) == 18 and set(verdicts.values()) <= {"PASS", "MISS", "FAIL"}, verdicts
+    assert "context p99, MCP at c=32" in stdout and "(REQUIRED <=5,000ms)" in stdout and "PostgreSQL" in stdout
+    pg = {target["name"]: target["measured"] for target in result["pg_targets"]}
+    assert pg["in-process search p50 / the raw ranking statement p50 (1k docs)"] is not None
     assert verdicts["write visible to search once acknowledged: failures"] == "PASS"
     for target in result["targets"]:
         assert target["measured"] is not None and math.isfinite(target["measured"]), target

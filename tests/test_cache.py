@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sage_server.breaker import BreakerState
-from sage_server.cache import CorruptEntry, DiskTier, FaultKind, MemoryTier, TieredCache, TierName
+from sage_server.cache import CorruptEntry, DiskTier, FaultKind, Memo, MemoryTier, TieredCache, TierName
 from sage_server.config import Settings
 from sage_server.generation import GenerationWatcher
 from tests.conftest import make_settings
@@ -97,6 +97,23 @@ def test_memory_evicts_past_byte_bound_and_skips_oversized_values() -> None:
 # ---- disk tier
 
 
+def test_memo_evicts_least_recently_used_past_its_entry_and_byte_bounds() -> None:
+    memo: Memo[str] = Memo(max_entries=3, max_bytes=10, size=len)
+    for key in "abc":
+        memo.set(key, "xx")
+    assert memo.get("a") == "xx"  # a is now the most recently used
+    memo.set("d", "xx")
+    assert memo.get("b") is None and [memo.get(k) for k in "acd"] == ["xx"] * 3
+    memo.set("e", "xxxxxx")  # a fourth entry: a, the least recently used, goes
+    assert len(memo) == 3 and memo.nbytes == 10 and memo.get("a") is None
+    memo.set("f", "xxxx")  # c goes for the entry bound, then d for the byte bound (d, e, f hold 12 bytes)
+    assert len(memo) == 2 and memo.nbytes == 10 and memo.get("d") is None and memo.get("e") == "xxxxxx"
+    memo.set("big", "x" * 11)  # alone above the byte bound: not kept, nothing else lost
+    assert memo.get("big") is None and len(memo) == 2
+    memo.set("e", "x")  # replacing a value counts its new size only
+    assert memo.nbytes == 5
+
+
 async def test_disk_round_trip_survives_a_restart(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path / "d", max_bytes=10_000)
     await disk.start()
@@ -151,6 +168,15 @@ async def test_disk_evicts_oldest_past_the_size_bound(tmp_path: Path) -> None:
     assert await disk.get("k0") is None and await disk.get("k5") == bytes(100)
     await disk.set("huge", bytes(1000), ttl=60)
     assert await disk.get("huge") is None and await disk.get("k5") is not None
+
+
+async def test_disk_evicts_least_recently_used_past_the_entry_bound(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, max_bytes=10_000, max_entries=2)
+    await disk.start()
+    for key in "abc":
+        await disk.set(key, b"v", 60)
+    assert await disk.get("a") is None and await disk.get("c") == b"v"
+    assert len(list(tmp_path.glob("*.bin"))) == 2
 
 
 async def test_disk_restart_enforces_a_smaller_bound_and_clears_stale_temp_files(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import sage_server
+from sage_server.config import Settings
 from sage_server.errors import InvalidInput
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService
@@ -131,3 +133,25 @@ async def test_a_trailing_document_shows_its_shortest_well_matching_section(serv
     )
     result = await service.context("rate limiter bursts", max_tokens=4000)
     assert [s.heading for s in result.sections if s.id == "trail"] == ["In short"]
+
+
+async def test_packing_a_task_again_at_another_budget_reuses_its_ranking_and_equals_a_fresh_packing(
+    service: KnowledgeService, settings: Settings
+) -> None:
+    body = "\n\n".join(f"## Part {n}\n\n" + "backoff retry jitter deadline " * 60 for n in range(12))
+    await service.save(DocumentIn(id="big", title="Retry, Backoff, Jitter and Deadlines", layer="practices", body=body))
+    task = "retry backoff jitter deadline"
+    # The smallest budget first: the best section is cut to fit, which must not cut what is kept for other budgets.
+    first = [await service.context(task, max_tokens=budget) for budget in (200, 600, 2500)]
+    assert len(service.gathered) == 1, "one ranking for the three budgets"
+    assert "truncated to fit" in first[0].sections[0].text and "truncated" not in first[2].sections[0].text
+    async with sage_server.open(settings.model_copy(update={"cache_memory": False, "cache_disk": False})) as fresh:
+        again = [await fresh.context(task, max_tokens=budget) for budget in (2500, 600, 200)]
+    assert [r.text for r in first] == [r.text for r in reversed(again)]
+    # A write is a new generation: the task is ranked again, and sees the new revision.
+    changed = body.replace("## Part 0", "## Part zero")
+    await service.save(
+        DocumentIn(id="big", title="Retry, Backoff, Jitter and Deadlines", layer="practices", body=changed)
+    )
+    assert "_Source: sage:big (revision 2)_" in (await service.context(task, max_tokens=2500)).text
+    assert len(service.gathered) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -12,6 +13,9 @@ from sage_server.config import Settings
 from sage_server.errors import Conflict, InvalidInput, NotFound
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService
+from sage_server.store import reader_count
+from sage_server.store.sqlite import default_readers
+from sage_server.store.sqlite_connections import cache_kib
 from tests.conftest import BACKENDS, assert_index_consistent, database_for, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -142,3 +146,24 @@ async def test_list_pages_with_cursor(service: KnowledgeService) -> None:
     assert len(seen) == len(set(seen)) == 8
     with pytest.raises(InvalidInput, match="different query"):
         await service.list(layer="core", cursor=page.next_cursor or (await service.list(limit=1)).next_cursor)
+
+
+async def test_health_and_gets_find_a_reader_while_every_ranking_slot_holds_one(service: KnowledgeService) -> None:
+    """Searches and context packing hold their reader while they rank; they may take all readers but one, so the
+    point reads behind them never queue (a /health that timed out waiting said the knowledge was unhealthy)."""
+    slots = service.ranking.value
+    async with AsyncExitStack() as rankings:
+        for _ in range(slots):
+            await rankings.enter_async_context(service.ranking)
+            await rankings.enter_async_context(service.store.read())  # what a ranking holds meanwhile
+        with anyio.fail_after(30):  # a hang guard, not a speed limit: without a free reader this never returns
+            assert (await service.health()).components["knowledge"] == "healthy"
+            assert (await service.get("handling-secrets")).id == "handling-secrets"
+        assert service.ranking.value == 0  # a search now would wait for a slot, not for a reader
+
+
+def test_readers_are_sized_from_the_cores_and_share_the_page_cache_with_the_writer() -> None:
+    assert [default_readers(cores) for cores in (1, 2, 4, 64)] == [3, 4, 8, 16]
+    assert cache_kib(64 * 2**20, 4) == (32_768, 8_192)  # half the writer's, half shared by four readers
+    assert cache_kib(8 * 2**20, 16) == (4_096, 2_048)  # never below 2 MiB a connection
+    assert reader_count(make_settings(Path("/tmp/unused"), sqlite_readers=5)) == 5

@@ -49,15 +49,17 @@ __all__ = [
     "content_hash",
     "now_iso",
     "open_store",
+    "reader_count",
     "sqlite_store",
 ]
 
 
-def sqlite_store(path: Path) -> Store:
-    """A store in the SQLite file at `path`."""
+def sqlite_store(path: Path, readers: int = 0, cache_mb: int = 64) -> Store:
+    """A store in the SQLite file at `path`, with `readers` reader connections (0: sized from the cores) sharing
+    `cache_mb` of page cache with the writer."""
     from sage_server.store.sqlite import SqliteStore  # noqa: PLC0415 - it imports search.py, which imports records
 
-    return SqliteStore(path)
+    return SqliteStore(path, readers, cache_mb * 2**20)
 
 
 def open_store(settings: Settings) -> Store:
@@ -67,4 +69,13 @@ def open_store(settings: Settings) -> Store:
         from sage_server.store.postgres import PostgresStore  # noqa: PLC0415 - psycopg is loaded only when chosen
 
         return PostgresStore(settings.database_url.get_secret_value(), settings.database_pool_size)
-    return sqlite_store(settings.db_path)
+    return sqlite_store(settings.db_path, settings.sqlite_readers, settings.sqlite_cache_mb)
+
+
+def reader_count(settings: Settings) -> int:
+    """How many reads the chosen store serves at once: its SQLite readers, or its PostgreSQL pool."""
+    if settings.database_url is not None:
+        return settings.database_pool_size
+    from sage_server.store.sqlite import default_readers  # noqa: PLC0415 - as in sqlite_store
+
+    return settings.sqlite_readers or default_readers()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,11 +17,23 @@ from sage_server.locks import FileLock, serving_lock_path
 from sage_server.logs import get_logger, log_event
 from sage_server.resources import migrations_dir
 from sage_server.store.migrations import migrate
-from sage_server.store.sqlite_connections import Database
+from sage_server.store.sqlite_connections import CACHE_BYTES, Database
 from sage_server.store.sqlite_documents import SqliteReader, SqliteWriter
 
 log = get_logger("store")
 JOB_LOCK = ".job.lock"  # in the backup folder: held by the server running the backup job
+# Readers per CPU core, and the bounds: a search holds its reader while it ranks, so a pool as small as the core
+# count made gets and probes queue behind searches; SQLite releases the GIL while it steps, so more readers than
+# cores keep the cores busy while others wait on Python.
+READERS_PER_CORE = 2
+MIN_READERS = 3
+MAX_READERS = 16
+
+
+def default_readers(cores: int | None = None) -> int:
+    """How many reader connections to open when SAGE_SQLITE_READERS is 0 (the default)."""
+    found = cores if cores is not None else (os.cpu_count() or 1)
+    return max(MIN_READERS, min(MAX_READERS, READERS_PER_CORE * found))
 
 
 def _unavailable(exc: sqlite3.Error) -> Unavailable:
@@ -33,9 +46,9 @@ class SqliteStore:
     backend: Literal["sqlite"] = "sqlite"
     searchable = True
 
-    def __init__(self, path: Path, readers: int = 3) -> None:
+    def __init__(self, path: Path, readers: int = 0, cache_bytes: int = CACHE_BYTES) -> None:
         self.path: Path | None = path
-        self.db = Database(path, readers)
+        self.db = Database(path, readers or default_readers(), cache_bytes)
         self._in_use: FileLock | None = None
 
     @property

@@ -18,11 +18,22 @@ PRAGMAS = (
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=10000",  # other processes writing the same file wait instead of failing
     "PRAGMA temp_store=MEMORY",
-    "PRAGMA cache_size=-32000",
 )
+# The page cache of all connections together, by default: half for the writer (imports build the index through it),
+# half shared by the readers. Each connection's cache fills up to its size and stays: with 32 MB each, five
+# connections held 160 MB of a 100k-document server's 250 MB RSS, and a reader's hit rate hardly changes between
+# 8 and 32 MB (its misses are served from the OS page cache).
+CACHE_BYTES = 64 * 2**20
+MIN_CACHE_KIB = 2048
 
 
-async def _connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:
+def cache_kib(total_bytes: int, readers: int) -> tuple[int, int]:
+    """The page cache of the writer and of each reader, in KiB, from the total for all of them."""
+    half = total_bytes // 2 // 1024
+    return max(MIN_CACHE_KIB, half), max(MIN_CACHE_KIB, half // max(1, readers))
+
+
+async def _connect(path: Path, *, readonly: bool = False, cache: int = MIN_CACHE_KIB) -> aiosqlite.Connection:
     target = f"{path.resolve().as_uri()}?mode=ro" if readonly else str(path)
     conn = await aiosqlite.connect(target, uri=readonly, isolation_level=None)
     conn.row_factory = sqlite3.Row
@@ -31,6 +42,7 @@ async def _connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connectio
             if readonly and "journal_mode" in pragma:
                 continue
             await conn.execute(pragma)
+        await conn.execute(f"PRAGMA cache_size=-{int(cache)}")  # negative: KiB
     except sqlite3.DatabaseError:
         await conn.close()
         raise
@@ -40,9 +52,10 @@ async def _connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connectio
 class Database:
     """Owns the connections to one SQLite file."""
 
-    def __init__(self, path: Path, readers: int = 3) -> None:
+    def __init__(self, path: Path, readers: int = 3, cache_bytes: int = CACHE_BYTES) -> None:
         self.path = path
         self._reader_count = readers
+        self._writer_cache, self._reader_cache = cache_kib(cache_bytes, readers)
         self._writer: aiosqlite.Connection | None = None
         self._idle: list[aiosqlite.Connection] = []
         self._readers: list[aiosqlite.Connection] = []
@@ -53,7 +66,7 @@ class Database:
         """Open the writer connection (migrations run on it before readers open)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = await _connect(self.path)
+            self._writer = await _connect(self.path, cache=self._writer_cache)
         except (sqlite3.Error, OSError) as exc:
             raise Unavailable(f"cannot open database {self.path}: {exc}", path=str(self.path)) from exc
         return self._writer
@@ -62,7 +75,7 @@ class Database:
         """Open the reader pool."""
         try:
             for _ in range(self._reader_count):
-                conn = await _connect(self.path, readonly=True)
+                conn = await _connect(self.path, readonly=True, cache=self._reader_cache)
                 self._readers.append(conn)
                 self._idle.append(conn)
         except sqlite3.Error as exc:
@@ -97,7 +110,7 @@ class Database:
             await conn.close()
         except sqlite3.Error:
             pass  # it was being interrupted; it is closed all the same
-        fresh = await _connect(self.path, readonly=True)
+        fresh = await _connect(self.path, readonly=True, cache=self._reader_cache)
         self._readers = [fresh if c is conn else c for c in self._readers]
         return fresh
 

@@ -1,5 +1,5 @@
-"""`python -m tests.bench [--sizes 1000,10000,100000] [--postgres-sizes 10000] [--seed 7] [--out bench-results/]
-[--quick] [--only mcp]`."""
+"""`python -m tests.bench [--sizes 1000,10000,100000] [--postgres-sizes 10000 | --no-postgres] [--seed 7]
+[--out bench-results/] [--quick] [--only soak]`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,11 @@ def parse(argv: list[str] | None = None) -> Options:
         "--only",
         choices=PARTS,
         help="run one part: corpus (speed and scale per corpus size), limits (resources and shutdown) or mcp (the "
-        "tool list's size, and what a client honouring cache hints saves) or cluster (three instances behind nginx)",
+        "tool list's size, and what a client honouring cache hints saves) or cluster (three instances behind nginx) or "
+        "soak (RSS after `sage serve` imports the largest size at start, and after a 10-minute mixed load)",
+    )
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="leave out the PostgreSQL column (its own import of each corpus)"
     )
     args = parser.parse_args(argv)
     parts = (args.only,) if args.only else PARTS
@@ -46,7 +50,7 @@ def parse(argv: list[str] | None = None) -> Options:
         quick=args.quick,
         redis_url=args.redis_url,
         parts=parts,
-        postgres_sizes=args.postgres_sizes,
+        postgres_sizes=[] if args.no_postgres else args.postgres_sizes,
     )
 
 

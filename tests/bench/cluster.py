@@ -8,7 +8,6 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,14 @@ import anyio.to_thread
 import httpx
 
 from tests.bench.load import Latency, run_load
-from tests.bench.report import Target, section_json, section_table
+from tests.bench.report import SectionResults, Target, section_json, section_table
 from tests.cluster_support import NAMES, Cluster
 
 Progress = Callable[[str], None]
 CONCURRENCY = 32
 
 
-@dataclass
-class ClusterResults:
-    latencies: dict[str, Latency] = field(default_factory=dict)
-    figures: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+ClusterResults = SectionResults
 
 
 FIGURES = {

@@ -270,6 +270,18 @@ def generate(folder: Path, count: int, seed: int) -> Corpus:
     return Corpus(folder, docs, vocabulary)
 
 
+@dataclass(frozen=True)
+class Workload:
+    """Search queries and context tasks for one interface's loops, none repeated within it."""
+
+    warmup: list[str]
+    warmup_tasks: list[str]
+    serial: list[str]  # searches at concurrency 1
+    concurrent: list[str]  # searches at concurrency 32
+    serial_tasks: list[str]
+    concurrent_tasks: list[str]
+
+
 class QueryStream:
     """Search queries and task sentences, each handed out once per run, so a measurement that wants a cold
     cache gets one (SAGE caches every answer by its exact arguments)."""
@@ -299,6 +311,19 @@ class QueryStream:
     def _task(self) -> str:
         words = {name: self.vocabulary.content_word(self.rng) for name in "abc"}
         return self.rng.choice(TASK_TEMPLATES).format(**words)
+
+    def workload(self, warmup: int, serial: int, concurrent: int) -> Workload:
+        """The queries and tasks one interface is measured with, taken in a fixed order: two streams made with the
+        same seed hand out the same workload, so the in-process and REST figures are measured on the same queries
+        (the stream is shared with other parts otherwise, and later queries are longer: the short ones are used up)."""
+        return Workload(
+            warmup=self.queries(warmup),
+            warmup_tasks=self.tasks(max(1, warmup // 5)),
+            serial=self.queries(serial),
+            concurrent=self.queries(concurrent),
+            serial_tasks=self.tasks(serial),
+            concurrent_tasks=self.tasks(concurrent),
+        )
 
     def queries(self, count: int) -> list[str]:
         """`count` search queries never handed out before: 1-3 words, some prefix*, some CJK."""

@@ -8,14 +8,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.bench import cluster, inprocess, limits, mcp, postgres, remote
+from tests.bench import cluster, inprocess, limits, mcp, postgres, remote, soak
 from tests.bench.corpus import QueryStream, generate
 from tests.bench.load import FULL, QUICK
 from tests.bench.report import Results, table, to_json, write_json
 
 DEFAULT_SIZES = (1000, 10_000)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-PARTS = ("corpus", "limits", "mcp", "cluster")
+PARTS = ("corpus", "limits", "mcp", "cluster", "soak")
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Options:
     quick: bool = False
     redis_url: str = DEFAULT_REDIS_URL
     # "corpus" (speed and scale per corpus size), "limits" (resources, shutdown), "mcp" (tool list, cache hints),
-    # "cluster" (three instances behind nginx)
+    # "cluster" (three instances behind nginx), "soak" (RSS after an import at start and a mixed load)
     parts: tuple[str, ...] = PARTS
     postgres_sizes: list[int] | None = None  # the corpus sizes measured on PostgreSQL too (None: every size)
 
@@ -59,7 +59,9 @@ async def measure_size(size: int, options: Options) -> Results:
             progress(f"{size} docs: PostgreSQL: import, search and context")
             await postgres.measure(corpus, work, stream, budget, results)
         progress(f"{size} docs: sage serve over REST and MCP, writes")
-        await remote.measure(corpus, work, work / "sage.db", stream, picks, options.seed, budget, results)
+        # A stream of its own, made with the same seed: REST is measured on the queries in-process was.
+        served = QueryStream(corpus.vocabulary, options.seed)
+        await remote.measure(corpus, work, work / "sage.db", served, picks, options.seed, budget, results)
     progress(f"{size} docs: done")
     return results
 
@@ -79,6 +81,10 @@ async def run(options: Options) -> tuple[list[Results], Path]:
     if "cluster" in options.parts:
         with tempfile.TemporaryDirectory(prefix="sage-bench-cluster-") as tmp:
             several = await cluster.measure(Path(tmp), options.redis_url, options.quick, progress)
+    memory = None
+    if "soak" in options.parts:
+        with tempfile.TemporaryDirectory(prefix="sage-bench-soak-") as tmp:
+            memory = await soak.measure(Path(tmp), max(options.sizes), options.seed, options.quick, progress)
     if results:
         print(table(results), flush=True)
     if resources is not None:
@@ -87,6 +93,8 @@ async def run(options: Options) -> tuple[list[Results], Path]:
         print(mcp.table(assistant), flush=True)
     if several is not None:
         print(cluster.table(several), flush=True)
+    if memory is not None:
+        print(soak.table(memory), flush=True)
     settings = {**asdict(options), "out": str(options.out), "budget": asdict(QUICK if options.quick else FULL)}
     document = to_json(results, settings)
     if resources is not None:
@@ -95,6 +103,8 @@ async def run(options: Options) -> tuple[list[Results], Path]:
         document["mcp"] = mcp.to_json(assistant)
     if several is not None:
         document["cluster"] = cluster.to_json(several)
+    if memory is not None:
+        document["soak"] = soak.to_json(memory)
     path = write_json(options.out, document)
     progress(f"results written to {path}")
     return results, path

@@ -16,7 +16,8 @@ import sage_server
 from sage_server import search
 from sage_server.config import Settings
 from sage_server.service import KnowledgeService
-from sage_server.store.sqlite_connections import PRAGMAS
+from sage_server.store.sqlite import default_readers
+from sage_server.store.sqlite_connections import CACHE_BYTES, PRAGMAS, cache_kib
 from sage_server.store.sqlite_search import rank_documents_sql
 from tests.bench.corpus import Corpus, QueryStream
 from tests.bench.load import CONCURRENCY, Budget, Latency, run_load, time_each
@@ -52,9 +53,10 @@ async def raw_sqlite_search(db_path: Path, queries: list[str]) -> Latency:
     statements = [await ranking_statement(search.parse_query(q).fts()) for q in queries if search.parse_query(q).terms]
     conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
-        for pragma in PRAGMAS:  # the page cache and temp store SAGE's readers use
+        for pragma in PRAGMAS:  # the temp store and page cache SAGE's readers use
             if "journal_mode" not in pragma:
                 conn.execute(pragma)
+        conn.execute(f"PRAGMA cache_size=-{cache_kib(CACHE_BYTES, default_readers())[1]}")
         warm = statements[: max(1, len(statements) // 10)]
         for sql, params in warm:
             conn.execute(sql, params).fetchall()
@@ -81,14 +83,15 @@ def pick_ids(corpus: Corpus, budget: Budget) -> Picks:
 async def _loops(
     kb: KnowledgeService, results: Results, stream: QueryStream, picks: Picks, budget: Budget, db_path: Path
 ) -> None:
-    for q in stream.queries(budget.warmup):
+    work = stream.workload(budget.warmup, budget.serial, budget.concurrent)
+    for q in work.warmup:
         await kb.search(q)
-    for t in stream.tasks(max(1, budget.warmup // 5)):
+    for t in work.warmup_tasks:
         await kb.context(t)
     for doc_id in picks.warm:
         await kb.get(doc_id)
 
-    serial = stream.queries(budget.serial)
+    serial = work.serial
     lat = await run_load(lambda w, i: kb.search(serial[i]), concurrency=1, count=len(serial), seconds=budget.seconds)
     results.latencies["inproc/search/c1"] = lat
     results.latencies["sqlite-raw/search/c1"] = await raw_sqlite_search(db_path, serial[: lat.n + lat.errors])
@@ -96,7 +99,7 @@ async def _loops(
     results.latencies["inproc/search-repeat/c1"] = await run_load(
         lambda w, i: kb.search(serial[i]), concurrency=1, count=lat.n, seconds=budget.seconds
     )
-    many = stream.queries(budget.concurrent)
+    many = work.concurrent
     results.latencies["inproc/search/c32"] = await run_load(
         lambda w, i: kb.search(many[i]), concurrency=CONCURRENCY, count=len(many), seconds=budget.seconds
     )
@@ -106,14 +109,13 @@ async def _loops(
         results.latencies[f"inproc/get/{name}"] = await run_load(
             lambda w, i: kb.get(warm[i % len(warm)]), concurrency=concurrency, count=count, seconds=budget.seconds
         )
-    for name, concurrency, count in (("c1", 1, budget.serial), ("c32", CONCURRENCY, budget.concurrent)):
-        tasks = stream.tasks(count)
+    for name, concurrency, tasks in (("c1", 1, work.serial_tasks), ("c32", CONCURRENCY, work.concurrent_tasks)):
 
         async def pack(w: int, i: int, tasks: list[str] = tasks) -> object:
             return await kb.context(tasks[i])
 
         results.latencies[f"inproc/context/{name}"] = await run_load(
-            pack, concurrency=concurrency, count=count, seconds=budget.seconds
+            pack, concurrency=concurrency, count=len(tasks), seconds=budget.seconds
         )
 
 

@@ -30,6 +30,9 @@ class Latency:
     seconds: float
     concurrency: int = 1
     first_error: str | None = None
+    # Answers cut short by their deadline (`partial`: a context of the essentials alone, say): counted in the
+    # latencies, since they were answers, but a loop where many are partial measured the deadline, not the work.
+    partial: int = 0
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -40,7 +43,12 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def summarize(
-    samples: Iterable[float], seconds: float, concurrency: int = 1, errors: int = 0, first_error: str | None = None
+    samples: Iterable[float],
+    seconds: float,
+    concurrency: int = 1,
+    errors: int = 0,
+    first_error: str | None = None,
+    partial: int = 0,
 ) -> Latency:
     """Summarize latencies given in seconds over a run that took `seconds` of wall time."""
     ordered = sorted(samples)
@@ -56,6 +64,7 @@ def summarize(
         seconds=round(seconds, 3),
         concurrency=concurrency,
         first_error=first_error,
+        partial=partial,
     )
 
 
@@ -65,24 +74,25 @@ async def run_load(call: Call, *, concurrency: int, count: int, seconds: float) 
     A failing call is counted (the first error kept for the report) and the loop goes on.
     """
     samples: list[float] = []
-    errors = 0
+    errors = partial = 0
     first_error: str | None = None
     issued = 0
     deadline = time.monotonic() + seconds
 
     async def worker(index: int) -> None:
-        nonlocal issued, errors, first_error
+        nonlocal issued, errors, first_error, partial
         while issued < count and time.monotonic() < deadline:
             request = issued
             issued += 1
             started = time.perf_counter()
             try:
-                await call(index, request)
+                answer = await call(index, request)
             except Exception as exc:  # a benchmark reports failures instead of stopping at the first
                 errors += 1
                 first_error = first_error or f"{type(exc).__name__}: {exc}"[:300]
             else:
                 samples.append(time.perf_counter() - started)
+                partial += is_partial(answer)
 
     started = time.perf_counter()
     with anyio.move_on_after(seconds + HARD_STOP_GRACE_SECONDS) as scope:
@@ -92,7 +102,13 @@ async def run_load(call: Call, *, concurrency: int, count: int, seconds: float) 
     if scope.cancelled_caught:
         first_error = first_error or f"hard stop after {seconds + HARD_STOP_GRACE_SECONDS:.0f} s"
         errors += 1
-    return summarize(samples, time.perf_counter() - started, concurrency, errors, first_error)
+    return summarize(samples, time.perf_counter() - started, concurrency, errors, first_error, partial)
+
+
+def is_partial(answer: object) -> bool:
+    """Whether an answer (a model, or its JSON as a dict) says the deadline cut it short."""
+    flag = answer.get("partial") if isinstance(answer, dict) else getattr(answer, "partial", False)
+    return flag is True
 
 
 def time_each(items: Iterable[T], call: Callable[[T], object]) -> Latency:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from mcp import Client
 
 from tests.bench.corpus import Corpus, QueryStream
 from tests.bench.inprocess import Picks
-from tests.bench.load import CONCURRENCY, Budget, run_load
+from tests.bench.load import CONCURRENCY, Budget, run_load, summarize
 from tests.bench.report import Results
 from tests.bench.servers import Running, memory_mb, start_floor, start_sage, stop
 
@@ -59,13 +61,16 @@ async def mcp_clients(url: str, count: int) -> AsyncIterator[list[Client]]:
 
 async def _rest(running: Running, stream: QueryStream, picks: Picks, budget: Budget, results: Results) -> None:
     ids = picks.warm
+    work = stream.workload(budget.warmup, budget.serial, budget.concurrent)
     async with http_clients(running.api) as clients:
-        for q in stream.queries(budget.warmup):
+        for q in work.warmup:
             await _ok(await clients[0].get("/v1/search", params={"q": q}))
         for doc_id in ids:  # the get pool is read warm: the server has answered each id once already
             await _ok(await clients[0].get(f"/v1/knowledge/{doc_id}"))
-        for name, concurrency, count in (("c1", 1, budget.serial), ("c32", CONCURRENCY, budget.concurrent)):
-            queries, tasks = stream.queries(count), stream.tasks(count)
+        for name, concurrency, queries, tasks in (
+            ("c1", 1, work.serial, work.serial_tasks),
+            ("c32", CONCURRENCY, work.concurrent, work.concurrent_tasks),
+        ):
 
             async def find(w: int, i: int, queries: list[str] = queries) -> object:
                 return await _ok(await clients[w].get("/v1/search", params={"q": queries[i]}))
@@ -74,20 +79,60 @@ async def _rest(running: Running, stream: QueryStream, picks: Picks, budget: Bud
                 return await _ok(await clients[w].get(f"/v1/knowledge/{ids[i % len(ids)]}"))
 
             async def pack(w: int, i: int, tasks: list[str] = tasks) -> object:
-                return await _ok(await clients[w].get("/v1/context", params={"task": tasks[i]}))
+                return (await _ok(await clients[w].get("/v1/context", params={"task": tasks[i]}))).json()
 
             for op, call in (("search", find), ("get", read), ("context", pack)):
                 results.latencies[f"rest/{op}/{name}"] = await run_load(
-                    call, concurrency=concurrency, count=count, seconds=budget.seconds
+                    call, concurrency=concurrency, count=len(queries), seconds=budget.seconds
                 )
+
+
+async def _under_search(running: Running, queries: list[str], picks: Picks, budget: Budget, results: Results) -> None:
+    """/health and a warm get, one at a time from a client of their own, while 32 workers search: what a probe and
+    a cheap read wait for when the server is busy ranking (the searches are measured too)."""
+    ids = picks.warm
+    searching = anyio.Event()
+    async with http_clients(running.api, CONCURRENCY + 1) as clients:
+        prober = clients[CONCURRENCY]
+
+        async def find(w: int, i: int) -> object:
+            return await _ok(await clients[w].get("/v1/search", params={"q": queries[i]}))
+
+        async def searches() -> None:
+            results.latencies["rest/search-loaded/c32"] = await run_load(
+                find, concurrency=CONCURRENCY, count=len(queries), seconds=budget.seconds
+            )
+            searching.set()
+
+        samples: dict[str, list[float]] = {"health": [], "get": []}
+
+        async def probes() -> None:
+            i = 0
+            while not searching.is_set() or i < 2:  # one of each at least, however quick the searches
+                started = time.perf_counter()
+                response = await prober.get("/health" if i % 2 == 0 else f"/v1/knowledge/{ids[(i // 2) % len(ids)]}")
+                if response.status_code == 200:
+                    samples["health" if i % 2 == 0 else "get"].append(time.perf_counter() - started)
+                i += 1
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(searches)
+            group.start_soon(probes)
+    seconds = results.latencies["rest/search-loaded/c32"].seconds
+    for name, taken in samples.items():
+        results.latencies[f"rest/{name}-under-32-searches/c1"] = summarize(taken, seconds)
 
 
 async def _mcp(clients: list[Client], stream: QueryStream, picks: Picks, budget: Budget, results: Results) -> None:
     ids = picks.warm
-    for q in stream.queries(budget.warmup):
+    # The stream's next workload: as long as REST's, and none of its queries, which the server has cached.
+    work = stream.workload(budget.warmup, budget.serial, budget.concurrent)
+    for q in work.warmup:
         await _tool(clients[0], "sage_search", {"query": q})
-    for name, concurrency, count in (("c1", 1, budget.serial), ("c32", CONCURRENCY, budget.concurrent)):
-        queries, tasks = stream.queries(count), stream.tasks(count)
+    for name, concurrency, queries, tasks in (
+        ("c1", 1, work.serial, work.serial_tasks),
+        ("c32", CONCURRENCY, work.concurrent, work.concurrent_tasks),
+    ):
 
         async def find(w: int, i: int, queries: list[str] = queries) -> object:
             return await _tool(clients[w], "sage_search", {"query": queries[i]})
@@ -100,7 +145,7 @@ async def _mcp(clients: list[Client], stream: QueryStream, picks: Picks, budget:
 
         for op, call in (("search", find), ("get", read), ("context", pack)):
             results.latencies[f"mcp/{op}/{name}"] = await run_load(
-                call, concurrency=concurrency, count=count, seconds=budget.seconds
+                call, concurrency=concurrency, count=len(queries), seconds=budget.seconds
             )
 
 
@@ -235,6 +280,7 @@ async def measure(
         await _rest(running, stream, picks, budget, results)
         async with mcp_clients(f"{running.mcp}/mcp", CONCURRENCY) as clients:
             await _mcp(clients, stream, picks, budget, results)
+            await _under_search(running, stream.queries(budget.concurrent), picks, budget, results)
             await _floor(work, budget, results)
             await _writes(clients, running.api, stream, seed, budget, results)
         memory = memory_mb(running.process.pid)
