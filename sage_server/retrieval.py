@@ -94,7 +94,7 @@ async def run_search(
             # Words no document holds are typos or cut short: read them again once the rest has ranked (a
             # deadline here still leaves an answer).
             if offset == 0 and plan.doubtful:
-                fixed = await spelling.correct(reader, plan)
+                fixed = await spelling.correct(reader, plan, where.vocabulary, where.version)
                 if fixed is not None:
                     plan, corrected = fixed, fixed.corrected
                     ranked = await search.rank(reader, plan, layers, tags, limit + 1, 0)
@@ -153,7 +153,7 @@ async def gather_context(where: Where, core_layer: str, task: str, layers: Strin
         async with where.store.read() as reader:
             plan = await search.plan(reader, parsed, where.vocabulary, where.version)
             if plan.doubtful:
-                plan = await spelling.correct(reader, plan) or plan
+                plan = await spelling.correct(reader, plan, where.vocabulary, where.version) or plan
             found = await context_packing.candidates(reader, plan, layers)
     return Gathered(lines, found, window.partial, window.reason)
 

@@ -354,12 +354,15 @@ class Vocabulary:
         self.documents = 0
         # stems; documents holding it, in meta, and (short words) holding a word starting with it
         self.words: dict[str, tuple[list[str], int, int, int]] = {}
+        # a word no document holds (or a rare one): the indexed stems it may be a typo of (see spelling.correct)
+        self.near: dict[str, list[tuple[float, str, int]]] = {}
 
     def at(self, generation: object) -> Vocabulary:
         """This memory, emptied if it was filled at another generation of the index (None: always empty it)."""
         if generation is None or generation != self.generation:
             self.generation, self.documents = generation, 0
             self.words.clear()
+            self.near.clear()
         return self
 
     def remember(self, table: dict[str, T], key: str, value: T) -> None:

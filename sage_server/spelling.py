@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from sage_server.search import MIN_PREFIX, Plan, PlannedTerm, Term, idf
+from sage_server.search import MIN_PREFIX, Plan, PlannedTerm, Term, Vocabulary, idf
 from sage_server.store.search_index import SearchIndex
 
 # Equally close corrections weighed against the query's other words.
@@ -79,9 +79,15 @@ def _distance(word: str, candidate: str, limit: int) -> int:
     return best
 
 
-async def _closest(index: SearchIndex, word: str) -> list[tuple[float, str, int]]:
+async def _closest(index: SearchIndex, word: str, known: Vocabulary) -> list[tuple[float, str, int]]:
     """Indexed stems that may stand for `word` (at most 1 edit for words up to 5 letters, 2 above), likeliest
-    first: (how unlikely, stem, documents holding it). An edit weighs as much as a factor of e^2 in use."""
+    first: (how unlikely, stem, documents holding it). An edit weighs as much as a factor of e^2 in use.
+
+    Remembered in `known` until the index changes: the edit distances are pure Python on the event loop, and
+    at 100k documents a word has hundreds of neighbours (a context task's rare words came back task after task
+    and cost a quarter of the loop's time under load)."""
+    if word in known.near:
+        return known.near[word]
     limit = 1 if len(word) <= 5 else 2
     rows = await index.vocabulary_near(_neighbour_starts(word), len(word) + limit)
     found = []
@@ -89,7 +95,9 @@ async def _closest(index: SearchIndex, word: str) -> list[tuple[float, str, int]
         distance = _distance(word, candidate, limit)
         if distance <= limit:
             found.append((EDIT_COST * distance - math.log(docs + 1), candidate, docs))
-    return sorted(found)
+    found.sort()
+    known.remember(known.near, word, found)
+    return found
 
 
 async def _together(index: SearchIndex, fts: str) -> int:
@@ -125,9 +133,12 @@ def _fix_term(stem: str, tokens: list[str]) -> Term:
     return Term(stem, "word") if tokens == [stem] else Term(stem, "prefix")
 
 
-async def _maybe_typo(index: SearchIndex, term: PlannedTerm, documents: int, others: list[Term]) -> PlannedTerm:
+async def _maybe_typo(
+    index: SearchIndex, term: PlannedTerm, documents: int, others: list[Term], known: Vocabulary
+) -> PlannedTerm:
     """`term` (a rare word) with a far more common word one or two edits away as its alternative, if there is one."""
-    choices = [c for c in await _closest(index, term.term.text) if c[1] != term.stem and c[2] >= RARE_RATIO * term.df]
+    near = await _closest(index, term.term.text, known)
+    choices = [c for c in near if c[1] != term.stem and c[2] >= RARE_RATIO * term.df]
     if not choices:
         return term
     [(fix, df), *_] = await _best_fix(index, choices, [t for t in others if t is not term.term])
@@ -149,16 +160,20 @@ def _stem_keys(stem: str) -> tuple[str, ...]:
     return (stem, stem[:-1] + "y") if stem.endswith("i") and len(stem) > 3 else (stem,)
 
 
-async def correct(index: SearchIndex, plan: Plan) -> Plan | None:
+async def correct(
+    index: SearchIndex, plan: Plan, memory: Vocabulary | None = None, generation: object = None
+) -> Plan | None:
     """Read the words no document holds: as the start of longer words when some indexed word begins with them
-    ('direc' -> direc*), else as a typo of the closest indexed word. None when no word changed."""
+    ('direc' -> direc*), else as a typo of the closest indexed word. None when no word changed. `memory` and
+    `generation` are search.plan's: what was learned is kept until the index changes."""
+    known = (memory or Vocabulary()).at(generation)
     changed = False
     terms: list[PlannedTerm] = []
     others = [term.term for term in plan.terms if term.df > 0]
     for term in plan.terms:
         word = term.term.text
         if term.rare:
-            terms.append(await _maybe_typo(index, term, plan.documents, others))
+            terms.append(await _maybe_typo(index, term, plan.documents, others, known))
             changed = changed or terms[-1].alternative is not None
             continue
         if not term.unknown or len(word) < MIN_PREFIX:
@@ -170,7 +185,7 @@ async def correct(index: SearchIndex, plan: Plan) -> Plan | None:
             terms.append(PlannedTerm(as_prefix, word, df, idf(df, plan.documents), (word,), term.stem, "prefix"))
             changed = True
             continue
-        choices = await _closest(index, word)
+        choices = await _closest(index, word, known)
         if not choices:
             terms.append(term)
             continue

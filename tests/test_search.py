@@ -267,3 +267,26 @@ def test_the_sequence_part_rewards_the_query_order_held_close() -> None:
     assert proximity.in_order([[0, 500], [505], [510]]) > near > proximity.in_order([[0], [100], [300]]) > 0
     assert proximity.in_order([[20], [10], [0]]) == 0.0  # never in the query's order
     assert proximity.in_order([[0], [], [20]]) == 0.0  # a term missing
+
+
+async def test_the_words_a_typo_may_stand_for_are_looked_up_once_until_the_index_changes(
+    service: KnowledgeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looked_up: list[str] = []
+    original = spelling._neighbour_starts
+
+    def counted(word: str) -> list[str]:
+        looked_up.append(word)
+        return original(word)
+
+    monkeypatch.setattr(spelling, "_neighbour_starts", counted)
+    # Three queries, not one thrice: the result cache would answer a repeated query without searching.
+    for query in ("circut breakr", "breakr circut", "circut breakr timeouts"):
+        result = await service.search(query)
+        assert result.corrected_query is not None and "circuit" in result.corrected_query
+    assert looked_up.count("circut") == looked_up.count("breakr") == 1
+    # A write changes the index: what was learned of its words is forgotten, and the next search looks again.
+    await save(service, "circuits", "Circuits", "A circuit breaker stops calls to a failing dependency.")
+    result = await service.search("circut breakr")
+    assert result.corrected_query is not None and "circuit" in result.corrected_query
+    assert looked_up.count("circut") == looked_up.count("breakr") == 2
