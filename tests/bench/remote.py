@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -263,10 +264,16 @@ async def measure(
 ) -> None:
     """Start `sage serve` on the imported database and measure it over REST and MCP, then writes and memory."""
     cache_dir = work / "server-cache"
-    # A real deployment names its folders, so every start re-scans them: unchanged files cost a hash each.
-    rescan = start_sage(work, db_path, work / "rescan-cache", knowledge=corpus.folder)
-    results.figures["cold_start_rescan_s"] = round(rescan.ready_seconds, 3)
-    stop(rescan.process)
+    # A real deployment names its folders, so every start re-scans them (files whose stat is unchanged are passed
+    # over unread). The import just wrote the corpus and the database (1.3 GB at 100k): flushed to disk first, or
+    # the first start would be timed against that write-back, which a later restart never meets.
+    os.sync()
+    rescans: list[float] = []
+    for _ in range(budget.cold_starts):
+        rescan = start_sage(work, db_path, work / "rescan-cache", knowledge=corpus.folder)
+        rescans.append(rescan.ready_seconds)
+        stop(rescan.process)
+    results.figures["cold_start_rescan_s"] = round(statistics.median(rescans), 3)
     starts: list[float] = []
     running: Running | None = None
     for _ in range(budget.cold_starts):

@@ -168,7 +168,7 @@ FIGURES = {
     "pg/import_docs_per_s": "import into PostgreSQL (docs/s)",
     "pg/import_s": "import into PostgreSQL (s)",
     "cold_start_s": "cold start to /ready, import off (s, median)",
-    "cold_start_rescan_s": "cold start to /ready, re-scanning the unchanged corpus (s)",
+    "cold_start_rescan_s": "cold start to /ready, re-scanning the unchanged corpus (s, median)",
     "server_peak_rss_mb": "server peak RSS, VmHWM (MB)",
     "server_rss_mb": "server RSS at the end (MB)",
     "write_visibility_checked": "writes searched for after their ack",
