@@ -12,6 +12,7 @@ import pytest
 from sage_server.errors import MigrationError
 from sage_server.resources import migrations_dir
 from sage_server.store.migrations import migrate, migration_files, statements
+from sage_server.store.sqlite_documents import IMPORT_CANDIDATES
 
 pytestmark = pytest.mark.anyio
 
@@ -87,3 +88,13 @@ def test_statement_splitter_keeps_trigger_bodies_whole() -> None:
     with pytest.raises(ValueError, match="incomplete"):
         statements("CREATE TABLE t (x)")
     assert all(sqlite3.complete_statement(p) for p in parts)
+
+
+async def test_an_imports_survey_reads_an_index_not_the_documents_bodies(tmp_path: Path) -> None:
+    # Every start that re-scans its folders runs this read over every document: on the table it would page through
+    # all the bodies (840 MB at 100k documents), on the covering index only the bookkeeping.
+    async with aiosqlite.connect(tmp_path / "db.sqlite", isolation_level=None) as conn:
+        await migrate(conn, migrations_dir())
+        async with conn.execute(f"EXPLAIN QUERY PLAN {IMPORT_CANDIDATES}", ("[]",)) as cursor:
+            plan = " | ".join(row[3] for row in await cursor.fetchall())
+    assert "SCAN documents USING COVERING INDEX documents_import" in plan, plan

@@ -54,6 +54,11 @@ DOCUMENT_INSERT = (
     ":headings, :cjk, :alt_titles, :alt_summaries, :source_path, :source_hash, :source_stat, :content_hash, :tokens, "
     "1, 'create', :now, :now)"
 )
+# An import's survey of the store: read from the index documents_import alone (migration 0006), never the bodies.
+IMPORT_CANDIDATES = (
+    "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
+    "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))"
+)
 SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -176,11 +181,7 @@ class SqliteReader(SqliteDump, SqliteSearch):
 
     async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
         # Only the bookkeeping columns (replace and soft_delete need no more): at 100k documents the bodies are 450 MB.
-        rows = await self._rows(
-            "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
-            "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))",
-            (json.dumps(ids),),
-        )
+        rows = await self._rows(IMPORT_CANDIDATES, (json.dumps(ids),))
         return {row["id"]: import_candidate(row) for row in rows}
 
     async def taken_ids(self, ids: list[str]) -> set[str]:
