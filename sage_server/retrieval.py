@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
 
 import anyio
 
@@ -21,36 +20,26 @@ from sage_server.timeouts import Deadlines
 Strings = list[str]
 
 
-class Reads(Protocol):
-    """What a ranked read asks of the store: a reader."""
-
-    def read(self) -> AbstractAsyncContextManager[Reader]: ...
-
-
-@dataclass(frozen=True)
-class RankingReads:
-    """The store's readers as rankings take them: a ranking slot first, then a reader. Both are waited for inside
-    the caller's deadline, so a ranking queued behind others is cut short (partial, or a Timeout) as it was when it
-    queued for a reader. Fewer slots than readers leave gets and /health a reader (see KnowledgeService.ranking)."""
-
-    store: Store
-    slots: anyio.Semaphore
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[Reader]:
-        async with self.slots, self.store.read() as reader:
-            yield reader
-
-
 @dataclass(frozen=True)
 class Where:
-    """What a ranked read runs against: the store's readers, the deadlines, and what searches learned of the index's
-    words at the index's `version` (the database's identity and generation)."""
+    """What a ranked read runs against: the store, its ranking slots, the deadlines, and what searches learned of
+    the index's words at the index's `version` (the database's identity and generation)."""
 
-    store: Reads
+    store: Store
+    # Fewer than the store's readers, so that point reads (gets, /health, a context's essentials) always find a
+    # reader free while rankings hold theirs (see KnowledgeService.ranking).
+    slots: anyio.Semaphore
     deadlines: Deadlines
     vocabulary: search.Vocabulary
     version: object
+
+    @asynccontextmanager
+    async def ranking(self) -> AsyncIterator[Reader]:
+        """A reader to rank with: a ranking slot first, then the reader. Both are waited for inside the caller's
+        deadline, so a ranking queued behind others is cut short (partial, or a Timeout) as when it queued for a
+        reader."""
+        async with self.slots, self.store.read() as reader:
+            yield reader
 
 
 async def not_found(store: Store, doc_id: str) -> NotFound:
@@ -88,7 +77,7 @@ async def run_search(
     fields: dict[int, dict[str, float]] = {}
     plan: search.Plan | None = None
     with where.deadlines.partial("search", "search") as window:
-        async with where.store.read() as reader:
+        async with where.ranking() as reader:
             plan = await search.plan(reader, parsed, where.vocabulary, where.version)
             ranked = await search.rank(reader, plan, layers, tags, limit + 1, offset)
             # Words no document holds are typos or cut short: read them again once the rest has ranked (a
@@ -150,7 +139,7 @@ async def gather_context(where: Where, core_layer: str, task: str, layers: Strin
     found: list[context_packing.Candidate] = []
     # Past the context deadline the caller still gets the core essentials, marked partial.
     with where.deadlines.partial("context", "context") as window:
-        async with where.store.read() as reader:
+        async with where.ranking() as reader:
             plan = await search.plan(reader, parsed, where.vocabulary, where.version)
             if plan.doubtful:
                 plan = await spelling.correct(reader, plan, where.vocabulary, where.version) or plan

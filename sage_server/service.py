@@ -304,8 +304,9 @@ class KnowledgeService(BoundedViews):
             raise InvalidInput(f"limit must be between 1 and {MAX_LIMIT}, got {limit}", field="limit")
 
     def _where(self) -> retrieval.Where:
-        reads = retrieval.RankingReads(self.store, self.ranking)
-        return retrieval.Where(reads, self.deadlines, self.vocabulary, (self.database_id, self.generation))
+        return retrieval.Where(
+            self.store, self.ranking, self.deadlines, self.vocabulary, (self.database_id, self.generation)
+        )
 
     # -- reads -----------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 from sage_server.config import Settings
 from sage_server.errors import Conflict, InvalidInput, NotFound
 from sage_server.models import DocumentIn
-from sage_server.service import KnowledgeService
+from sage_server.service import KnowledgeService, open_service
 from sage_server.store import reader_count
 from sage_server.store.sqlite import default_readers
 from sage_server.store.sqlite_connections import cache_kib
@@ -160,6 +160,21 @@ async def test_health_and_gets_find_a_reader_while_every_ranking_slot_holds_one(
             assert (await service.health()).components["knowledge"] == "healthy"
             assert (await service.get("handling-secrets")).id == "handling-secrets"
         assert service.ranking.value == 0  # a search now would wait for a slot, not for a reader
+
+
+async def test_a_context_queued_behind_every_ranking_still_gets_its_essentials_by_its_deadline(
+    settings: Settings,
+) -> None:
+    """The essentials are a point read: they take no ranking slot, so a context whose ranking waits past its deadline
+    still answers with them, marked partial (had they queued for a slot too, it would wait with no deadline)."""
+    async with open_service(settings.model_copy(update={"timeout_context_ms": 300})) as kb:
+        async with AsyncExitStack() as rankings:
+            for _ in range(kb.ranking.value):
+                await rankings.enter_async_context(kb.ranking)
+            with anyio.fail_after(30):  # a hang guard, not a speed limit
+                result = await kb.context("handle secrets in configuration")
+        assert result.partial and result.essentials
+        assert result.sections == []
 
 
 def test_readers_are_sized_from_the_cores_and_share_the_page_cache_with_the_writer() -> None:
