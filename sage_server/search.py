@@ -306,6 +306,22 @@ class Plan:
         """The query that needs every term (asked first: see `rank`)."""
         return " AND ".join(t.fts() for t in self.terms)
 
+    def fts_weighing(self) -> str | None:
+        """The any-term query without the terms BM25 weighs at (almost) nothing, or None when there is none to
+        leave out or nothing else would be left.
+
+        A term in half the documents or more has ln((N - n + 0.5) / (n + 0.5)) <= 0 as its IDF, which FTS5's bm25()
+        (and the PostgreSQL statement, its copy) raises to 1e-6: it adds at most ~2e-6 to a document's score,
+        whatever its weight, yet its matches are most of what the any-term query reads and scores (a task sentence
+        of common words at 100k documents). Left out, the documents holding a weighing term come in the same order
+        to within that floor; those holding only common words, which they rank above, are missing, so the caller
+        falls back to the whole query when this one does not fill its window.
+        """
+        weighing = [t for t in self.terms if not _weightless(t, self.documents)]
+        if not weighing or len(weighing) == len(self.terms):
+            return None
+        return " OR ".join(t.fts() for t in weighing)
+
     @property
     def searched(self) -> ParsedQuery:
         """The query as searched (prefixes and corrections applied), for snippets and section scores."""
@@ -321,6 +337,12 @@ class Plan:
     def units(self) -> list[Unit]:
         """Every term's re-scoring pieces, in query order."""
         return [unit for term in self.terms for unit in term.units]
+
+
+def _weightless(term: PlannedTerm, documents: int) -> bool:
+    """A single phrase (no alternative, no CJK run: those are several) in half the documents or more: see
+    Plan.fts_weighing."""
+    return term.alternative is None and term.term.kind != "cjk" and 2 * term.df >= documents > 0
 
 
 def idf(df: int, documents: int) -> float:
@@ -418,6 +440,15 @@ async def plan(
         # short word, how many hold a word starting with it.
         expressions = [e for term in missing for e in (term.fts(), _meta_fts(term), _short_fts(term))]
         counts = await index.document_counts(expressions, documents)
+        # Whether a word weighs anything in BM25 turns on half the documents (Plan.fts_weighing), so a count
+        # estimated that high is made exact: a word clustered in the documents imported first looks common.
+        weighed = {e for term in missing for e in (term.fts(), _short_fts(term))}
+        common = list(
+            dict.fromkeys(e for e, n in zip(expressions, counts, strict=True) if e in weighed and 2 * n >= documents)
+        )
+        if common:
+            exact = dict(zip(common, await index.document_counts(common, documents, exact=True), strict=True))
+            counts = [exact.get(e, n) for e, n in zip(expressions, counts, strict=True)]
         for number, (term, tokens) in enumerate(zip(missing, stems, strict=True)):
             found[term.fts()] = (tokens, counts[3 * number], counts[3 * number + 1], counts[3 * number + 2])
             known.remember(known.words, term.fts(), found[term.fts()])
@@ -558,7 +589,12 @@ async def candidates(
         if len(rows) >= ENOUGH_HOLDING_ALL:
             return rows
     seen = {row.key for row in rows}
-    more = [row for row in await index.rank_documents(plan.fts(), layers, tags, window, 0) if row.key not in seen]
+    found: list[SearchRow] = []
+    if (weighing := plan.fts_weighing()) is not None:
+        found = await index.rank_documents(weighing, layers, tags, window, 0)
+    if len(found) < window:  # fewer documents hold a weighing term: the rest hold only common ones
+        found = await index.rank_documents(plan.fts(), layers, tags, window, 0)
+    more = [row for row in found if row.key not in seen]
     return sorted([*rows, *more], key=lambda row: row.score)
 
 
