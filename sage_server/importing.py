@@ -14,7 +14,7 @@ from sage_server import ingest, reconcile
 from sage_server.config import Settings
 from sage_server.ingest import Collected
 from sage_server.logs import get_logger, log_event
-from sage_server.models import ImportReport
+from sage_server.models import ImportReport, SkippedFile
 from sage_server.resources import knowledge_dir
 from sage_server.store import ImportCandidate, Source, Writer
 
@@ -54,13 +54,17 @@ class _Early:
     next ones: a file no stored document came from, whose ids (its own and the hashed form, see reconcile) no stored
     document and no file read before it holds, and without aliases (which go to the first document claiming them).
     Whether that was right is known once every file is read: `apply` keeps them when the plan creates each of them
-    as it was written, and purges them otherwise, then writes the plan as usual (one transaction: nobody sees them)."""
+    as it was written, and purges them otherwise, then writes the plan as usual (one transaction: nobody sees them).
+
+    The reader keeps every file it hands over without its body (ingest.collect); the bodies of the files not
+    written here are kept in `held` for the plan, and those written are let go (read again if the plan needs one)."""
 
     def __init__(self, writer: Writer, stored_paths: set[str]) -> None:
         self.writer = writer
         self.stored_paths = stored_paths
         self.claimed: set[str] = set()
         self.written: list[ingest.ParsedFile] = []
+        self.held: dict[str, str] = {}  # path -> body
 
     async def write(self, files: list[ingest.ParsedFile]) -> None:
         taken = await self.writer.taken_ids(reconcile.claimed_ids(files))
@@ -72,7 +76,9 @@ class _Early:
                 fresh.append(parsed)
             self.claimed.update(ids)
         await self.writer.insert_many([(p.doc, _source(p)) for p in fresh])
-        self.written += fresh
+        self.written += [p.without_body() for p in fresh]
+        written = {id(p) for p in fresh}
+        self.held |= {p.path: p.doc.body for p in files if id(p) not in written}
 
 
 async def run(writer: Writer, paths: list[Path], settings: Settings) -> tuple[Collected, Applied]:
@@ -109,7 +115,7 @@ async def run(writer: Writer, paths: list[Path], settings: Settings) -> tuple[Co
         raise (causes or list(group.exceptions))[0] from None
     # Nothing read, nothing written: the store is as read above (a re-scan of unchanged folders needs no second look).
     survey = None if collected[0].files else (stored, records)
-    return collected[0], await apply(writer, collected[0], settings, early.written, survey)
+    return collected[0], await apply(writer, collected[0], settings, early.written, survey, early.held)
 
 
 async def apply(
@@ -118,12 +124,14 @@ async def apply(
     settings: Settings,
     early: list[ingest.ParsedFile] | None = None,
     survey: tuple[dict[str, ImportCandidate], list[reconcile.Stored]] | None = None,
+    held: dict[str, str] | None = None,
 ) -> Applied:
     """Reconcile the collected files with the store and write the outcome: changed files become new revisions,
     new ones are created, files gone from an imported folder are soft-deleted. Files passed over unread that turn
     out to matter (reconcile.unsure) are read first. `early`: files already written by _Early, and so left out of
     the store as it was before (their ids were free then). `survey`: import_candidates([]) and its records, when
-    nothing was written since and no file read (no id to look up besides the files' own)."""
+    nothing was written since and no file read (no id to look up besides the files' own). `held`: the bodies of
+    files collected light (path -> body); a light file not in it is read again."""
     early = early or []
     written = {parsed.doc.id for parsed in early}
     bundled_root = _bundled_root()
@@ -147,13 +155,16 @@ async def apply(
     )
     creates = plan.create
     if early:
-        planned = {id(parsed) for parsed in plan.create}
-        if all(id(parsed) in planned for parsed in early):
-            done = {id(parsed) for parsed in early}
-            creates = [parsed for parsed in plan.create if id(parsed) not in done]
+        # The plan's files are the collected ones, or copies under another id: a file is known by path and id.
+        planned = {(parsed.path, parsed.doc.id) for parsed in plan.create}
+        if all((parsed.path, parsed.doc.id) in planned for parsed in early):
+            done = {(parsed.path, parsed.doc.id) for parsed in early}
+            creates = [parsed for parsed in plan.create if (parsed.path, parsed.doc.id) not in done]
         else:  # a file read later took an id one of them was written with, or another rule says otherwise
             for parsed in early:
                 await writer.purge(stored[parsed.doc.id].ref)
+    plan.update = await _whole(plan.update, held or {}, plan)
+    creates = await _whole(creates, held or {}, plan)
     for parsed in plan.update:
         await writer.replace(stored[parsed.doc.id].ref, parsed.doc, _source(parsed), "update")
     await writer.insert_many([(p.doc, _source(p)) for p in creates])
@@ -166,6 +177,37 @@ async def apply(
         changed = [p.doc.id for p in plan.create + plan.update] + [gone.id for gone in plan.remove]
         generation = await writer.bump_generation(changed)
     return Applied(plan, generation)
+
+
+async def _whole(
+    files: list[ingest.ParsedFile], held: dict[str, str], plan: reconcile.ImportPlan
+) -> list[ingest.ParsedFile]:
+    """`files` to write, each with its body: a light one gets its body from `held` or, in the rare case it was
+    written early and the plan rewrites it, from its file again (off the event loop). One that changed since it
+    was read is left out, and the report says so (nothing stored is touched for it)."""
+    whole = [
+        parsed if not parsed.light or parsed.path not in held else ingest.with_body(parsed, held[parsed.path])
+        for parsed in files
+    ]
+    again = [parsed for parsed in whole if parsed.light]
+    if not again:
+        return whole
+
+    def read() -> dict[str, ingest.ParsedFile]:
+        found = {}
+        for parsed in again:
+            try:
+                found[parsed.path] = ingest.with_body(parsed)
+            except ingest.SkipFile as exc:
+                plan.skipped.append(SkippedFile(path=parsed.path, reason=str(exc)))
+        return found
+
+    read_again = await anyio.to_thread.run_sync(read)
+    return [
+        read_again[parsed.path] if parsed.light else parsed
+        for parsed in whole
+        if not parsed.light or parsed.path in read_again
+    ]
 
 
 def _source(parsed: ingest.ParsedFile) -> Source:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -62,6 +63,12 @@ class ParsedFile:
     id_parts: tuple[str, ...] | None = None
     bundled: bool = False
     stat: str | None = None  # file_stat of the file as it was read
+    # Its body was dropped once it was handed to the import to write (see collect): what the plan needs is kept,
+    # and the file is read again in the rare case the plan writes it after all (importing.apply).
+    light: bool = False
+
+    def without_body(self) -> ParsedFile:
+        return dataclasses.replace(self, doc=self.doc.model_copy(update={"body": ""}), light=True)
 
 
 @dataclass(frozen=True)
@@ -265,7 +272,9 @@ def collect(
     """Read every Markdown file under `paths` (folders or single files). Which file gets which id, when several
     claim one, is decided with the stored documents in view (see reconcile.py). A file in a folder whose file_stat
     is its `known` one (path -> stat) is not read: it goes to `unread`. `handed`, when given, gets the files read
-    in chunks of HAND_OVER as they come (the import starts writing them while the rest are read)."""
+    in chunks of HAND_OVER as they come (the import starts writing them while the rest are read), and the files
+    kept are then light (ParsedFile.without_body): an import of 100k files held its whole corpus (1.1 GB) until
+    the last was read."""
     known = known or {}
     result = Collected()
     given_out = 0
@@ -294,11 +303,31 @@ def collect(
             except SkipFile as exc:
                 result.skipped.append(SkippedFile(path=name, reason=str(exc)))
             if handed is not None and len(result.files) - given_out >= HAND_OVER:
-                handed(result.files[given_out:])
-                given_out = len(result.files)
+                given_out = _hand_over(result.files, given_out, handed)
     if handed is not None and len(result.files) > given_out:
-        handed(result.files[given_out:])
+        _hand_over(result.files, given_out, handed)
     return result
+
+
+def _hand_over(files: list[ParsedFile], given_out: int, handed: Callable[[list[ParsedFile]], None]) -> int:
+    """Hand the files read since `given_out` over, keep them without their bodies, and return the new mark."""
+    handed(files[given_out:])
+    files[given_out:] = [parsed.without_body() for parsed in files[given_out:]]
+    return len(files)
+
+
+def with_body(parsed: ParsedFile, body: str | None = None) -> ParsedFile:
+    """A light file (see collect) whole again: with `body`, or its body read from the file again, which must be as
+    it was read (same hash: the rest of the document came from that reading). SkipFile when it is not."""
+    if body is None:
+        try:
+            raw = Path(parsed.path).read_bytes()
+        except OSError as exc:
+            raise SkipFile(f"cannot read file: {exc.strerror}") from exc
+        if hashlib.sha256(raw).hexdigest() != parsed.source_hash:
+            raise SkipFile("the file changed while it was imported; the next import reads it")
+        body = split_frontmatter(raw.decode("utf-8-sig"))[1].strip() + "\n"
+    return dataclasses.replace(parsed, doc=parsed.doc.model_copy(update={"body": body}), light=False)
 
 
 def read_unread(collected: Collected, paths: set[str], settings: Settings) -> None:

@@ -311,3 +311,46 @@ async def test_a_later_explicit_id_takes_the_id_of_a_file_written_before_it(tmp_
         assert [h.id for h in (await kb.search("betaword")).hits] == ["practices.b-note"]
         assert (await kb.info()).documents == 3
         await assert_index_consistent(kb)
+
+
+def test_files_handed_over_are_kept_without_their_bodies(tmp_path: Path, settings: Settings, knowledge: Path) -> None:
+    handed: list[ingest.ParsedFile] = []
+    collected = collect([knowledge], settings, handed=handed.extend)
+    assert [p.path for p in handed] == [p.path for p in collected.files] and len(handed) == 4
+    assert all(p.doc.body.strip() and not p.light for p in handed)  # the import writes these
+    assert all(p.light and p.doc.body == "" for p in collected.files)  # the reader keeps only what the plan needs
+    whole = ingest.with_body(collected.files[0])
+    assert whole.doc == handed[0].doc and not whole.light
+    Path(whole.path).write_text(Path(whole.path).read_text() + "\nChanged.\n")
+    with pytest.raises(ingest.SkipFile, match="changed while it was imported"):
+        ingest.with_body(collected.files[0])
+
+
+async def test_a_file_changed_before_it_is_read_again_is_skipped_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a-note is written early, then z takes its id: the plan creates it under another id, which needs its body
+    # again, and by then the file has changed. It is left out and reported; the rest imports.
+    folder = tmp_path / "notes"
+    a_note = write_doc(folder, "practices/a-note.md", "# A note\n\nFirst marker alphaword.\n")
+    write_doc(folder, "practices/z.md", "---\nid: practices.a-note\n---\n# Z\n\nThird marker zetaword.\n")
+    read = ingest.collect
+
+    def then_changed(*args: object, **kwargs: object) -> ingest.Collected:
+        collected = read(*args, **kwargs)  # type: ignore[arg-type]
+        a_note.write_text("# A note\n\nRewritten meanwhile.\n")
+        return collected
+
+    monkeypatch.setattr(ingest, "collect", then_changed)
+    async with open_service(make_settings(tmp_path)) as kb:
+        report = await kb.import_paths([folder])
+        assert [(Path(s.path).name, s.reason) for s in report.skipped] == [
+            ("a-note.md", "the file changed while it was imported; the next import reads it")
+        ]
+        assert (await kb.get("practices.a-note")).title == "Z"
+        assert (await kb.info()).documents == 1
+        assert (await kb.search("alphaword")).hits == []
+        await assert_index_consistent(kb)
+        monkeypatch.setattr(ingest, "collect", read)
+        report = await kb.import_paths([folder])  # the next import reads it as it is now
+        assert report.created == 1 and [h.title for h in (await kb.search("rewritten meanwhile")).hits] == ["A note"]
