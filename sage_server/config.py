@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -291,6 +292,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return {str(k): v for k, v in data.items()}
 
 
+def _env_list(name: str, field: str, raw: str) -> list[str]:
+    """A list variable: separated like PATH for folders (':' here), by commas otherwise, or written as a JSON list
+    (`["/a", "/b"]`, the form a JSON config file such as an assistant's MCP settings invites)."""
+    if raw.lstrip().startswith("["):
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name}: not a valid JSON list ({exc.msg} at character {exc.pos})") from exc
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"{name}: a JSON list must hold strings only")
+        return [item.strip() for item in items if item.strip()]
+    sep = os.pathsep if field == "knowledge_dirs" else ","
+    return [part.strip() for part in raw.split(sep) if part.strip()]
+
+
 def _from_env_style(values: Mapping[str, str | None]) -> dict[str, Any]:
     """Pick `SAGE_*` names out of an environment-like mapping and turn them into field values."""
     out: dict[str, Any] = {}
@@ -301,9 +317,7 @@ def _from_env_style(values: Mapping[str, str | None]) -> dict[str, Any]:
         if field not in Settings.model_fields:
             continue
         if field in LIST_FIELDS:
-            # Paths are separated like PATH (':' here); commas also work for layer names.
-            sep = os.pathsep if field == "knowledge_dirs" else ","
-            out[field] = [part.strip() for part in raw.split(sep) if part.strip()]
+            out[field] = _env_list(name, field, raw)
         else:
             out[field] = raw
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -77,6 +78,16 @@ def test_environment_beats_dotenv_and_lists_split(tmp_path: Path) -> None:
     assert s.log_level == "WARNING"
     assert s.knowledge_dirs == [tmp_path / "a", tmp_path / "b"]
     assert s.debug is True
+
+
+def test_list_variables_may_be_json_lists(tmp_path: Path) -> None:
+    env = {"SAGE_KNOWLEDGE_DIRS": json.dumps([str(tmp_path / "a"), str(tmp_path / "b:c")]), "SAGE_LAYERS": '["x", "y"]'}
+    s = load_settings(environ=env, cwd=tmp_path, home=tmp_path).settings
+    assert s.knowledge_dirs == [tmp_path / "a", tmp_path / "b:c"]  # a JSON list may hold the separator
+    assert s.layers == ["x", "y"]
+    for raw, expected in (('["/a", ', "not a valid JSON list"), ('["/a", 3]', "strings only")):
+        with pytest.raises(ConfigError, match=f"SAGE_KNOWLEDGE_DIRS: .*{expected}"):
+            load_settings(environ={"SAGE_KNOWLEDGE_DIRS": raw}, cwd=tmp_path, home=tmp_path)
 
 
 def test_config_path_names_another_file(tmp_path: Path) -> None:
