@@ -655,7 +655,11 @@ async def open_service(settings: Settings | None = None, fallback: bool = False)
     Without settings, they are loaded the way the CLI loads them (files, .env, SAGE_* variables).
     """
     service = KnowledgeService(settings or load_settings().settings)
-    await service.start(fallback=fallback)
+    try:
+        await service.start(fallback=fallback)
+    except BaseException:
+        await service.close()  # what it opened before failing (an import failing at start left the database open)
+        raise
     try:
         yield service
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from sage_server import importing
 from sage_server.config import Settings
 from sage_server.errors import Conflict, InvalidInput, NotFound
 from sage_server.models import DocumentIn
@@ -182,3 +184,24 @@ def test_readers_are_sized_from_the_cores_and_share_the_page_cache_with_the_writ
     assert cache_kib(64 * 2**20, 4) == (32_768, 8_192)  # half the writer's, half shared by four readers
     assert cache_kib(8 * 2**20, 16) == (4_096, 2_048)  # never below 2 MiB a connection
     assert reader_count(make_settings(Path("/tmp/unused"), sqlite_readers=5)) == 5
+
+
+async def test_a_start_that_fails_in_its_import_closes_what_it_opened(
+    tmp_path: Path, knowledge: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object) -> None:
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(importing, "run", broken)
+    settings = make_settings(tmp_path, knowledge_dirs=[knowledge])
+    before = {thread.ident for thread in threading.enumerate()}
+    with pytest.raises(OSError, match="disk went away"):
+        async with open_service(settings):
+            pass
+    # Every connection's thread is gone (they kept the test run from exiting), and the database opens again.
+    # (AnyIO keeps its idle worker threads for later calls.)
+    started = [t for t in threading.enumerate() if t.ident not in before and not t.name.startswith("AnyIO worker")]
+    assert started == []
+    monkeypatch.undo()
+    async with open_service(settings) as kb:
+        assert (await kb.info()).documents == 4
