@@ -59,6 +59,11 @@ IMPORT_CANDIDATES = (
     "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
     "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))"
 )
+# A bulk insert's rows indexed at once, from the first key it gave (see insert_many).
+INDEX_FROM_KEY = (
+    "INSERT INTO docs_fts (rowid, title, tags, triggers, summary, headings, body, cjk) "
+    "SELECT key, title, tags, triggers, summary, headings, body, cjk FROM indexed_documents WHERE key >= ?"
+)
 SECTION_INSERT = "INSERT INTO sections (doc_key, ord, heading, start, length, tokens) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -277,11 +282,7 @@ class SqliteWriter(SqliteLoad, SqliteReader):
             await self.conn.executemany(DOCUMENT_INSERT, rows)
         finally:
             await self.conn.execute("DELETE FROM meta WHERE key = 'index_later'")
-        await self.conn.execute(
-            "INSERT INTO docs_fts (rowid, title, tags, triggers, summary, headings, body, cjk) "
-            "SELECT key, title, tags, triggers, summary, headings, body, cjk FROM indexed_documents WHERE key >= ?",
-            (first,),
-        )
+        await self.conn.execute(INDEX_FROM_KEY, (first,))
         await self.conn.executemany(SECTION_INSERT, sections)
         await self._set_aliases([(key, doc.aliases) for key, (doc, _) in enumerate(items, start=first) if doc.aliases])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,15 +12,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 import sage_server
-from sage_server import search
 from sage_server.config import Settings
 from sage_server.service import KnowledgeService
-from sage_server.store.sqlite import default_readers
-from sage_server.store.sqlite_connections import CACHE_BYTES, PRAGMAS, cache_kib
-from sage_server.store.sqlite_search import rank_documents_sql
 from tests.bench.corpus import Corpus, QueryStream
-from tests.bench.load import CONCURRENCY, Budget, Latency, run_load, time_each
+from tests.bench.load import CONCURRENCY, Budget, Latency, run_load
 from tests.bench.report import Results
+from tests.bench.sqlite_floors import raw_import, raw_ranking
 
 
 def bench_settings(work: Path, **overrides: Any) -> Settings:
@@ -41,28 +37,6 @@ def db_megabytes(db_path: Path) -> float:
     """The database file and its WAL and shared-memory files, in MB."""
     paths = [db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-shm")]
     return round(sum(p.stat().st_size for p in paths if p.exists()) / 2**20, 1)
-
-
-async def ranking_statement(fts: str, limit: int = 10) -> tuple[str, list[object]]:
-    """The exact SQL and parameters SAGE's BM25 ranking runs for `fts` (the store's own statement)."""
-    return rank_documents_sql(fts, None, None, limit, 0)
-
-
-async def raw_sqlite_search(db_path: Path, queries: list[str]) -> Latency:
-    """The floor for search: the same MATCH expression and BM25 statement, straight through Python's sqlite3."""
-    statements = [await ranking_statement(search.parse_query(q).fts()) for q in queries if search.parse_query(q).terms]
-    conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    try:
-        for pragma in PRAGMAS:  # the temp store and page cache SAGE's readers use
-            if "journal_mode" not in pragma:
-                conn.execute(pragma)
-        conn.execute(f"PRAGMA cache_size=-{cache_kib(CACHE_BYTES, default_readers())[1]}")
-        warm = statements[: max(1, len(statements) // 10)]
-        for sql, params in warm:
-            conn.execute(sql, params).fetchall()
-        return time_each(statements, lambda statement: conn.execute(*statement).fetchall())
-    finally:
-        conn.close()
 
 
 @dataclass
@@ -94,15 +68,16 @@ async def _loops(
     serial = work.serial
     lat = await run_load(lambda w, i: kb.search(serial[i]), concurrency=1, count=len(serial), seconds=budget.seconds)
     results.latencies["inproc/search/c1"] = lat
-    results.latencies["sqlite-raw/search/c1"] = await raw_sqlite_search(db_path, serial[: lat.n + lat.errors])
+    results.latencies["sqlite-raw/search/c1"] = raw_ranking(db_path, serial[: lat.n + lat.errors])
     # The same queries again: answered from the memory tier.
     results.latencies["inproc/search-repeat/c1"] = await run_load(
         lambda w, i: kb.search(serial[i]), concurrency=1, count=lat.n, seconds=budget.seconds
     )
     many = work.concurrent
-    results.latencies["inproc/search/c32"] = await run_load(
+    results.latencies["inproc/search/c32"] = lat = await run_load(
         lambda w, i: kb.search(many[i]), concurrency=CONCURRENCY, count=len(many), seconds=budget.seconds
     )
+    results.latencies["sqlite-raw/search/c32"] = raw_ranking(db_path, many[: lat.n + lat.errors], CONCURRENCY)
 
     warm = picks.warm
     for name, concurrency, count in (("c1", 1, budget.serial), ("c32", CONCURRENCY, budget.concurrent)):
@@ -114,9 +89,11 @@ async def _loops(
         async def pack(w: int, i: int, tasks: list[str] = tasks) -> object:
             return await kb.context(tasks[i])
 
-        results.latencies[f"inproc/context/{name}"] = await run_load(
+        results.latencies[f"inproc/context/{name}"] = lat = await run_load(
             pack, concurrency=concurrency, count=len(tasks), seconds=budget.seconds
         )
+        done = tasks[: lat.n + lat.errors]
+        results.latencies[f"sqlite-raw/context/{name}"] = raw_ranking(db_path, done, concurrency, phrases=False)
 
 
 async def _cold_then_warm(kb: KnowledgeService, ids: list[str], seconds: float) -> tuple[Latency, Latency]:
@@ -142,6 +119,7 @@ async def measure(corpus: Corpus, work: Path, stream: QueryStream, budget: Budge
         results.latencies["inproc/get-cold/c1"] = cold
         results.latencies["inproc/get-warm/c1"] = warm
     results.figures["db_mb"] = db_megabytes(settings.db_path)
+    results.figures["sqlite_raw_import_docs_per_s"] = round(await raw_import(corpus.folder, work, settings), 1)
     # A second instance on the same cache folder without a memory tier: what the disk tier (L2) answers in.
     async with sage_server.open(bench_settings(work, cache_memory=False)) as kb:
         results.latencies["inproc/get-disk-tier/c1"] = await run_load(

@@ -111,17 +111,6 @@ def is_partial(answer: object) -> bool:
     return flag is True
 
 
-def time_each(items: Iterable[T], call: Callable[[T], object]) -> Latency:
-    """Time a plain synchronous call on each item, one after another (for the raw sqlite3 floor)."""
-    samples: list[float] = []
-    started = time.perf_counter()
-    for item in items:
-        begin = time.perf_counter()
-        call(item)
-        samples.append(time.perf_counter() - begin)
-    return summarize(samples, time.perf_counter() - started)
-
-
 @dataclass(frozen=True)
 class Budget:
     """How many requests each loop sends, and for how long at most."""

@@ -50,6 +50,8 @@ class Target:
     unit: str
     higher_is_better: bool = False
     required: float | None = None
+    # The same work done by SQLite alone in this run (tests/bench/sqlite_floors.py): how close the hardware allows.
+    floor: float | None = None
 
     def _within(self, bound: float) -> bool:
         assert self.measured is not None
@@ -105,19 +107,65 @@ def targets(r: Results, prefix: str = "") -> list[Target]:
     def figure(name: str) -> float | None:
         return r.figures.get(prefix + name, r.figures.get(LEGACY.get(prefix + name, "")))
 
+    def floor(name: str, what: str) -> float | None:
+        """A raw sqlite3 floor (SQLite's column only): a latency by name and field, or a figure."""
+        if prefix:
+            return None
+        return r.figures.get(name) if what == "figure" else get_raw(r, name, what)
+
     return [
-        Target("context p99, REST at c=32", get("rest/context/c32", "p99_ms"), 1000, "ms", required=5000),
-        Target("context p99, MCP at c=32", get("mcp/context/c32", "p99_ms"), 1000, "ms", required=5000),
-        Target("context p50, in-process at c=1", get("inproc/context/c1", "p50_ms"), 100, "ms"),
-        Target("search throughput, REST at c=32", get("rest/search/c32", "rps"), 200, "/s", higher_is_better=True),
-        Target("search p99, in-process at c=1", get("inproc/search/c1", "p99_ms"), 50, "ms"),
+        Target(
+            "context p99, REST at c=32",
+            get("rest/context/c32", "p99_ms"),
+            1000,
+            "ms",
+            required=5000,
+            floor=floor("sqlite-raw/context/c32", "p99_ms"),
+        ),
+        Target(
+            "context p99, MCP at c=32",
+            get("mcp/context/c32", "p99_ms"),
+            1000,
+            "ms",
+            required=5000,
+            floor=floor("sqlite-raw/context/c32", "p99_ms"),
+        ),
+        Target(
+            "context p50, in-process at c=1",
+            get("inproc/context/c1", "p50_ms"),
+            100,
+            "ms",
+            floor=floor("sqlite-raw/context/c1", "p50_ms"),
+        ),
+        Target(
+            "search throughput, REST at c=32",
+            get("rest/search/c32", "rps"),
+            200,
+            "/s",
+            higher_is_better=True,
+            floor=floor("sqlite-raw/search/c32", "rps"),
+        ),
+        Target(
+            "search p99, in-process at c=1",
+            get("inproc/search/c1", "p99_ms"),
+            50,
+            "ms",
+            floor=floor("sqlite-raw/search/c1", "p99_ms"),
+        ),
         Target(
             "in-process search p50 / the raw ranking statement p50 (1k docs)",
             _ratio(get("inproc/search/c1", "p50_ms"), get_raw(r, RAW_FLOOR[prefix])),
             1.5,
             "x",
         ),
-        Target("import throughput", figure("import_docs_per_s"), 3000, "docs/s", higher_is_better=True),
+        Target(
+            "import throughput",
+            figure("import_docs_per_s"),
+            3000,
+            "docs/s",
+            higher_is_better=True,
+            floor=floor("sqlite_raw_import_docs_per_s", "figure"),
+        ),
         Target(
             "restart re-scanning the unchanged corpus, to /ready", figure("cold_start_rescan_s"), 5, "s", required=5
         ),
@@ -164,6 +212,7 @@ FIGURES = {
     "corpus_mb": "corpus Markdown (MB)",
     "import_docs_per_s": "import (docs/s)",
     "import_s": "import (s)",
+    "sqlite_raw_import_docs_per_s": "raw floor: SQLite's writes of the same import alone (docs/s)",
     "db_mb": "database on disk (MB)",
     "pg/import_docs_per_s": "import into PostgreSQL (docs/s)",
     "pg/import_s": "import into PostgreSQL (s)",
@@ -208,7 +257,10 @@ def has_postgres(r: Results) -> bool:
 
 def target_lines(results: list[Results]) -> list[str]:
     """The targets per corpus size: measured on SQLite and, where this run measured it, on PostgreSQL."""
-    header = f"{'docs':>7}  {'target':<58} {'limit':>26}  {'SQLite':>10} {'verdict':<7}  {'PostgreSQL':>10} verdict"
+    header = (
+        f"{'docs':>7}  {'target':<58} {'limit':>26}  {'SQLite':>10} {'verdict':<7} {'raw floor':>12}  "
+        f"{'PostgreSQL':>10} verdict"
+    )
     rule = "-" * len(header)
     lines = [header, rule]
     for r in results:
@@ -216,8 +268,10 @@ def target_lines(results: list[Results]) -> list[str]:
         for number, t in enumerate(targets(r)):
             on_pg = pg[number] if pg is not None else None
             pg_part = f"  {_measured(on_pg):>10} {on_pg.verdict}" if on_pg is not None else ""
+            floor = "" if t.floor is None else f"{_num(t.floor)}{t.unit}"
             lines.append(
-                f"{r.size:>7}  {t.name:<58} {t.bounds():>26}  {_measured(t):>10} {t.verdict:<7}{pg_part}".rstrip()
+                f"{r.size:>7}  {t.name:<58} {t.bounds():>26}  {_measured(t):>10} {t.verdict:<7} {floor:>12}"
+                f"{pg_part}".rstrip()
             )
         lines += [f"{r.size:>7}  note: {note}" for note in r.notes]
         lines.append(rule)
