@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -14,7 +14,7 @@ from sage_server import ingest, reconcile
 from sage_server.config import Settings
 from sage_server.ingest import Collected
 from sage_server.logs import get_logger, log_event
-from sage_server.models import ImportReport, SkippedFile
+from sage_server.models import DocumentIn, ImportReport, SkippedFile
 from sage_server.resources import knowledge_dir
 from sage_server.store import ImportCandidate, Source, Writer
 
@@ -56,15 +56,15 @@ class _Early:
     Whether that was right is known once every file is read: `apply` keeps them when the plan creates each of them
     as it was written, and purges them otherwise, then writes the plan as usual (one transaction: nobody sees them).
 
-    The reader keeps every file it hands over without its body (ingest.collect); the bodies of the files not
-    written here are kept in `held` for the plan, and those written are let go (read again if the plan needs one)."""
+    The reader keeps every file it hands over light (ingest.collect); the documents of the files not written here
+    are kept in `held` for the plan, and those written are let go (read again if the plan needs one)."""
 
     def __init__(self, writer: Writer, stored_paths: set[str]) -> None:
         self.writer = writer
         self.stored_paths = stored_paths
         self.claimed: set[str] = set()
         self.written: list[ingest.ParsedFile] = []
-        self.held: dict[str, str] = {}  # path -> body
+        self.held: dict[str, DocumentIn] = {}  # path -> its document as read
 
     async def write(self, files: list[ingest.ParsedFile]) -> None:
         taken = await self.writer.taken_ids(reconcile.claimed_ids(files))
@@ -78,7 +78,7 @@ class _Early:
         await self.writer.insert_many([(p.doc, _source(p)) for p in fresh])
         self.written += [p.without_body() for p in fresh]
         written = {id(p) for p in fresh}
-        self.held |= {p.path: p.doc.body for p in files if id(p) not in written}
+        self.held |= {p.path: p.doc for p in files if id(p) not in written}
 
 
 async def run(writer: Writer, paths: list[Path], settings: Settings) -> tuple[Collected, Applied]:
@@ -124,14 +124,14 @@ async def apply(
     settings: Settings,
     early: list[ingest.ParsedFile] | None = None,
     survey: tuple[dict[str, ImportCandidate], list[reconcile.Stored]] | None = None,
-    held: dict[str, str] | None = None,
+    held: dict[str, DocumentIn] | None = None,
 ) -> Applied:
     """Reconcile the collected files with the store and write the outcome: changed files become new revisions,
     new ones are created, files gone from an imported folder are soft-deleted. Files passed over unread that turn
     out to matter (reconcile.unsure) are read first. `early`: files already written by _Early, and so left out of
     the store as it was before (their ids were free then). `survey`: import_candidates([]) and its records, when
-    nothing was written since and no file read (no id to look up besides the files' own). `held`: the bodies of
-    files collected light (path -> body); a light file not in it is read again."""
+    nothing was written since and no file read (no id to look up besides the files' own). `held`: the documents of
+    files collected light (path -> document as read); a light file not in it is read again."""
     early = early or []
     written = {parsed.doc.id for parsed in early}
     bundled_root = _bundled_root()
@@ -163,8 +163,12 @@ async def apply(
         else:  # a file read later took an id one of them was written with, or another rule says otherwise
             for parsed in early:
                 await writer.purge(stored[parsed.doc.id].ref)
-    plan.update = await _whole(plan.update, held or {}, plan)
-    creates = await _whole(creates, held or {}, plan)
+    plan.update = await _whole(plan.update, held or {}, plan, settings)
+    whole = await _whole(creates, held or {}, plan, settings)
+    if len(whole) < len(creates):  # changed since it was read: reported skipped instead
+        moved_on = {parsed.path for parsed in creates} - {parsed.path for parsed in whole}
+        plan.create = [parsed for parsed in plan.create if parsed.path not in moved_on]
+    creates = whole
     for parsed in plan.update:
         await writer.replace(stored[parsed.doc.id].ref, parsed.doc, _source(parsed), "update")
     await writer.insert_many([(p.doc, _source(p)) for p in creates])
@@ -180,14 +184,16 @@ async def apply(
 
 
 async def _whole(
-    files: list[ingest.ParsedFile], held: dict[str, str], plan: reconcile.ImportPlan
+    files: list[ingest.ParsedFile], held: dict[str, DocumentIn], plan: reconcile.ImportPlan, settings: Settings
 ) -> list[ingest.ParsedFile]:
-    """`files` to write, each with its body: a light one gets its body from `held` or, in the rare case it was
-    written early and the plan rewrites it, from its file again (off the event loop). One that changed since it
-    was read is left out, and the report says so (nothing stored is touched for it)."""
+    """`files` to write, each whole: a light one gets its document from `held` or, in the rare case it was written
+    early and the plan writes it again (under another id), from its file again (off the event loop). One that
+    changed since it was read is left out and reported skipped (nothing stored is touched for it)."""
     whole = [
-        parsed if not parsed.light or parsed.path not in held else ingest.with_body(parsed, held[parsed.path])
-        for parsed in files
+        replace(p, doc=held[p.path].model_copy(update={"id": p.doc.id}), light=False)
+        if p.light and p.path in held
+        else p
+        for p in files
     ]
     again = [parsed for parsed in whole if parsed.light]
     if not again:
@@ -197,17 +203,13 @@ async def _whole(
         found = {}
         for parsed in again:
             try:
-                found[parsed.path] = ingest.with_body(parsed)
+                found[parsed.path] = ingest.read_again(parsed, settings)
             except ingest.SkipFile as exc:
                 plan.skipped.append(SkippedFile(path=parsed.path, reason=str(exc)))
         return found
 
-    read_again = await anyio.to_thread.run_sync(read)
-    return [
-        read_again[parsed.path] if parsed.light else parsed
-        for parsed in whole
-        if not parsed.light or parsed.path in read_again
-    ]
+    found = await anyio.to_thread.run_sync(read)
+    return [found.get(parsed.path, parsed) for parsed in whole if not parsed.light or parsed.path in found]
 
 
 def _source(parsed: ingest.ParsedFile) -> Source:

@@ -63,12 +63,15 @@ class ParsedFile:
     id_parts: tuple[str, ...] | None = None
     bundled: bool = False
     stat: str | None = None  # file_stat of the file as it was read
-    # Its body was dropped once it was handed to the import to write (see collect): what the plan needs is kept,
-    # and the file is read again in the rare case the plan writes it after all (importing.apply).
+    root: str = ""  # the folder it was imported from, which its layer and id are read against
+    # Its document was dropped once it was handed to the import to write (see collect): what the plan needs (the
+    # id and aliases) is kept, and the file is read again in the rare case the plan writes it after all.
     light: bool = False
 
     def without_body(self) -> ParsedFile:
-        return dataclasses.replace(self, doc=self.doc.model_copy(update={"body": ""}), light=True)
+        """This file light: its document reduced to what reconcile.plan_import reads (not a valid document)."""
+        doc = DocumentIn.model_construct(id=self.doc.id, title="", layer="", body="", aliases=self.doc.aliases)
+        return dataclasses.replace(self, doc=doc, light=True)
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,7 @@ def parse_file(
         id_parts=parts,
         bundled=bundled,
         stat=file_stat(found, settings),
+        root=str(root),
     )
 
 
@@ -316,18 +320,13 @@ def _hand_over(files: list[ParsedFile], given_out: int, handed: Callable[[list[P
     return len(files)
 
 
-def with_body(parsed: ParsedFile, body: str | None = None) -> ParsedFile:
-    """A light file (see collect) whole again: with `body`, or its body read from the file again, which must be as
-    it was read (same hash: the rest of the document came from that reading). SkipFile when it is not."""
-    if body is None:
-        try:
-            raw = Path(parsed.path).read_bytes()
-        except OSError as exc:
-            raise SkipFile(f"cannot read file: {exc.strerror}") from exc
-        if hashlib.sha256(raw).hexdigest() != parsed.source_hash:
-            raise SkipFile("the file changed while it was imported; the next import reads it")
-        body = split_frontmatter(raw.decode("utf-8-sig"))[1].strip() + "\n"
-    return dataclasses.replace(parsed, doc=parsed.doc.model_copy(update={"body": body}), light=False)
+def read_again(parsed: ParsedFile, settings: Settings) -> ParsedFile:
+    """A light file (see collect) whole again, read from its file, which must be as it was read (same hash: the
+    plan was made from that reading), under the id the plan gave it. SkipFile when it is not."""
+    again = parse_file(Path(parsed.path), Path(parsed.root), settings, bundled=parsed.bundled)
+    if again.source_hash != parsed.source_hash:
+        raise SkipFile("the file changed while it was imported; the next import reads it")
+    return dataclasses.replace(again, doc=again.doc.model_copy(update={"id": parsed.doc.id}), stat=parsed.stat)
 
 
 def read_unread(collected: Collected, paths: set[str], settings: Settings) -> None:

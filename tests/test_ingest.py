@@ -313,17 +313,21 @@ async def test_a_later_explicit_id_takes_the_id_of_a_file_written_before_it(tmp_
         await assert_index_consistent(kb)
 
 
-def test_files_handed_over_are_kept_without_their_bodies(tmp_path: Path, settings: Settings, knowledge: Path) -> None:
+def test_files_handed_over_are_kept_light(tmp_path: Path, settings: Settings, knowledge: Path) -> None:
     handed: list[ingest.ParsedFile] = []
     collected = collect([knowledge], settings, handed=handed.extend)
     assert [p.path for p in handed] == [p.path for p in collected.files] and len(handed) == 4
     assert all(p.doc.body.strip() and not p.light for p in handed)  # the import writes these
-    assert all(p.light and p.doc.body == "" for p in collected.files)  # the reader keeps only what the plan needs
-    whole = ingest.with_body(collected.files[0])
+    # The reader keeps only what the plan reads: the path, hash, stat, id and aliases.
+    assert all(p.light and (p.doc.body, p.doc.title) == ("", "") for p in collected.files)
+    assert [(p.doc.id, p.doc.aliases, p.source_hash) for p in collected.files] == [
+        (p.doc.id, p.doc.aliases, p.source_hash) for p in handed
+    ]
+    whole = ingest.read_again(collected.files[0], settings)
     assert whole.doc == handed[0].doc and not whole.light
     Path(whole.path).write_text(Path(whole.path).read_text() + "\nChanged.\n")
     with pytest.raises(ingest.SkipFile, match="changed while it was imported"):
-        ingest.with_body(collected.files[0])
+        ingest.read_again(collected.files[0], settings)
 
 
 async def test_a_file_changed_before_it_is_read_again_is_skipped_and_reported(
@@ -344,6 +348,7 @@ async def test_a_file_changed_before_it_is_read_again_is_skipped_and_reported(
     monkeypatch.setattr(ingest, "collect", then_changed)
     async with open_service(make_settings(tmp_path)) as kb:
         report = await kb.import_paths([folder])
+        assert report.created == 1  # z; a-note is not counted as created
         assert [(Path(s.path).name, s.reason) for s in report.skipped] == [
             ("a-note.md", "the file changed while it was imported; the next import reads it")
         ]
