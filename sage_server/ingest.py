@@ -22,6 +22,7 @@ from sage_server.models import DocumentIn, SkippedFile, Translation
 from sage_server.resources import knowledge_dir
 
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
+_SUFFIXES = tuple(MARKDOWN_SUFFIXES)  # for str.endswith
 # Frontmatter `title_zh: ...` / `summary_pt-BR: ...`: a document's title and summary in another language.
 _TRANSLATED = re.compile(r"^(title|summary)_([a-z]{2,3}(?:-[A-Za-z0-9]{2,8})?)$")
 _FILE_KINDS = {
@@ -64,7 +65,7 @@ class ParsedFile:
     stat: str | None = None  # file_stat of the file as it was read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unread:
     """A file passed over unread because its file_stat is the one stored when it was last read. `after`: how many
     read files came before it, so reading it later (read_unread) puts it back in scan order."""
@@ -93,17 +94,37 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
-    """Yield (file, problem, its stat) for every Markdown file under `root`; hidden folders and files are passed
-    over. Folder symlinks are never followed; a file symlink is reported when its target leaves `root`. One stat
-    call per file and no Path objects: a re-scan of unchanged files is mostly this loop."""
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in MARKDOWN_SUFFIXES:
+    """Yield (file, problem, its stat) for every Markdown file under `root`, folder by folder as os.walk goes (a
+    folder's files in name order, then its subfolders in name order); hidden folders and files are passed over, and
+    so are folders that cannot be listed. Folder symlinks are never followed; a file symlink is reported when its
+    target leaves `root`. One stat call per file and no Path objects: a re-scan of unchanged files is mostly this
+    loop, so it reads the DirEntry objects os.scandir gives (their type comes with the listing) rather than going
+    through os.walk and an os.lstat per path."""
+    folders = [str(root)]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
                 continue
-            path = os.path.join(folder, name)
             try:
-                found = os.lstat(path)
+                is_folder = entry.is_dir()  # follows a symlink, as os.walk does (it lists a folder symlink, unfollowed)
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if not entry.is_symlink():
+                    subfolders.append(entry.path)
+                continue
+            if not name.lower().endswith(_SUFFIXES):
+                continue
+            path = entry.path
+            try:
+                found = entry.stat(follow_symlinks=False)
                 if stat.S_ISLNK(found.st_mode):
                     if not _inside(Path(path).resolve(), root):
                         yield path, "symlink points outside the imported folder; not followed", None
@@ -113,6 +134,7 @@ def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
                 yield path, f"cannot read file: {exc.strerror}", None
                 continue
             yield path, _not_regular(found.st_mode), found
+        folders += reversed(subfolders)  # the last pushed is listed next: subfolders go in name order
 
 
 def _not_regular(mode: int) -> str | None:
@@ -139,13 +161,15 @@ def file_stat(found: os.stat_result, settings: Settings) -> str | None:
     (ns), inode, device and the settings' fingerprint. None when the file changed too recently to trust its times
     (RACY_NS): it is read again next time. A file replaced by another (a rename over it, a copy from elsewhere, the
     same path on another machine) has another inode or device, so it is read."""
+    return _file_stat(found, _settings_fingerprint(settings))
+
+
+def _file_stat(found: os.stat_result, fingerprint: str) -> str | None:
+    """file_stat with the settings' fingerprint at hand (collect works it out once, not once per file)."""
     changed = max(found.st_mtime_ns, found.st_ctime_ns)
     if time.time_ns() - changed < RACY_NS:
         return None
-    return (
-        f"{found.st_size}:{found.st_mtime_ns}:{found.st_ctime_ns}:{found.st_ino}:{found.st_dev}:"
-        f"{_settings_fingerprint(settings)}"
-    )
+    return f"{found.st_size}:{found.st_mtime_ns}:{found.st_ctime_ns}:{found.st_ino}:{found.st_dev}:{fingerprint}"
 
 
 def _string_list(meta: dict[str, Any], key: str) -> list[str]:
@@ -267,6 +291,7 @@ def collect(
     is its `known` one (path -> stat) is not read: it goes to `unread`. `handed`, when given, gets the files read
     in chunks of HAND_OVER as they come (the import starts writing them while the rest are read)."""
     known = known or {}
+    fingerprint = _settings_fingerprint(settings)
     result = Collected()
     given_out = 0
     bundled_root = knowledge_dir().resolve()
@@ -284,7 +309,7 @@ def collect(
         for name, problem, found in entries:
             result.seen.add(name)
             remembered = known.get(name)
-            if remembered is not None and found is not None and remembered == file_stat(found, settings):
+            if remembered is not None and found is not None and remembered == _file_stat(found, fingerprint):
                 result.unread[name] = Unread(name, root, bundled, remembered, after=len(result.files))
                 continue
             try:
