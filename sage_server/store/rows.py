@@ -98,9 +98,7 @@ def import_candidate(row: Sequence[Any]) -> ImportCandidate:
     """An import's bookkeeping from a plain tuple of the IMPORT_COLUMNS. A re-scan builds one per stored document
     (100k of them), so by position: unpacking a tuple costs a fraction of reading a sqlite3.Row or dict by name."""
     key, doc_id, path, source_hash, stat, revision, change, deleted_at = row
-    return ImportCandidate(
-        DocumentRef(key, doc_id, revision, deleted_at is not None), Source(path, source_hash, stat), change
-    )
+    return ImportCandidate(key, doc_id, revision, deleted_at is not None, path, source_hash, stat, change)
 
 
 def source_fields(source: Source) -> dict[str, str | None]:
