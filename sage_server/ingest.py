@@ -166,8 +166,8 @@ def file_stat(found: os.stat_result, settings: Settings) -> str | None:
 
 def _file_stat(found: os.stat_result, fingerprint: str) -> str | None:
     """file_stat with the settings' fingerprint at hand (collect works it out once, not once per file)."""
-    changed = max(found.st_mtime_ns, found.st_ctime_ns)
-    if time.time_ns() - changed < RACY_NS:
+    recent = time.time_ns() - RACY_NS
+    if found.st_mtime_ns > recent or found.st_ctime_ns > recent:
         return None
     return f"{found.st_size}:{found.st_mtime_ns}:{found.st_ctime_ns}:{found.st_ino}:{found.st_dev}:{fingerprint}"
 
@@ -310,7 +310,7 @@ def collect(
             result.seen.add(name)
             remembered = known.get(name)
             if remembered is not None and found is not None and remembered == _file_stat(found, fingerprint):
-                result.unread[name] = Unread(name, root, bundled, remembered, after=len(result.files))
+                result.unread[name] = Unread(name, root, bundled, remembered, len(result.files))
                 continue
             try:
                 if problem:
