@@ -94,12 +94,11 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
-    """Yield (file, problem, its stat) for every Markdown file under `root`, folder by folder as os.walk goes (a
-    folder's files in name order, then its subfolders in name order); hidden folders and files are passed over, and
-    so are folders that cannot be listed. Folder symlinks are never followed; a file symlink is reported when its
-    target leaves `root`. One stat call per file and no Path objects: a re-scan of unchanged files is mostly this
-    loop, so it reads the DirEntry objects os.scandir gives (their type comes with the listing) rather than going
-    through os.walk and an os.lstat per path."""
+    """Yield (file, problem, its stat) for every Markdown file under `root`, in os.walk's top-down order (a folder's
+    files by name, then its subfolders by name); hidden folders and files are passed over, and so are folders that
+    cannot be listed. Folder symlinks are never followed; a file symlink is reported when its target leaves `root`.
+    One stat call per file and no Path objects: a re-scan of unchanged files is mostly this loop, so it works on
+    os.scandir's entries (their type comes with the listing) rather than os.walk's names and an os.lstat each."""
     folders = [str(root)]
     while folders:
         try:
@@ -113,7 +112,7 @@ def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
             if name.startswith("."):
                 continue
             try:
-                is_folder = entry.is_dir()  # follows a symlink, as os.walk does (it lists a folder symlink, unfollowed)
+                is_folder = entry.is_dir()  # as in os.walk, a symlink to a folder is one: never read, never followed
             except OSError:
                 is_folder = False
             if is_folder:

@@ -67,9 +67,9 @@ class StoredDocument:
 
 @dataclass(frozen=True, slots=True)
 class ImportCandidate:
-    """The bookkeeping an import reconciles with (no body: at 100k documents the bodies are 450 MB). Flat: an import
-    surveys every stored document, and one object each rather than three is less to build and for the garbage
-    collector to go through; the few written to get their `ref` when asked."""
+    """The bookkeeping an import reconciles with (no body: at 100k documents the bodies are 450 MB). Flat, one object
+    per stored document rather than three: an import surveys every one of them, and each object costs time to build
+    and for the garbage collector to go through. `ref` and `source` are built when asked for (by the few written)."""
 
     key: int
     id: str
