@@ -35,13 +35,13 @@ BULK_DOCUMENTS = 200
 
 def _stored(candidate: ImportCandidate, bundled_root: str) -> reconcile.Stored:
     return reconcile.Stored(
-        id=candidate.ref.id,
-        source_path=candidate.source.path,
-        source_hash=candidate.source.hash,
-        deleted=candidate.ref.deleted,
+        id=candidate.id,
+        source_path=candidate.source_path,
+        source_hash=candidate.source_hash,
+        deleted=candidate.deleted,
         removed_by_import=candidate.change == "remove",
-        bundled=(candidate.source.path or "").startswith(bundled_root),
-        source_stat=candidate.source.stat,
+        bundled=(candidate.source_path or "").startswith(bundled_root),
+        source_stat=candidate.source_stat,
     )
 
 

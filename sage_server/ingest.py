@@ -23,6 +23,7 @@ from sage_server.models import DocumentIn, SkippedFile, Translation
 from sage_server.resources import knowledge_dir
 
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
+_SUFFIXES = tuple(MARKDOWN_SUFFIXES)  # for str.endswith
 # Frontmatter `title_zh: ...` / `summary_pt-BR: ...`: a document's title and summary in another language.
 _TRANSLATED = re.compile(r"^(title|summary)_([a-z]{2,3}(?:-[A-Za-z0-9]{2,8})?)$")
 _FILE_KINDS = {
@@ -74,7 +75,7 @@ class ParsedFile:
         return dataclasses.replace(self, doc=doc, light=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unread:
     """A file passed over unread because its file_stat is the one stored when it was last read. `after`: how many
     read files came before it, so reading it later (read_unread) puts it back in scan order."""
@@ -103,17 +104,36 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
-    """Yield (file, problem, its stat) for every Markdown file under `root`; hidden folders and files are passed
-    over. Folder symlinks are never followed; a file symlink is reported when its target leaves `root`. One stat
-    call per file and no Path objects: a re-scan of unchanged files is mostly this loop."""
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in MARKDOWN_SUFFIXES:
+    """Yield (file, problem, its stat) for every Markdown file under `root`, in os.walk's top-down order (a folder's
+    files by name, then its subfolders by name); hidden folders and files are passed over, and so are folders that
+    cannot be listed. Folder symlinks are never followed; a file symlink is reported when its target leaves `root`.
+    One stat call per file and no Path objects: a re-scan of unchanged files is mostly this loop, so it works on
+    os.scandir's entries (their type comes with the listing) rather than os.walk's names and an os.lstat each."""
+    folders = [str(root)]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
                 continue
-            path = os.path.join(folder, name)
             try:
-                found = os.lstat(path)
+                is_folder = entry.is_dir()  # as in os.walk, a symlink to a folder is one: never read, never followed
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if not entry.is_symlink():
+                    subfolders.append(entry.path)
+                continue
+            if not name.lower().endswith(_SUFFIXES):
+                continue
+            path = entry.path
+            try:
+                found = entry.stat(follow_symlinks=False)
                 if stat.S_ISLNK(found.st_mode):
                     if not _inside(Path(path).resolve(), root):
                         yield path, "symlink points outside the imported folder; not followed", None
@@ -123,6 +143,7 @@ def scan(root: Path) -> Iterator[tuple[str, str | None, os.stat_result | None]]:
                 yield path, f"cannot read file: {exc.strerror}", None
                 continue
             yield path, _not_regular(found.st_mode), found
+        folders += reversed(subfolders)  # the last pushed is listed next: subfolders go in name order
 
 
 def _not_regular(mode: int) -> str | None:
@@ -149,13 +170,15 @@ def file_stat(found: os.stat_result, settings: Settings) -> str | None:
     (ns), inode, device and the settings' fingerprint. None when the file changed too recently to trust its times
     (RACY_NS): it is read again next time. A file replaced by another (a rename over it, a copy from elsewhere, the
     same path on another machine) has another inode or device, so it is read."""
-    changed = max(found.st_mtime_ns, found.st_ctime_ns)
-    if time.time_ns() - changed < RACY_NS:
+    return _file_stat(found, _settings_fingerprint(settings))
+
+
+def _file_stat(found: os.stat_result, fingerprint: str) -> str | None:
+    """file_stat with the settings' fingerprint at hand (collect works it out once, not once per file)."""
+    recent = time.time_ns() - RACY_NS
+    if found.st_mtime_ns > recent or found.st_ctime_ns > recent:
         return None
-    return (
-        f"{found.st_size}:{found.st_mtime_ns}:{found.st_ctime_ns}:{found.st_ino}:{found.st_dev}:"
-        f"{_settings_fingerprint(settings)}"
-    )
+    return f"{found.st_size}:{found.st_mtime_ns}:{found.st_ctime_ns}:{found.st_ino}:{found.st_dev}:{fingerprint}"
 
 
 def _string_list(meta: dict[str, Any], key: str) -> list[str]:
@@ -280,6 +303,7 @@ def collect(
     kept are then light (ParsedFile.without_body): an import of 100k files held its whole corpus (1.1 GB) until
     the last was read."""
     known = known or {}
+    fingerprint = _settings_fingerprint(settings)
     result = Collected()
     given_out = 0
     bundled_root = knowledge_dir().resolve()
@@ -297,8 +321,8 @@ def collect(
         for name, problem, found in entries:
             result.seen.add(name)
             remembered = known.get(name)
-            if remembered is not None and found is not None and remembered == file_stat(found, settings):
-                result.unread[name] = Unread(name, root, bundled, remembered, after=len(result.files))
+            if remembered is not None and found is not None and remembered == _file_stat(found, fingerprint):
+                result.unread[name] = Unread(name, root, bundled, remembered, len(result.files))
                 continue
             try:
                 if problem:

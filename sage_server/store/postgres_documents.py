@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, tuple_row
 
 from sage_server.models import ApiKey, AuditEntry, Change, DocumentIn, Revision
 from sage_server.store.postgres_export import PostgresDump, PostgresLoad
@@ -31,6 +31,7 @@ from sage_server.store.records import (
     now_iso,
 )
 from sage_server.store.rows import (
+    IMPORT_COLUMNS,
     document_fields,
     import_candidate,
     section_rows,
@@ -173,12 +174,13 @@ class PostgresReader(PostgresDump, PostgresSearch):
         return await self._row("SELECT 1 FROM documents WHERE deleted_at IS NULL LIMIT 1") is not None
 
     async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
-        rows = await self._rows(
-            "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
-            "WHERE source_path IS NOT NULL OR id = ANY(%s)",
-            (ids,),
-        )
-        return {row["id"]: import_candidate(row) for row in rows}
+        # Plain tuples, not the connection's dicts: import_candidate reads them by position.
+        async with self.conn.cursor(row_factory=tuple_row) as cursor:
+            await cursor.execute(
+                f"SELECT {IMPORT_COLUMNS} FROM documents WHERE source_path IS NOT NULL OR id = ANY(%s)", (ids,)
+            )
+            rows = await cursor.fetchall()
+        return {row[1]: import_candidate(row) for row in rows}
 
     async def taken_ids(self, ids: list[str]) -> set[str]:
         rows = await self._rows("SELECT id FROM documents WHERE id = ANY(%s)", (ids,))

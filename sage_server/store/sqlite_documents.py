@@ -27,6 +27,7 @@ from sage_server.store.records import (
     now_iso,
 )
 from sage_server.store.rows import (
+    IMPORT_COLUMNS,
     document_fields,
     import_candidate,
     section_rows,
@@ -56,8 +57,7 @@ DOCUMENT_INSERT = (
 )
 # An import's survey of the store: read from the index documents_import alone (migration 0006), never the bodies.
 IMPORT_CANDIDATES = (
-    "SELECT key, id, source_path, source_hash, source_stat, revision, change, deleted_at FROM documents "
-    "WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))"
+    f"SELECT {IMPORT_COLUMNS} FROM documents WHERE source_path IS NOT NULL OR id IN (SELECT value FROM json_each(?))"
 )
 # A bulk insert's rows indexed at once, from the first key it gave (see insert_many).
 INDEX_FROM_KEY = (
@@ -186,8 +186,12 @@ class SqliteReader(SqliteDump, SqliteSearch):
 
     async def import_candidates(self, ids: list[str]) -> dict[str, ImportCandidate]:
         # Only the bookkeeping columns (replace and soft_delete need no more): at 100k documents the bodies are 450 MB.
-        rows = await self._rows(IMPORT_CANDIDATES, (json.dumps(ids),))
-        return {row["id"]: import_candidate(row) for row in rows}
+        # Plain tuples, not the connection's sqlite3.Row: import_candidate reads them by position.
+        async with self.conn.cursor() as cursor:
+            cursor.row_factory = None
+            await cursor.execute(IMPORT_CANDIDATES, (json.dumps(ids),))
+            rows = await cursor.fetchall()
+        return {row[1]: import_candidate(row) for row in rows}
 
     async def taken_ids(self, ids: list[str]) -> set[str]:
         rows = await self._rows(
