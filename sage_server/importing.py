@@ -213,6 +213,8 @@ async def _whole(
 
 
 def _source(parsed: ingest.ParsedFile) -> Source:
+    # Every write of a file takes its source from here: a light file, whose document is a stand-in, never gets by.
+    assert not parsed.light, f"{parsed.path}: a light file reached a write"
     return Source(parsed.path, parsed.source_hash, parsed.stat)
 
 

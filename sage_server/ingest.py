@@ -70,9 +70,16 @@ class ParsedFile:
     light: bool = False
 
     def without_body(self) -> ParsedFile:
-        """This file light: its document reduced to what reconcile.plan_import reads (not a valid document)."""
-        doc = DocumentIn.model_construct(id=self.doc.id, title="", layer="", body="", aliases=self.doc.aliases)
+        """This file light: its document reduced to what reconcile.plan_import reads, the id and aliases (an empty
+        body: never written, see importing._whole)."""
+        doc = _light_document().model_copy(update={"id": self.doc.id, "aliases": self.doc.aliases})
         return dataclasses.replace(self, doc=doc, light=True)
+
+
+@lru_cache(maxsize=1)
+def _light_document() -> DocumentIn:
+    # Copied for each light file: a copy shares the empty values (model_construct inspects its defaults per call).
+    return DocumentIn(id="light", title="light", layer="light", body="light").model_copy(update={"body": ""})
 
 
 @dataclass(frozen=True, slots=True)
