@@ -63,7 +63,7 @@ class _Early:
         self.writer = writer
         self.stored_paths = stored_paths
         self.claimed: set[str] = set()
-        self.written: list[ingest.ParsedFile] = []
+        self.written: list[tuple[str, str]] = []  # (path, id) of each file written
         self.held: dict[str, DocumentIn] = {}  # path -> its document as read
 
     async def write(self, files: list[ingest.ParsedFile]) -> None:
@@ -76,7 +76,7 @@ class _Early:
                 fresh.append(parsed)
             self.claimed.update(ids)
         await self.writer.insert_many([(p.doc, _source(p)) for p in fresh])
-        self.written += [p.without_body() for p in fresh]
+        self.written += [(p.path, p.doc.id) for p in fresh]
         written = {id(p) for p in fresh}
         self.held |= {p.path: p.doc for p in files if id(p) not in written}
 
@@ -122,18 +122,18 @@ async def apply(
     writer: Writer,
     collected: Collected,
     settings: Settings,
-    early: list[ingest.ParsedFile] | None = None,
+    early: list[tuple[str, str]] | None = None,
     survey: tuple[dict[str, ImportCandidate], list[reconcile.Stored]] | None = None,
     held: dict[str, DocumentIn] | None = None,
 ) -> Applied:
     """Reconcile the collected files with the store and write the outcome: changed files become new revisions,
     new ones are created, files gone from an imported folder are soft-deleted. Files passed over unread that turn
-    out to matter (reconcile.unsure) are read first. `early`: files already written by _Early, and so left out of
+    out to matter (reconcile.unsure) are read first. `early`: (path, id) of the files _Early wrote, and so left out of
     the store as it was before (their ids were free then). `survey`: import_candidates([]) and its records, when
     nothing was written since and no file read (no id to look up besides the files' own). `held`: the documents of
     files collected light (path -> document as read); a light file not in it is read again."""
     early = early or []
-    written = {parsed.doc.id for parsed in early}
+    written = {doc_id for _, doc_id in early}
     bundled_root = _bundled_root()
     if survey is not None:  # the files were passed over on this very survey, and none was read to contest their ids
         stored, records = survey
@@ -157,12 +157,12 @@ async def apply(
     if early:
         # The plan's files are the collected ones, or copies under another id: a file is known by path and id.
         planned = {(parsed.path, parsed.doc.id) for parsed in plan.create}
-        if all((parsed.path, parsed.doc.id) in planned for parsed in early):
-            done = {(parsed.path, parsed.doc.id) for parsed in early}
+        done = set(early)
+        if planned >= done:
             creates = [parsed for parsed in plan.create if (parsed.path, parsed.doc.id) not in done]
         else:  # a file read later took an id one of them was written with, or another rule says otherwise
-            for parsed in early:
-                await writer.purge(stored[parsed.doc.id].ref)
+            for _, doc_id in early:
+                await writer.purge(stored[doc_id].ref)
     plan.update = await _whole(plan.update, held or {}, plan, settings)
     whole = await _whole(creates, held or {}, plan, settings)
     if len(whole) < len(creates):  # changed since it was read: reported skipped instead
