@@ -581,7 +581,8 @@ async def candidates(
 
     When enough documents hold every term they are the answer; asking for them first spares BM25 from scoring
     every document that holds any term (most of a large knowledge base when the words are common: 200+ ms at
-    100k documents). When fewer do, they are kept and the best documents holding any term are added.
+    100k documents). When fewer do, they are kept and the best documents holding any term are added, asked for
+    without the terms BM25 weighs at nothing when the others fill the window (Plan.fts_weighing).
     """
     rows: list[SearchRow] = []
     if 1 < len(plan.terms) <= ALL_TERMS_FIRST:
