@@ -12,20 +12,16 @@ from sage_server import search
 from sage_server.config import Settings
 from sage_server.models import DocumentIn
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings
-from tests.postgres_support import scratch_database
+from tests.conftest import BACKENDS, database_for, make_settings
 
 pytestmark = pytest.mark.anyio
 QUERY = "zorblax quintessa vembrook"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 async def settings_of(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
-    if request.param == "sqlite":
-        yield make_settings(tmp_path)
-        return
-    async with scratch_database() as url:
-        yield make_settings(tmp_path, database_url=url)
+    async with database_for(request.param) as database:
+        yield make_settings(tmp_path, **database)
 
 
 @pytest.fixture

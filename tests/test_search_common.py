@@ -12,8 +12,7 @@ import pytest
 from sage_server import search
 from sage_server.config import Settings
 from sage_server.service import KnowledgeService, open_service
-from tests.conftest import make_settings, write_doc
-from tests.postgres_support import scratch_database
+from tests.conftest import BACKENDS, database_for, make_settings, write_doc
 
 pytestmark = pytest.mark.anyio
 DOCUMENTS = 1200
@@ -21,13 +20,10 @@ CLUSTERED = 550  # the first documents imported hold it: under half, though its 
 RARE_EVERY = 100  # one document in this many holds the rare word (12 of them)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 async def settings_of(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
-    if request.param == "sqlite":
-        yield make_settings(tmp_path)
-        return
-    async with scratch_database() as url:
-        yield make_settings(tmp_path, database_url=url)
+    async with database_for(request.param) as database:
+        yield make_settings(tmp_path, **database)
 
 
 @pytest.fixture
