@@ -23,7 +23,7 @@ from sage_server.models import (
     SearchHit,
     SearchResult,
 )
-from sage_server.service import KnowledgeService
+from sage_server.service import KnowledgeService, Saved
 from sage_server.service import open_service as open  # noqa: A004 - `sage_server.open()` is the entry point
 from sage_server.version import __version__
 
@@ -44,6 +44,7 @@ __all__ = [
     "NotFound",
     "Revision",
     "SageError",
+    "Saved",
     "SearchHit",
     "SearchResult",
     "Settings",

@@ -7,7 +7,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, get_origin
+from typing import Annotated, Any, TypeVar, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.requests import Request
@@ -41,6 +41,7 @@ from sage_server.service import KnowledgeService
 from sage_server.version import __version__
 
 PARTIAL_HEADER = "X-SAGE-Partial"
+W = TypeVar("W")  # what a guarded write returns
 
 
 class ErrorBody(BaseModel):
@@ -251,7 +252,7 @@ def _if_match(request: Request) -> int | None:
     return int(match.group(1))
 
 
-async def _guarded(write: Awaitable[Document]) -> Document:
+async def _guarded(write: Awaitable[W]) -> W:
     """A write with an If-Match precondition: a stale revision is 412 Precondition Failed (RFC 9110)."""
     try:
         return await write
@@ -307,8 +308,9 @@ async def put_document(request: Request, kb: KnowledgeService) -> Response:
         doc_in = DocumentIn(id=doc_id, **body.model_dump())
     except ValidationError as exc:
         raise invalid_input(exc, DocumentIn.model_json_schema()) from exc
-    saved = await _guarded(kb.save(doc_in, expected_revision=expected))
-    return _json(saved, 201 if saved.revision == 1 else 200, headers={"ETag": f'"{saved.revision}"'})
+    saved = await _guarded(kb.save_outcome(doc_in, expected_revision=expected))
+    status = 201 if saved.outcome == "created" else 200
+    return _json(saved.document, status, headers={"ETag": f'"{saved.document.revision}"'})
 
 
 async def delete_document(request: Request, kb: KnowledgeService) -> Response:

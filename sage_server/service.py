@@ -9,9 +9,10 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -67,6 +68,14 @@ Compute = Callable[[], Awaitable[M]]
 # The class has a method named `list`, which would shadow the builtin in its annotations.
 Strings = list[str]
 PathList = list[Path]
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a save did: `created` the document, stored an `updated` revision, or nothing (`unchanged`)."""
+
+    document: Document
+    outcome: Literal["created", "updated", "unchanged"]
 
 
 class KnowledgeService(BoundedViews):
@@ -490,6 +499,11 @@ class KnowledgeService(BoundedViews):
     async def save(self, doc: DocumentIn, expected_revision: int | None = None) -> Document:
         """Create or update a document. With `expected_revision` (0: must not exist yet), a concurrent
         change is a Conflict instead of a silent overwrite. Saving identical content stores nothing."""
+        return (await self.save_outcome(doc, expected_revision)).document
+
+    async def save_outcome(self, doc: DocumentIn, expected_revision: int | None = None) -> Saved:
+        """`save`, saying what it did: created the document, stored a new revision, or nothing (identical content;
+        a PUT then answers 200, not 201, whatever the revision)."""
         with self._operation("save", "complex", logging.INFO, id=doc.id, audit=True):
             self._check_layers([doc.layer])
             entry = audit.Entry("save", doc.id)
@@ -506,7 +520,7 @@ class KnowledgeService(BoundedViews):
                 unchanged = found is not None and found.document.content_hash == store.content_hash(doc)
                 if found is not None and not found.ref.deleted and unchanged:
                     entry.revision, entry.outcome = current, audit.UNCHANGED
-                    return found.document
+                    return Saved(found.document, "unchanged")
                 if found is None:
                     await writer.insert_many([(doc, store.Source())])
                 else:
@@ -516,7 +530,7 @@ class KnowledgeService(BoundedViews):
                 assert saved is not None
                 entry.revision = saved.ref.revision
             await self._committed(generation)
-            return saved.document
+            return Saved(saved.document, "created" if found is None else "updated")
 
     async def delete(self, doc_id: str, expected_revision: int | None = None) -> Document:
         """Soft-delete a document as a new revision; `restore` brings any revision back."""

@@ -30,6 +30,7 @@ def test_public_api_is_pinned() -> None:
         "NotFound",
         "Revision",
         "SageError",
+        "Saved",
         "SearchHit",
         "SearchResult",
         "Settings",

@@ -70,6 +70,8 @@ async def test_document_round_trip_with_if_match(http: httpx.AsyncClient) -> Non
     doc = {"title": "Rate Limits", "layer": "practices", "body": "Token buckets smooth bursts.", "tags": ["api"]}
     created = await http.put("/v1/knowledge/rate-limits", json=doc)
     assert created.status_code == 201 and created.headers["etag"] == '"1"'
+    again = await http.put("/v1/knowledge/rate-limits", json=doc)  # identical: nothing created, nothing stored
+    assert again.status_code == 200 and again.headers["etag"] == '"1"' and again.json()["revision"] == 1
     got = await http.get("/v1/knowledge/rate-limits")
     assert got.json()["body"] == "Token buckets smooth bursts." and got.headers["etag"] == '"1"'
     updated = await http.put(

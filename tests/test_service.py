@@ -57,6 +57,11 @@ async def test_identical_save_stores_nothing(service: KnowledgeService) -> None:
     generation = (await service.info()).generation
     again = await service.save(doc())
     assert again.revision == 1 and (await service.info()).generation == generation
+    # What each save did, as REST's status codes tell it.
+    assert (await service.save_outcome(doc())).outcome == "unchanged"
+    changed = await service.save_outcome(doc(body="Something else entirely."))
+    assert (changed.outcome, changed.document.revision) == ("updated", 2)
+    assert (await service.save_outcome(doc(id="another-one"))).outcome == "created"
 
 
 async def test_expected_revision_turns_a_race_into_a_conflict(service: KnowledgeService) -> None:
