@@ -81,7 +81,8 @@ RARE_DOCUMENTS = 2
 SNIPPET_SCAN_CHARS = 20_000
 # Words whose stems and document counts are remembered between queries (see Vocabulary).
 VOCABULARY_MEMORY = 4096
-# Document counts are exact up to this many, estimated above (see document_counts).
+# Document counts are exact up to this many and from half the documents on, estimated in between (see
+# document_counts).
 COUNT_UP_TO = 500
 # Chinese function characters (particles, pronouns, question words): a run's two-character pieces holding one
 # count this share in re-scoring. Chinese has no spaces, so these mark where most pieces cross a word boundary.
@@ -440,15 +441,6 @@ async def plan(
         # short word, how many hold a word starting with it.
         expressions = [e for term in missing for e in (term.fts(), _meta_fts(term), _short_fts(term))]
         counts = await index.document_counts(expressions, documents)
-        # Whether a word weighs anything in BM25 turns on half the documents (Plan.fts_weighing), so a count
-        # estimated that high is made exact: a word clustered in the documents imported first looks common.
-        weighed = {e for term in missing for e in (term.fts(), _short_fts(term))}
-        common = list(
-            dict.fromkeys(e for e, n in zip(expressions, counts, strict=True) if e in weighed and 2 * n >= documents)
-        )
-        if common:
-            exact = dict(zip(common, await index.document_counts(common, documents, exact=True), strict=True))
-            counts = [exact.get(e, n) for e, n in zip(expressions, counts, strict=True)]
         for number, (term, tokens) in enumerate(zip(missing, stems, strict=True)):
             found[term.fts()] = (tokens, counts[3 * number], counts[3 * number + 1], counts[3 * number + 2])
             known.remember(known.words, term.fts(), found[term.fts()])

@@ -371,8 +371,8 @@ class PostgresSearch:
         out.add("WITH ")
         return out, expression, _with(out, expression, stems, "")
 
-    async def document_counts(self, expressions: list[str], documents: int, exact: bool = False) -> list[int]:
-        # Always exact: each is one range of the terms' index, a few milliseconds for the commonest word at 10k.
+    async def document_counts(self, expressions: list[str], documents: int) -> list[int]:
+        # Exact counts: each is one range of the terms' index, a few milliseconds for the commonest word at 10k.
         unique = list(dict.fromkeys(expressions))
         out = _Statement()
         out.add("WITH ")

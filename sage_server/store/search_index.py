@@ -14,9 +14,9 @@ class SearchIndex(Protocol):
     async def stems(self, texts: list[str]) -> list[list[str]]:
         """Each text's tokens as the index stems them ('calling' -> call)."""
 
-    async def document_counts(self, expressions: list[str], documents: int, exact: bool = False) -> list[int]:
-        """How many documents match each expression: exact up to search.COUNT_UP_TO, estimated above it unless
-        `exact`."""
+    async def document_counts(self, expressions: list[str], documents: int) -> list[int]:
+        """How many documents match each expression: exact up to search.COUNT_UP_TO and from half the `documents`
+        on (where BM25 stops weighing a word), estimated in between."""
 
     async def document_count(self) -> int:
         """About how many documents there are (IDF needs only its order of magnitude)."""

@@ -96,24 +96,30 @@ class SqliteSearch:
                 found[number].append(stem)
         return found
 
-    async def document_counts(self, expressions: list[str], documents: int, exact: bool = False) -> list[int]:
+    async def document_counts(self, expressions: list[str], documents: int) -> list[int]:
         # Counting every match walks a common word's whole list of documents (milliseconds at 10,000 documents,
         # 2-5 at 100k). FTS5 returns matches in key order, so the key of the COUNT_UP_TO-th match tells what share
-        # of the keys holds that many matches, and the count is scaled up from there.
+        # of the keys holds that many matches, and the count is scaled up from there. Whether a word weighs anything
+        # in BM25 turns on half the documents (search.Plan.fts_weighing), so an estimate that high is counted after
+        # all: a word clustered in the documents imported first looks common from its first matches.
         unique = list(dict.fromkeys(expressions))
-        limit = "" if exact else f" LIMIT {COUNT_UP_TO}"
-        part = (
-            "SELECT {n}, count(*), coalesce(max(rowid), 0) FROM "
+        counts: dict[str, int] = {}
+        for expression, count, last in await self._counts(unique, COUNT_UP_TO):
+            counts[expression] = count if count < COUNT_UP_TO else min(documents, round(count * documents / last))
+        common = [expression for expression, count in counts.items() if count >= COUNT_UP_TO and 2 * count >= documents]
+        if common:
+            counts |= {expression: count for expression, count, _ in await self._counts(common, None)}
+        return [counts[expression] for expression in expressions]
+
+    async def _counts(self, expressions: list[str], up_to: int | None) -> list[tuple[str, int, int]]:
+        """(expression, matches counted up to `up_to` or all, the key of the last one) for each expression."""
+        limit = "" if up_to is None else f" LIMIT {up_to}"
+        part = "SELECT {n}, count(*), coalesce(max(rowid), 0) FROM " + (
             f"(SELECT rowid FROM docs_fts WHERE docs_fts MATCH ?{limit})"
         )
-        sql = " UNION ALL ".join(part.format(n=n) for n in range(len(unique)))
-        counts: dict[str, int] = {}
-        async with self.conn.execute(sql, unique) as cursor:
-            for number, count, last in await cursor.fetchall():
-                counts[unique[number]] = (
-                    count if exact or count < COUNT_UP_TO else min(documents, round(count * documents / last))
-                )
-        return [counts[expression] for expression in expressions]
+        sql = " UNION ALL ".join(part.format(n=n) for n in range(len(expressions)))
+        async with self.conn.execute(sql, expressions) as cursor:
+            return [(expressions[number], count, last) for number, count, last in await cursor.fetchall()]
 
     async def document_count(self) -> int:
         # The largest key bounds the number of documents at the cost of one index probe (count(*) reads every row).

@@ -98,7 +98,8 @@ LEGACY = {"pg/inproc/search/c1": "pg/search/c1", "pg/import_docs_per_s": "pg_imp
 
 def targets(r: Results, prefix: str = "") -> list[Target]:
     """The targets, on the figures named with `prefix` ("" for SQLite, PG for PostgreSQL): issue 20's rows at 100k
-    documents first (judged at every size, so a run at 10k shows how far it is), then the others."""
+    documents first (judged at every size, so a run at 10k shows how far it is), then the others. The raw floors
+    are SQLite's alone: no figure carries their names with the PG prefix, so PostgreSQL's rows have none."""
 
     def get(name: str, what: str) -> float | None:
         found = r.latency(prefix + name) or r.latency(LEGACY.get(prefix + name, ""))
@@ -107,12 +108,6 @@ def targets(r: Results, prefix: str = "") -> list[Target]:
     def figure(name: str) -> float | None:
         return r.figures.get(prefix + name, r.figures.get(LEGACY.get(prefix + name, "")))
 
-    def floor(name: str, what: str) -> float | None:
-        """A raw sqlite3 floor (SQLite's column only): a latency by name and field, or a figure."""
-        if prefix:
-            return None
-        return r.figures.get(name) if what == "figure" else get_raw(r, name, what)
-
     return [
         Target(
             "context p99, REST at c=32",
@@ -120,7 +115,7 @@ def targets(r: Results, prefix: str = "") -> list[Target]:
             1000,
             "ms",
             required=5000,
-            floor=floor("sqlite-raw/context/c32", "p99_ms"),
+            floor=get("sqlite-raw/context/c32", "p99_ms"),
         ),
         Target(
             "context p99, MCP at c=32",
@@ -128,14 +123,14 @@ def targets(r: Results, prefix: str = "") -> list[Target]:
             1000,
             "ms",
             required=5000,
-            floor=floor("sqlite-raw/context/c32", "p99_ms"),
+            floor=get("sqlite-raw/context/c32", "p99_ms"),
         ),
         Target(
             "context p50, in-process at c=1",
             get("inproc/context/c1", "p50_ms"),
             100,
             "ms",
-            floor=floor("sqlite-raw/context/c1", "p50_ms"),
+            floor=get("sqlite-raw/context/c1", "p50_ms"),
         ),
         Target(
             "search throughput, REST at c=32",
@@ -143,14 +138,14 @@ def targets(r: Results, prefix: str = "") -> list[Target]:
             200,
             "/s",
             higher_is_better=True,
-            floor=floor("sqlite-raw/search/c32", "rps"),
+            floor=get("sqlite-raw/search/c32", "rps"),
         ),
         Target(
             "search p99, in-process at c=1",
             get("inproc/search/c1", "p99_ms"),
             50,
             "ms",
-            floor=floor("sqlite-raw/search/c1", "p99_ms"),
+            floor=get("sqlite-raw/search/c1", "p99_ms"),
         ),
         Target(
             "in-process search p50 / the raw ranking statement p50 (1k docs)",
@@ -164,7 +159,7 @@ def targets(r: Results, prefix: str = "") -> list[Target]:
             3000,
             "docs/s",
             higher_is_better=True,
-            floor=floor("sqlite_raw_import_docs_per_s", "figure"),
+            floor=figure("sqlite_raw_import_docs_per_s"),
         ),
         Target(
             "restart re-scanning the unchanged corpus, to /ready", figure("cold_start_rescan_s"), 5, "s", required=5
